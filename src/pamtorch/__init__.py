@@ -1,0 +1,28 @@
+"""pamtorch: multiplication-free training with piecewise affine arithmetic.
+
+The arithmetic (``mul``, ``div``, ``exp2``, ``log2``, ``exp``, ``log``, ``sqrt``, ``rsqrt``,
+``reciprocal``, ``pow``) follows docs/numerics.md bit for bit; each op is differentiable
+with the derivative kind chosen per call or with ``pamtorch.derivative(kind)``.
+"""
+from .arith import SUPPORTED_DTYPES
+from .autograd import (
+    derivative,
+    div,
+    exp,
+    exp2,
+    log,
+    log2,
+    mul,
+    pow,
+    reciprocal,
+    rsqrt,
+    sqrt,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "derivative",
+    "mul", "div", "exp2", "log2", "exp", "log", "sqrt", "rsqrt", "reciprocal", "pow",
+]

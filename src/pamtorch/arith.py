@@ -1,0 +1,332 @@
+"""Piecewise affine arithmetic on bit patterns.
+
+A float is (-1)^S 2^E (1+M). Its magnitude bit pattern P = (E + bias_e) << m + M·2^m is,
+on each binade, an affine function of the value, so integer additions of patterns give
+the piecewise affine (PA) operations of Kosson & Jaggi (2023):
+
+    PAM(a, b) = P_a + P_b - B        (Mitchell's multiplication, B = bits of 1.0)
+    PAD(a, b) = P_a - P_b + B        (its inverse, the division)
+    palog2(x) = (P_x - B) / 2^m      = E + M
+    paexp2(y) = pattern y·2^m + B    = 2^floor(y) (1 + y - floor(y))
+
+Everything here is integer arithmetic, comparisons, selects and float additions or
+roundings: no float multiplication or division runs, not even to scale by 2^k, which is
+done by adding k to the exponent field. float32, bfloat16 and float16 are each computed
+on their own patterns. Composite ops (exp, log, pow) carry their intermediate in float64
+PA arithmetic and round once to the output dtype. docs/numerics.md is the spec.
+
+These functions take tensors of one supported dtype (broadcastable) and do not track
+gradients; ``pamtorch.autograd`` wraps them with the two derivative kinds.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "Format",
+    "fmt",
+    "pam",
+    "pad",
+    "palog2",
+    "paexp2",
+    "pa_exp",
+    "pa_log",
+    "pa_sqrt",
+    "pa_rsqrt",
+    "pa_reciprocal",
+    "pa_pow",
+    "exponent",
+    "mantissa_field",
+    "is_zero",
+    "is_finite_nonzero",
+    "scale_pow2",
+    "LOG2E",
+    "LN2",
+]
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+class Format(NamedTuple):
+    """Bit layout of a floating-point dtype, as used by the PA operations."""
+
+    dtype: torch.dtype
+    view: torch.dtype      # same-width integer dtype used to reinterpret the bits
+    work: torch.dtype      # wider integer dtype the pattern arithmetic runs in
+    bits: int
+    mbits: int             # mantissa (fraction) bits
+    ebias: int             # exponent bias
+    bias: int              # pattern of 1.0
+    min_normal: int        # pattern of the smallest normal
+    inf: int               # pattern of +inf
+    nan: int               # canonical quiet NaN pattern
+
+
+_FORMATS = {
+    torch.float32: Format(torch.float32, torch.int32, torch.int64, 32, 23, 127,
+                          0x3F800000, 0x00800000, 0x7F800000, 0x7FC00000),
+    torch.bfloat16: Format(torch.bfloat16, torch.int16, torch.int32, 16, 7, 127,
+                           0x3F80, 0x0080, 0x7F80, 0x7FC0),
+    torch.float16: Format(torch.float16, torch.int16, torch.int32, 16, 10, 15,
+                          0x3C00, 0x0400, 0x7C00, 0x7E00),
+    torch.float64: Format(torch.float64, torch.int64, torch.int64, 64, 52, 1023,
+                          0x3FF0000000000000, 0x0010000000000000,
+                          0x7FF0000000000000, 0x7FF8000000000000),
+}
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fmt(dtype: torch.dtype) -> Format:
+    """The bit layout of ``dtype``; TypeError for dtypes the PA ops don't support."""
+    if dtype not in SUPPORTED_DTYPES and dtype is not torch.float64:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"pamtorch: unsupported dtype {dtype}; supported dtypes are {names}")
+    return _FORMATS[dtype]
+
+
+def _split(x: torch.Tensor, f: Format):
+    """(negative: bool tensor, magnitude pattern in f.work)."""
+    p = x.view(f.view).to(f.work)
+    if f.bits == 16:
+        p = p & 0xFFFF
+        neg = p >= 0x8000
+        return neg, p & 0x7FFF
+    if f.bits == 32:
+        neg = p < 0
+        return neg, p & 0x7FFFFFFF
+    neg = p < 0
+    return neg, p & 0x7FFFFFFFFFFFFFFF
+
+
+def _join(neg: torch.Tensor, mag: torch.Tensor, f: Format) -> torch.Tensor:
+    """Float tensor from a sign and a magnitude pattern already in [0, f.nan]."""
+    if f.bits == 64:
+        return torch.where(neg, mag | (-(2 ** 63)), mag).view(torch.float64)
+    signed = torch.where(neg, mag - (1 << f.bits - 1), mag)  # two's complement of the sign bit
+    return signed.to(f.view).view(f.dtype)
+
+
+def _range(r: torch.Tensor, f: Format) -> torch.Tensor:
+    """Flush patterns below the smallest normal to 0 and clamp overflow to inf."""
+    r = torch.where(r < f.min_normal, torch.zeros_like(r), r)
+    return r.clamp_max(f.inf)
+
+
+def _classes(mag: torch.Tensor, f: Format):
+    zero = mag < f.min_normal
+    inf = mag == f.inf
+    nan = mag > f.inf
+    return zero, inf, nan
+
+
+def pam(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PAM: pattern P_a + P_b - B with sign S_a xor S_b (IEEE rules for the specials)."""
+    f = fmt(a.dtype)
+    na, ma = _split(a, f)
+    nb, mb = _split(b, f)
+    za, ia, xa = _classes(ma, f)
+    zb, ib, xb = _classes(mb, f)
+    s = ma + mb
+    r = _range(s - f.bias, f)
+    if f.bits == 64:  # only float64 patterns can wrap around the work dtype
+        r = torch.where(s < 0, torch.full_like(r, f.inf), r)
+    r = torch.where(za | zb, torch.zeros_like(r), r)
+    r = torch.where(ia | ib, torch.full_like(r, f.inf), r)
+    nan = xa | xb | ((ia | ib) & (za | zb))
+    r = torch.where(nan, torch.full_like(r, f.nan), r)
+    return _join((na ^ nb) & ~nan, r, f)
+
+
+def pad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PAD: pattern P_a - P_b + B with sign S_a xor S_b (IEEE rules for the specials)."""
+    f = fmt(a.dtype)
+    na, ma = _split(a, f)
+    nb, mb = _split(b, f)
+    za, ia, xa = _classes(ma, f)
+    zb, ib, xb = _classes(mb, f)
+    d = ma - mb
+    r = _range(d + f.bias, f)
+    if f.bits == 64:
+        r = torch.where(d > f.inf - f.bias, torch.full_like(r, f.inf), r)
+    r = torch.where(za | ib, torch.zeros_like(r), r)
+    r = torch.where(zb | ia, torch.full_like(r, f.inf), r)
+    nan = xa | xb | (za & zb) | (ia & ib)
+    r = torch.where(nan, torch.full_like(r, f.nan), r)
+    return _join((na ^ nb) & ~nan, r, f)
+
+
+# ---------------------------------------------------------------------------
+# exponent-field helpers (also used by the exact derivatives)
+
+def exponent(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased exponent E of |x| as int32 (meaningful for normal x)."""
+    f = fmt(x.dtype)
+    _, m = _split(x, f)
+    return ((m >> f.mbits) - f.ebias).to(torch.int32)
+
+
+def mantissa_field(x: torch.Tensor) -> torch.Tensor:
+    """The m-bit fraction field of |x| (0 for zeros and subnormals), in the work dtype."""
+    f = fmt(x.dtype)
+    _, m = _split(x, f)
+    frac = m & ((1 << f.mbits) - 1)
+    return torch.where(m < f.min_normal, torch.zeros_like(frac), frac)
+
+
+def is_zero(x: torch.Tensor) -> torch.Tensor:
+    """True where x is ±0 or subnormal, the values PA arithmetic treats as zero."""
+    f = fmt(x.dtype)
+    _, m = _split(x, f)
+    return m < f.min_normal
+
+
+def is_finite_nonzero(x: torch.Tensor) -> torch.Tensor:
+    f = fmt(x.dtype)
+    _, m = _split(x, f)
+    return (m >= f.min_normal) & (m < f.inf)
+
+
+def scale_pow2(x: torch.Tensor, k: torch.Tensor, negate: torch.Tensor | None = None) -> torch.Tensor:
+    """x · 2^k (· -1 where ``negate``) by adding k to the exponent field of x.
+
+    Zeros and subnormals give signed zero, inf and NaN pass through, results below the
+    smallest normal flush to zero and above the largest finite become inf.
+    """
+    f = fmt(x.dtype)
+    n, m = _split(x, f)
+    zero, inf, nan = _classes(m, f)
+    r = _range(m + (k.to(f.work) << f.mbits), f)
+    r = torch.where(zero, torch.zeros_like(r), r)
+    r = torch.where(inf | nan, m, r)
+    if negate is not None:
+        n = n ^ negate
+    return _join(n, r, f)
+
+
+# ---------------------------------------------------------------------------
+# log2 / exp2 and the ops built from them
+
+def _as_f64_pattern_value(x: torch.Tensor):
+    """palog2 of |x| exactly, in float64: (P - B)/2^m, with the 2^-m applied to the exponent."""
+    f = fmt(x.dtype)
+    neg, m = _split(x, f)
+    return neg, m, _ldexp_f64((m - f.bias).to(torch.float64), -f.mbits)
+
+
+def _ldexp_f64(v: torch.Tensor, k) -> torch.Tensor:
+    """v · 2^k for float64 v by exponent-field addition (v, v·2^k normal or zero)."""
+    f = _FORMATS[torch.float64]
+    n, m = _split(v, f)
+    return _join(n, torch.where(m == 0, m, m + (k << 52)), f)
+
+
+def palog2(x: torch.Tensor) -> torch.Tensor:
+    """palog2(x) = E + M for x > 0; -inf for zero/subnormal, NaN for x < 0, inf for inf."""
+    f = fmt(x.dtype)
+    neg, m, l64 = _as_f64_pattern_value(x)
+    zero, inf, nan = _classes(m, f)
+    out = torch.where(zero, torch.full_like(l64, -math.inf), l64)
+    out = torch.where(inf, torch.full_like(l64, math.inf), out)
+    out = torch.where(nan | (neg & ~zero), torch.full_like(l64, math.nan), out)
+    return out.to(x.dtype)
+
+
+def _paexp2_f64(y: torch.Tensor, f: Format) -> torch.Tensor:
+    """paexp2 of float64 y, rounded once into format f: pattern round(y·2^m) + B."""
+    lim = float(2 ** (f.bits - f.mbits))  # beyond every finite/normal boundary of f
+    yc = torch.nan_to_num(y, nan=0.0).clamp(-lim, lim)
+    t = torch.round(_ldexp_f64(yc, f.mbits))  # exact scale, then round half to even
+    r = _range(t.to(torch.int64) + f.bias, f).to(f.work)
+    r = torch.where(torch.isnan(y), torch.full_like(r, f.nan), r)
+    return _join(torch.zeros_like(r, dtype=torch.bool), r, f)
+
+
+def paexp2(y: torch.Tensor) -> torch.Tensor:
+    """paexp2(y) = 2^floor(y) (1 + y - floor(y)); overflows to inf, underflows to 0."""
+    f = fmt(y.dtype)
+    return _paexp2_f64(y.to(torch.float64), f)
+
+
+def pa_exp(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) = paexp2(x ·̂ log2 e), the PAM carried in float64."""
+    f = fmt(x.dtype)
+    y = pam(x.to(torch.float64), torch.full((), LOG2E, dtype=torch.float64))
+    return _paexp2_f64(y, f)
+
+
+def pa_log(x: torch.Tensor) -> torch.Tensor:
+    """log(x) = palog2(x) ÷̂ log2 e, carried in float64 and rounded once."""
+    f = fmt(x.dtype)
+    neg, m, l64 = _as_f64_pattern_value(x)
+    zero, inf, nan = _classes(m, f)
+    out = pad(l64, torch.full((), LOG2E, dtype=torch.float64))
+    out = torch.where(zero, torch.full_like(out, -math.inf), out)
+    out = torch.where(inf, torch.full_like(out, math.inf), out)
+    out = torch.where(nan | (neg & ~zero), torch.full_like(out, math.nan), out)
+    return out.to(x.dtype)
+
+
+def _half_round_even(n: torch.Tensor) -> torch.Tensor:
+    """round(n / 2), ties to even, for integer tensors."""
+    h = n >> 1
+    return torch.where((n & 1).bool() & (h & 1).bool(), h + 1, h)
+
+
+def _sqrt_like(x: torch.Tensor, sign: int) -> torch.Tensor:
+    f = fmt(x.dtype)
+    neg, m = _split(x, f)
+    zero, inf, nan = _classes(m, f)
+    r = _range(_half_round_even(sign * (m - f.bias)) + f.bias, f)
+    small, big = (0, f.inf) if sign > 0 else (f.inf, 0)
+    r = torch.where(zero, torch.full_like(r, small), r)
+    r = torch.where(inf, torch.full_like(r, big), r)
+    bad = nan | (neg & ~zero)
+    r = torch.where(bad, torch.full_like(r, f.nan), r)
+    return _join(neg & zero, r, f)
+
+
+def pa_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(x) = paexp2(palog2(x) / 2): pattern round((P - B)/2) + B. sqrt(-0) = -0."""
+    return _sqrt_like(x, 1)
+
+
+def pa_rsqrt(x: torch.Tensor) -> torch.Tensor:
+    """rsqrt(x) = paexp2(-palog2(x) / 2): pattern round((B - P)/2) + B. rsqrt(-0) = -inf."""
+    return _sqrt_like(x, -1)
+
+
+def pa_reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """1 ÷̂ x (PAD): pattern 2B - P."""
+    return pad(torch.ones_like(x), x)
+
+
+def pa_pow(x: torch.Tensor, p: float) -> torch.Tensor:
+    """pow(x, p) = paexp2(palog2(|x|) ·̂ p), carried in float64 and rounded once.
+
+    Negative x gives NaN unless p is an integer, then the sign is (-1)^p, as torch.pow.
+    pow(x, 0) = 1 for every x (NaN included), as torch.pow.
+    """
+    f = fmt(x.dtype)
+    p = float(p)
+    if p == 0.0:
+        return torch.ones_like(x)
+    neg, m, l64 = _as_f64_pattern_value(x)
+    zero, inf, nan = _classes(m, f)
+    l64 = torch.where(zero, torch.full_like(l64, -math.inf), l64)
+    l64 = torch.where(inf, torch.full_like(l64, math.inf), l64)
+    y = pam(l64, torch.full((), p, dtype=torch.float64))
+    out = _paexp2_f64(y, f)
+    integer = math.isfinite(p) and p == math.floor(p)
+    if integer:
+        if int(p) % 2 == 1:
+            out = torch.where(neg, -out, out)
+    else:
+        out = torch.where(neg & ~zero, torch.full_like(out, math.nan), out)
+        out = torch.where(neg & zero, out.abs(), out)
+    return torch.where(nan, torch.full_like(out, math.nan), out)

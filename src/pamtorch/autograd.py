@@ -1,0 +1,405 @@
+"""Autograd for the PA arithmetic: the two derivative kinds of each op.
+
+- ``"approx"`` (the default): the derivative of the original function, evaluated with PA
+  ops. For Y = A ·̂ B: dA = B ·̂ dY.
+- ``"exact"``: the true piecewise-constant derivative of the PA function, a signed power
+  of two applied to dY by exponent arithmetic. For PAM: dA = sign(B) 2^(E_B + c) dY with c
+  the mantissa carry. Where an input or output is zero, inf or NaN the power-of-two form
+  does not apply and the approx formula is used.
+- ``"ste"`` (straight-through): the exact function's gradient with ordinary float
+  arithmetic. It multiplies; it is there for ablations only.
+
+Neither "approx" nor "exact" runs a float multiplication. Pick the kind per call
+(``derivative="exact"``) or as a scoped default (``with pamtorch.derivative("exact"):``).
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+import threading
+
+import torch
+
+from . import arith
+from .arith import LN2, LOG2E
+
+__all__ = [
+    "DERIVATIVES",
+    "derivative",
+    "resolve_derivative",
+    "prepare_operands",
+    "prepare_operand",
+    "mul", "div", "exp2", "log2", "exp", "log", "sqrt", "rsqrt", "reciprocal", "pow",
+]
+
+DERIVATIVES = ("approx", "exact", "ste")
+_state = threading.local()
+
+
+def _stack():
+    if not hasattr(_state, "stack"):
+        _state.stack = ["approx"]
+    return _state.stack
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in DERIVATIVES:
+        raise ValueError(f"pamtorch: derivative must be one of {DERIVATIVES}, got {kind!r}")
+    return kind
+
+
+@contextlib.contextmanager
+def derivative(kind: str):
+    """Scoped default derivative kind for PA ops called without ``derivative=``."""
+    stack = _stack()
+    stack.append(_check_kind(kind))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def resolve_derivative(kind: str | None) -> str:
+    """``kind`` itself, or the scoped default when it is None."""
+    return _stack()[-1] if kind is None else _check_kind(kind)
+
+
+# ---------------------------------------------------------------------------
+# operand checking and promotion
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, torch.Tensor)
+
+
+def _check_tensor(x, name: str, op: str):
+    if isinstance(x, torch.Tensor):
+        if x.dtype not in arith.SUPPORTED_DTYPES:
+            names = ", ".join(str(d) for d in arith.SUPPORTED_DTYPES)
+            raise TypeError(f"pamtorch.{op}: argument '{name}' has dtype {x.dtype}; "
+                            f"supported dtypes are {names}")
+        return
+    if not _is_number(x):
+        raise TypeError(f"pamtorch.{op}: argument '{name}' must be a tensor or a real Python "
+                        f"number, got {type(x).__name__}")
+
+
+def prepare_operand(x, op: str, name: str = "x") -> torch.Tensor:
+    _check_tensor(x, name, op)
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.tensor(float(x), dtype=torch.get_default_dtype()
+                        if torch.get_default_dtype() in arith.SUPPORTED_DTYPES else torch.float32)
+
+
+def prepare_operands(a, b, op: str):
+    """Check a and b, promote them to one supported dtype and device like torch would."""
+    _check_tensor(a, "a", op)
+    _check_tensor(b, "b", op)
+    tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        a = prepare_operand(a, op, "a")
+        return a, torch.tensor(float(b), dtype=a.dtype)
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise RuntimeError(f"pamtorch.{op}: arguments are on different devices "
+                           f"({a.device} and {b.device}); move them to one device")
+    device = tensors[0].device
+    dtype = torch.result_type(a, b)
+    if dtype not in arith.SUPPORTED_DTYPES:
+        raise TypeError(f"pamtorch.{op}: operands promote to {dtype}, which is not supported")
+    a = a.to(dtype) if isinstance(a, torch.Tensor) else torch.tensor(float(a), dtype=dtype, device=device)
+    b = b.to(dtype) if isinstance(b, torch.Tensor) else torch.tensor(float(b), dtype=dtype, device=device)
+    try:
+        torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(f"pamtorch.{op}: shapes {tuple(a.shape)} and {tuple(b.shape)} "
+                         f"cannot be broadcast together") from None
+    return a, b
+
+
+def _unbroadcast(g: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """Sum a broadcast gradient back to ``shape`` (additions only)."""
+    if g is None or g.shape == shape:
+        return g
+    extra = g.dim() - len(shape)
+    if extra:
+        g = g.sum(dim=tuple(range(extra)))
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
+    if dims:
+        g = g.sum(dim=dims, keepdim=True)
+    return g.reshape(shape)
+
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
+def _neg_bits(x: torch.Tensor) -> torch.Tensor:
+    """True where the sign bit of x is set."""
+    return torch.signbit(x)
+
+
+def _carry(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PAM's mantissa carry c = [M_x + M_y >= 1] for same-dtype x, y."""
+    f = arith.fmt(x.dtype)
+    return ((arith.mantissa_field(x) + arith.mantissa_field(y)) >> f.mbits).to(torch.int32)
+
+
+def _exact_or(approx: torch.Tensor, exact: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    return torch.where(ok, exact, approx)
+
+
+# ---------------------------------------------------------------------------
+# binary ops
+
+class _Mul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, offset, kind):
+        t = arith.pam(a, b)
+        off = None if offset is None else _const(offset, t)
+        out = t if off is None else arith.pam(t, off)
+        ctx.kind, ctx.off = kind, off
+        ctx.save_for_backward(a, b, t)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, t = ctx.saved_tensors
+        off, kind = ctx.off, ctx.kind
+        ga = gb = None
+        for i, (x, other) in enumerate(((a, b), (b, a))):
+            if not ctx.needs_input_grad[i]:
+                continue
+            if kind == "ste":
+                d = g * other if off is None else g * other * off
+            else:
+                d = arith.pam(other, g) if off is None else arith.pam(arith.pam(other, g), off)
+                if kind == "exact":
+                    k = arith.exponent(other) + _carry(x, other)
+                    neg = _neg_bits(other)
+                    if off is not None:
+                        k = k + arith.exponent(off) + _carry(t, off)
+                        neg = neg ^ _neg_bits(off)
+                    e = arith.scale_pow2(g, k, neg)
+                    d = _exact_or(d, e, arith.is_finite_nonzero(other))
+            if i == 0:
+                ga = _unbroadcast(d, a.shape)
+            else:
+                gb = _unbroadcast(d, b.shape)
+        return ga, gb, None, None
+
+
+class _Div(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, kind):
+        out = arith.pad(a, b)
+        ctx.kind = kind
+        ctx.save_for_backward(a, b, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, out = ctx.saved_tensors
+        kind = ctx.kind
+        ga = gb = None
+        c = (arith.mantissa_field(a) < arith.mantissa_field(b)).to(torch.int32)
+        if ctx.needs_input_grad[0]:
+            if kind == "ste":
+                ga = g / b
+            else:
+                ga = arith.pad(g, b)
+                if kind == "exact":
+                    e = arith.scale_pow2(g, -arith.exponent(b) - c, _neg_bits(b))
+                    ga = _exact_or(ga, e, arith.is_finite_nonzero(b))
+            ga = _unbroadcast(ga, a.shape)
+        if ctx.needs_input_grad[1]:
+            if kind == "ste":
+                gb = -(g * out / b)
+            else:
+                gb = -arith.pad(arith.pam(g, out), b)
+                if kind == "exact":
+                    k = arith.exponent(a) - 2 * arith.exponent(b) - c
+                    e = arith.scale_pow2(g, k, ~_neg_bits(a))
+                    ok = arith.is_finite_nonzero(a) & arith.is_finite_nonzero(b) & arith.is_finite_nonzero(out)
+                    gb = _exact_or(gb, e, ok)
+            gb = _unbroadcast(gb, b.shape)
+        return ga, gb, None
+
+
+# ---------------------------------------------------------------------------
+# unary ops: forward, approx derivative, exact derivative (as (k, negate) or None)
+
+def _f64_mantissa(x64: torch.Tensor) -> torch.Tensor:
+    return arith.mantissa_field(x64)
+
+
+def _log2e64(like):
+    return torch.tensor(LOG2E, dtype=torch.float64, device=like.device)
+
+
+class _Unary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, op, p, kind):
+        out = _FORWARD[op](x, p)
+        ctx.op, ctx.p, ctx.kind = op, p, kind
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, out = ctx.saved_tensors
+        op, p, kind = ctx.op, ctx.p, ctx.kind
+        if kind == "ste":
+            return _STE[op](x, out, g, p), None, None, None
+        d = _APPROX[op](x, out, g, p)
+        if kind == "exact":
+            k, neg, ok = _EXACT[op](x, out, p)
+            d = _exact_or(d, arith.scale_pow2(g, k, neg), ok)
+        return d, None, None, None
+
+
+_FORWARD = {
+    "exp2": lambda x, p: arith.paexp2(x),
+    "log2": lambda x, p: arith.palog2(x),
+    "exp": lambda x, p: arith.pa_exp(x),
+    "log": lambda x, p: arith.pa_log(x),
+    "sqrt": lambda x, p: arith.pa_sqrt(x),
+    "rsqrt": lambda x, p: arith.pa_rsqrt(x),
+    "reciprocal": lambda x, p: arith.pa_reciprocal(x),
+    "pow": lambda x, p: arith.pa_pow(x, p),
+}
+
+_APPROX = {
+    "exp2": lambda x, o, g, p: arith.pam(arith.pam(o, _const(LN2, o)), g),
+    "log2": lambda x, o, g, p: arith.pad(g, arith.pam(x, _const(LN2, x))),
+    "exp": lambda x, o, g, p: arith.pam(o, g),
+    "log": lambda x, o, g, p: arith.pad(g, x),
+    "sqrt": lambda x, o, g, p: arith.scale_pow2(arith.pad(g, o), _const(-1, o).to(torch.int32)),
+    "rsqrt": lambda x, o, g, p: arith.scale_pow2(arith.pad(arith.pam(g, o), x),
+                                                 _const(-1, o).to(torch.int32), _const(1, o).bool()),
+    "reciprocal": lambda x, o, g, p: -arith.pad(arith.pam(g, o), x),
+    "pow": lambda x, o, g, p: arith.pad(arith.pam(arith.pam(g, o), _const(p, o)), x),
+}
+
+_STE = {
+    "exp2": lambda x, o, g, p: g * torch.exp2(x) * LN2,
+    "log2": lambda x, o, g, p: g / (x * LN2),
+    "exp": lambda x, o, g, p: g * torch.exp(x),
+    "log": lambda x, o, g, p: g / x,
+    "sqrt": lambda x, o, g, p: g * 0.5 * torch.rsqrt(x),
+    "rsqrt": lambda x, o, g, p: g * -0.5 * torch.rsqrt(x) / x,
+    "reciprocal": lambda x, o, g, p: -g / (x * x),
+    "pow": lambda x, o, g, p: g * p * torch.pow(x, p - 1),
+}
+
+
+def _ok(*ts):
+    ok = arith.is_finite_nonzero(ts[0])
+    for t in ts[1:]:
+        ok = ok & arith.is_finite_nonzero(t)
+    return ok
+
+
+def _exact_exp(x, o, p):
+    f = arith.fmt(x.dtype)
+    mx = arith.mantissa_field(x).to(torch.int64) << (52 - f.mbits)
+    c = ((mx + _f64_mantissa(_log2e64(x))) >> 52).to(torch.int32)
+    return arith.exponent(o) + c, None, _ok(o)
+
+
+def _exact_log(x, o, p):
+    f = arith.fmt(x.dtype)
+    _, m = arith._split(x, f)
+    l64 = arith._ldexp_f64((m - f.bias).to(torch.float64), -f.mbits)
+    c = (_f64_mantissa(l64) < _f64_mantissa(_log2e64(x))).to(torch.int32)
+    return -arith.exponent(x) - c, None, _ok(x) & ~torch.signbit(x)
+
+
+def _exact_pow(x, o, p):
+    f = arith.fmt(x.dtype)
+    _, m = arith._split(x, f)
+    l64 = arith._ldexp_f64((m - f.bias).to(torch.float64), -f.mbits)
+    p64 = torch.tensor(float(p), dtype=torch.float64, device=x.device)
+    c = ((_f64_mantissa(l64) + _f64_mantissa(p64)) >> 52).to(torch.int32)
+    k = arith.exponent(o) + arith.exponent(p64) + c - arith.exponent(x)
+    neg = torch.full_like(x, p < 0, dtype=torch.bool)
+    if float(p) == int(p) and int(p) % 2 == 0:
+        neg = neg ^ torch.signbit(x)
+    return k, neg, _ok(x, o) & (l64 != 0)
+
+
+_EXACT = {
+    "exp2": lambda x, o, p: (arith.exponent(o), None, _ok(o)),
+    "log2": lambda x, o, p: (-arith.exponent(x), None, _ok(x) & ~torch.signbit(x)),
+    "exp": _exact_exp,
+    "log": _exact_log,
+    "sqrt": lambda x, o, p: (arith.exponent(o) - arith.exponent(x) - 1, None, _ok(x, o)),
+    "rsqrt": lambda x, o, p: (arith.exponent(o) - arith.exponent(x) - 1,
+                              torch.ones_like(x, dtype=torch.bool), _ok(x, o)),
+    "reciprocal": lambda x, o, p: (-2 * arith.exponent(x) - (arith.mantissa_field(x) != 0).to(torch.int32),
+                                   torch.ones_like(x, dtype=torch.bool), _ok(x, o)),
+    "pow": _exact_pow,
+}
+
+
+# ---------------------------------------------------------------------------
+# public, autograd-aware functions
+
+def mul(a, b, *, offset: float | None = None, derivative: str | None = None) -> torch.Tensor:
+    """PAM product a ·̂ b (Mitchell): patterns add, P_a + P_b - B. With ``offset`` α the
+    result is (a ·̂ b) ·̂ α, the error compensation (α = 1.0552 centres the mean error)."""
+    a, b = prepare_operands(a, b, "mul")
+    return _Mul.apply(a, b, offset, resolve_derivative(derivative))
+
+
+def div(a, b, *, derivative: str | None = None) -> torch.Tensor:
+    """PAD quotient a ÷̂ b: patterns subtract, P_a - P_b + B."""
+    a, b = prepare_operands(a, b, "div")
+    return _Div.apply(a, b, resolve_derivative(derivative))
+
+
+def _unary(op: str, x, p=None, derivative=None):
+    x = prepare_operand(x, op)
+    return _Unary.apply(x, op, p, resolve_derivative(derivative))
+
+
+def exp2(x, *, derivative: str | None = None) -> torch.Tensor:
+    """paexp2(x) = 2^floor(x) (1 + x - floor(x))."""
+    return _unary("exp2", x, derivative=derivative)
+
+
+def log2(x, *, derivative: str | None = None) -> torch.Tensor:
+    """palog2(x) = E + M for x = 2^E (1+M)."""
+    return _unary("log2", x, derivative=derivative)
+
+
+def exp(x, *, derivative: str | None = None) -> torch.Tensor:
+    """exp(x) = paexp2(x ·̂ log2 e)."""
+    return _unary("exp", x, derivative=derivative)
+
+
+def log(x, *, derivative: str | None = None) -> torch.Tensor:
+    """log(x) = palog2(x) ÷̂ log2 e."""
+    return _unary("log", x, derivative=derivative)
+
+
+def sqrt(x, *, derivative: str | None = None) -> torch.Tensor:
+    """sqrt(x) = paexp2(palog2(x) / 2): the exponent-and-mantissa field halved."""
+    return _unary("sqrt", x, derivative=derivative)
+
+
+def rsqrt(x, *, derivative: str | None = None) -> torch.Tensor:
+    """rsqrt(x) = paexp2(-palog2(x) / 2)."""
+    return _unary("rsqrt", x, derivative=derivative)
+
+
+def reciprocal(x, *, derivative: str | None = None) -> torch.Tensor:
+    """1 ÷̂ x."""
+    return _unary("reciprocal", x, derivative=derivative)
+
+
+def pow(x, p, *, derivative: str | None = None) -> torch.Tensor:  # noqa: A001 - mirrors torch.pow
+    """pow(x, p) = paexp2(palog2(x) ·̂ p) for a Python number p."""
+    if isinstance(p, torch.Tensor) or not _is_number(p):
+        raise TypeError(f"pamtorch.pow: exponent 'p' must be a Python number, got {type(p).__name__}")
+    return _unary("pow", x, float(p), derivative=derivative)
