@@ -13,9 +13,15 @@ FORMATS = {
     torch.float32: (2.0 ** -126, 127, 23),
     torch.bfloat16: (2.0 ** -126, 127, 7),
     torch.float16: (2.0 ** -14, 15, 10),
+    torch.float64: (2.0 ** -1022, 1023, 52),   # range of the composite ops' intermediates
 }
 
 LOG2E = float(np.log2(np.e))
+
+
+def _over(emax):
+    """2^(emax+1): the first magnitude that overflows (inf for float64 itself)."""
+    return np.inf if emax >= 1023 else 2.0 ** (emax + 1)
 
 
 def split(x):
@@ -37,7 +43,7 @@ def round_to(x, dtype):
     o = out.to(torch.float64).numpy()
     with np.errstate(invalid="ignore"):
         small = np.isfinite(x) & (np.abs(o) < tiny)
-        big = np.isfinite(x) & (np.abs(x) >= 2.0 ** (emax + 1))
+        big = np.isfinite(x) & (np.abs(x) >= _over(emax))
     o = np.where(small, np.copysign(0.0, x), o)
     o = np.where(big, np.copysign(np.inf, x), o)
     return torch.from_numpy(o).to(dtype)
@@ -71,7 +77,7 @@ def pam(a, b, dtype):
         c = (s >= 1.0).astype(np.float64)
         mag = np.ldexp(1.0 + s - c, (ea + eb + c).astype(np.int64))
         mag = np.where(mag < tiny, 0.0, mag)
-        mag = np.where(mag >= 2.0 ** (emax + 1), np.inf, mag)
+        mag = np.where(mag >= _over(emax), np.inf, mag)
     out = sign * mag
     out = np.where(za | zb, sign * 0.0, out)
     out = np.where(ia | ib, sign * np.inf, out)
@@ -94,7 +100,7 @@ def pad(a, b, dtype):
         c = (ma < mb).astype(np.float64)
         mag = np.ldexp(1.0 + ma - mb + c, (ea - eb - c).astype(np.int64))
         mag = np.where(mag < tiny, 0.0, mag)
-        mag = np.where(mag >= 2.0 ** (emax + 1), np.inf, mag)
+        mag = np.where(mag >= _over(emax), np.inf, mag)
     out = sign * mag
     out = np.where(za & ~zb, sign * 0.0, out)            # 0 / x
     out = np.where(ib & ~ia, sign * 0.0, out)            # x / inf
@@ -125,5 +131,53 @@ def paexp2(y, dtype):
         f = np.floor(np.clip(y, -1e4, 1e4))
         mag = np.ldexp(1.0 + np.clip(y, -1e4, 1e4) - f, f.astype(np.int64))
     mag = np.where(mag < tiny, 0.0, mag)
-    mag = np.where(mag >= 2.0 ** (emax + 1), np.inf, mag)
+    mag = np.where(mag >= _over(emax), np.inf, mag)
     return np.where(np.isnan(y), np.nan, mag)
+
+
+def _zero_subnormals(x, dtype):
+    tiny = FORMATS[dtype][0]
+    return np.where(np.abs(x) < tiny, np.copysign(0.0, x), x)
+
+
+def exp(x, dtype):
+    """paexp2(x ·̂ log2 e) with the PAM carried in float64."""
+    x = _zero_subnormals(np.asarray(x, np.float64), dtype)
+    return paexp2(pam(x, LOG2E, torch.float64), dtype)
+
+
+def log(x, dtype):
+    """palog2(x) ÷̂ log2 e with the PAD carried in float64."""
+    return pad(palog2(x, dtype), LOG2E, torch.float64)
+
+
+def sqrt(x, dtype):
+    x = np.asarray(x, np.float64)
+    out = paexp2(palog2(x, dtype) / 2.0, dtype)
+    return np.where((x == 0) | (np.abs(x) < FORMATS[dtype][0]), np.copysign(0.0, x), out)
+
+
+def rsqrt(x, dtype):
+    x = np.asarray(x, np.float64)
+    out = paexp2(-palog2(x, dtype) / 2.0, dtype)
+    return np.where(np.abs(x) < FORMATS[dtype][0], np.copysign(np.inf, x), out)
+
+
+def reciprocal(x, dtype):
+    return pad(np.ones_like(np.asarray(x, np.float64)), x, dtype)
+
+
+def pow(x, p, dtype):
+    """paexp2(palog2(|x|) ·̂ p), PAM in float64; torch.pow's sign rules for x < 0."""
+    x = np.asarray(x, np.float64)
+    if p == 0:
+        return np.ones_like(x)
+    with np.errstate(invalid="ignore"):
+        out = paexp2(pam(palog2(np.abs(x), dtype), p, torch.float64), dtype)
+    neg = np.signbit(x)
+    if float(p).is_integer():
+        if int(p) % 2:
+            out = np.where(neg, -out, out)
+    else:
+        out = np.where(neg & (np.abs(x) >= FORMATS[dtype][0]), np.nan, out)
+    return np.where(np.isnan(x), np.nan, out)

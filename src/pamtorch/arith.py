@@ -132,10 +132,11 @@ def pam(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     nb, mb = _split(b, f)
     za, ia, xa = _classes(ma, f)
     zb, ib, xb = _classes(mb, f)
-    s = ma + mb
-    r = _range(s - f.bias, f)
+    t = ma - f.bias
+    s = t + mb
+    r = _range(s, f)
     if f.bits == 64:  # only float64 patterns can wrap around the work dtype
-        r = torch.where(s < 0, torch.full_like(r, f.inf), r)
+        r = torch.where((t > 0) & (s < 0), torch.full_like(r, f.inf), r)
     r = torch.where(za | zb, torch.zeros_like(r), r)
     r = torch.where(ia | ib, torch.full_like(r, f.inf), r)
     nan = xa | xb | ((ia | ib) & (za | zb))

@@ -300,11 +300,28 @@ def _ok(*ts):
     return ok
 
 
+def _floor_exp(y64: torch.Tensor) -> torch.Tensor:
+    """floor(y) as int32: the binade paexp2(y) lands in before its output is rounded."""
+    return torch.floor(y64.clamp(-4096, 4096)).to(torch.int32)
+
+
+def _half_exp(x: torch.Tensor, sign: int) -> torch.Tensor:
+    """Exponent of the unrounded sqrt (sign 1) or rsqrt (sign -1) pattern sign·(P-B)/2 + B."""
+    f = arith.fmt(x.dtype)
+    _, m = arith._split(x, f)
+    return ((((sign * (m - f.bias)) >> 1) + f.bias >> f.mbits) - f.ebias).to(torch.int32)
+
+
+def _exact_exp2(x, o, p):
+    return _floor_exp(x.to(torch.float64)), None, _ok(o)
+
+
 def _exact_exp(x, o, p):
     f = arith.fmt(x.dtype)
     mx = arith.mantissa_field(x).to(torch.int64) << (52 - f.mbits)
     c = ((mx + _f64_mantissa(_log2e64(x))) >> 52).to(torch.int32)
-    return arith.exponent(o) + c, None, _ok(o)
+    y = arith.pam(x.to(torch.float64), _log2e64(x))
+    return _floor_exp(y) + c, None, _ok(o)
 
 
 def _exact_log(x, o, p):
@@ -321,7 +338,7 @@ def _exact_pow(x, o, p):
     l64 = arith._ldexp_f64((m - f.bias).to(torch.float64), -f.mbits)
     p64 = torch.tensor(float(p), dtype=torch.float64, device=x.device)
     c = ((_f64_mantissa(l64) + _f64_mantissa(p64)) >> 52).to(torch.int32)
-    k = arith.exponent(o) + arith.exponent(p64) + c - arith.exponent(x)
+    k = _floor_exp(arith.pam(l64, p64)) + arith.exponent(p64) + c - arith.exponent(x)
     neg = torch.full_like(x, p < 0, dtype=torch.bool)
     if float(p) == int(p) and int(p) % 2 == 0:
         neg = neg ^ torch.signbit(x)
@@ -329,12 +346,12 @@ def _exact_pow(x, o, p):
 
 
 _EXACT = {
-    "exp2": lambda x, o, p: (arith.exponent(o), None, _ok(o)),
+    "exp2": _exact_exp2,
     "log2": lambda x, o, p: (-arith.exponent(x), None, _ok(x) & ~torch.signbit(x)),
     "exp": _exact_exp,
     "log": _exact_log,
-    "sqrt": lambda x, o, p: (arith.exponent(o) - arith.exponent(x) - 1, None, _ok(x, o)),
-    "rsqrt": lambda x, o, p: (arith.exponent(o) - arith.exponent(x) - 1,
+    "sqrt": lambda x, o, p: (_half_exp(x, 1) - arith.exponent(x) - 1, None, _ok(x, o)),
+    "rsqrt": lambda x, o, p: (_half_exp(x, -1) - arith.exponent(x) - 1,
                               torch.ones_like(x, dtype=torch.bool), _ok(x, o)),
     "reciprocal": lambda x, o, p: (-2 * arith.exponent(x) - (arith.mantissa_field(x) != 0).to(torch.int32),
                                    torch.ones_like(x, dtype=torch.bool), _ok(x, o)),
