@@ -1,0 +1,106 @@
+"""Which op kinds are piecewise affine, with which derivative and offset.
+
+``Config`` is frozen; build variants with the presets and ``with_kinds`` / ``replace``:
+
+    Config.paper()                                   # approx everywhere, exact loss
+    Config.matmul_only()                             # only matrix products PA
+    Config.full()                                    # everything PA, approx derivatives
+    Config.ablation("matmul", "softmax", "norm")     # the cumulative rows of Table 3
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .autograd import DERIVATIVES
+
+__all__ = ["KINDS", "OpConfig", "Config"]
+
+# op kinds, in the order of the paper's cumulative ablation (Table 3) plus the rest
+KINDS = ("matmul", "softmax", "norm", "loss", "optimizer", "elementwise", "nonlinear")
+
+
+@dataclass(frozen=True)
+class OpConfig:
+    """One op kind: ``pa`` whether it is piecewise affine (else left exact), the
+    ``derivative`` kind ("approx", "exact" or "ste") and the PAM ``offset`` (None: none)."""
+
+    pa: bool = True
+    derivative: str = "approx"
+    offset: float | None = None
+
+    def __post_init__(self):
+        if self.derivative not in DERIVATIVES:
+            raise ValueError(f"OpConfig.derivative must be one of {DERIVATIVES}, got {self.derivative!r}")
+
+
+_EXACT_ARITH = OpConfig(pa=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Per-kind settings. ``matmul``: mm/bmm/linear/conv/attention products. ``softmax``:
+    softmax and log-softmax. ``norm``: layer and RMS norm. ``loss``: cross entropy, NLL,
+    MSE. ``optimizer``: the optimizer step (including ``_foreach_*`` ops). ``elementwise``:
+    mul, div, pow, sqrt, exp, log and friends anywhere else. ``nonlinear``: GELU, tanh,
+    sigmoid, SiLU."""
+
+    matmul: OpConfig = field(default_factory=OpConfig)
+    softmax: OpConfig = field(default_factory=OpConfig)
+    norm: OpConfig = field(default_factory=OpConfig)
+    loss: OpConfig = field(default_factory=lambda: OpConfig(derivative="exact"))
+    optimizer: OpConfig = field(default_factory=OpConfig)
+    elementwise: OpConfig = field(default_factory=OpConfig)
+    nonlinear: OpConfig = field(default_factory=OpConfig)
+
+    # -- presets ---------------------------------------------------------------
+    @classmethod
+    def paper(cls) -> "Config":
+        """The paper's best: everything PA, approx derivatives, exact for the loss."""
+        return cls()
+
+    @classmethod
+    def full(cls) -> "Config":
+        """Everything PA with approx derivatives."""
+        return cls(loss=OpConfig())
+
+    @classmethod
+    def matmul_only(cls) -> "Config":
+        """Only the matrix products PA (the paper's first ablation row)."""
+        return cls.ablation("matmul")
+
+    @classmethod
+    def ablation(cls, *kinds: str, derivative: str = "approx") -> "Config":
+        """PA for exactly ``kinds`` (with ``derivative``), the rest exact arithmetic."""
+        for k in kinds:
+            if k not in KINDS:
+                raise ValueError(f"Config.ablation: unknown op kind {k!r}; kinds are {KINDS}")
+        return cls(**{k: OpConfig(derivative=derivative) if k in kinds else _EXACT_ARITH
+                      for k in KINDS})
+
+    @classmethod
+    def from_name(cls, name: str, derivative: str | None = None) -> "Config":
+        """A preset by name ("paper", "pam-full"/"full", "pam-matmul"/"matmul-only"), with
+        every PA kind's derivative overridden by ``derivative`` unless it is None or
+        "paper"."""
+        presets = {"paper": cls.paper, "full": cls.full, "pam-full": cls.full,
+                   "matmul-only": cls.matmul_only, "pam-matmul": cls.matmul_only}
+        if name not in presets:
+            raise ValueError(f"Config.from_name: unknown preset {name!r}; choose from {sorted(presets)}")
+        cfg = presets[name]()
+        if derivative in (None, "paper"):
+            return cfg
+        return cfg.with_derivative(derivative)
+
+    # -- variants ----------------------------------------------------------------
+    def with_derivative(self, derivative: str) -> "Config":
+        """The same config with every PA kind's derivative set to ``derivative``."""
+        return dataclasses.replace(self, **{
+            k: dataclasses.replace(getattr(self, k), derivative=derivative)
+            for k in KINDS if getattr(self, k).pa})
+
+    def replace(self, **kinds: OpConfig) -> "Config":
+        return dataclasses.replace(self, **kinds)
+
+    def kind(self, name: str) -> OpConfig:
+        return getattr(self, name)
