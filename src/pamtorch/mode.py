@@ -37,8 +37,8 @@ from . import arith
 from . import matmul as pmm
 from .config import Config, OpConfig
 
-__all__ = ["OP_TABLE", "PASS_THROUGH", "UnsupportedOpError", "implements", "mode", "PAMode",
-           "op_kind", "is_float_op"]
+__all__ = ["OP_TABLE", "PASS_THROUGH", "RECORDERS", "UnsupportedOpError", "classify", "implements",
+           "mode", "PAMode", "op_kind", "is_float_op"]
 
 aten = torch.ops.aten
 
@@ -95,12 +95,12 @@ PASS_THROUGH = frozenset(getattr(aten, n) for n in """
     t_ transpose_ exponential_ bitwise_and bitwise_or bitwise_xor bitwise_not
     __and__ __or__ __xor__ __rshift__ __lshift__ copysign _foreach_add _foreach_add_
     _foreach_sub _foreach_sub_ _foreach_neg _foreach_neg_ _foreach_zero_ _foreach_copy_
-    _foreach_maximum _foreach_maximum_ _foreach_abs logsumexp_placeholder_never_used
+    _foreach_maximum _foreach_maximum_ _foreach_abs
     detach_ split_copy unsafe_split _has_compatible_shallow_copy_type new_empty
-    mse_loss_placeholder_never_used scalar_tensor is_nonzero equal count_nonzero
+    scalar_tensor is_nonzero equal count_nonzero
     _unsafe_index _unsafe_index_put index_copy index_copy_ masked_scatter expand_as
-    diagonal diag_embed movedim lerp_placeholder_never_used _pin_memory pin_memory
-    glu_placeholder_never_used upsample_nearest2d avg_pool2d_placeholder_never_used
+    diagonal diag_embed movedim _pin_memory pin_memory
+    upsample_nearest2d to result_type lift_fresh_copy view_as type_as item
 """.split() if hasattr(aten, n))
 
 
@@ -373,6 +373,39 @@ def _pa_mean(func, args, kwargs, cfg):
     return _pad(s, float(n))
 
 
+def _pa_norm2(x, dim=None, keepdim=False):
+    """Euclidean norm: PA squares, an ordinary sum, PA sqrt."""
+    sq = arith.pam(x, x)
+    s = sq.sum() if dim is None else sq.sum(dim, keepdim=keepdim)
+    return arith.pa_sqrt(s)
+
+
+def _check_ord(ord_):
+    if float(ord_) != 2.0:
+        raise UnsupportedOpError(f"pamtorch.mode: only the 2-norm is piecewise affine, got ord={ord_}")
+
+
+@implements([aten.linalg_vector_norm], "elementwise")
+def _pa_vector_norm(func, args, kwargs, cfg):
+    x = args[0]
+    ord_ = args[1] if len(args) > 1 else kwargs.get("ord", 2)
+    dim = args[2] if len(args) > 2 else kwargs.get("dim")
+    keepdim = args[3] if len(args) > 3 else kwargs.get("keepdim", False)
+    _check_ord(ord_)
+    dtype = kwargs.get("dtype")
+    if dtype is not None:
+        x = x.to(dtype)
+    return _pa_norm2(x, dim, keepdim)
+
+
+@implements([aten._foreach_norm], "optimizer")
+def _pa_foreach_norm(func, args, kwargs, cfg):
+    ord_ = args[1] if len(args) > 1 else kwargs.get("ord", 2)
+    _check_ord(ord_)
+    dtype = kwargs.get("dtype")
+    return [_pa_norm2(t if dtype is None else t.to(dtype)) for t in args[0]]
+
+
 # ---------------------------------------------------------------------------
 # optimizer's foreach ops
 
@@ -428,6 +461,27 @@ def _pa_foreach_add(func, args, kwargs, cfg):
 # ---------------------------------------------------------------------------
 # the mode
 
+_ALPHA_OPS = frozenset([aten.add, aten.add_, aten.sub, aten.sub_, aten._foreach_add,
+                        aten._foreach_add_, aten._foreach_sub, aten._foreach_sub_])
+
+# objects with a ``routed(func, args, kwargs, out)`` method, told of every routed op
+RECORDERS: list = []
+
+
+def classify(func, args, kwargs) -> str:
+    """How the mode treats an aten call: "free" (runs as is: no float tensor, or an op
+    known to do no float multiplication), "routable" (a multiply-like op in OP_TABLE), or
+    "unknown" (a float op that may multiply and has no PA implementation)."""
+    if not is_float_op(args, kwargs):
+        return "free"
+    packet = func.overloadpacket
+    if packet in OP_TABLE:
+        if packet in _ALPHA_OPS and kwargs.get("alpha", 1) == 1:
+            return "free"
+        return "routable"
+    return "free" if packet in PASS_THROUGH else "unknown"
+
+
 _IN_OPTIMIZER = [0]
 
 
@@ -455,25 +509,24 @@ class PAMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        packet = func.overloadpacket
-        entry = OP_TABLE.get(packet)
-        if entry is not None and is_float_op(args, kwargs):
-            if packet in (aten.add, aten.add_, aten.sub, aten.sub_, aten._foreach_add,
-                          aten._foreach_add_, aten._foreach_sub, aten._foreach_sub_) \
-                    and kwargs.get("alpha", 1) == 1:
-                return func(*args, **kwargs)
-            opcfg = self.kind_config(entry.kind)
-            if opcfg.pa:
-                return entry.impl(func, args, kwargs, opcfg)
+        cls = classify(func, args, kwargs)
+        if cls == "free":
             return func(*args, **kwargs)
-        if entry is None and packet not in PASS_THROUGH and is_float_op(args, kwargs):
+        if cls == "unknown":
             raise UnsupportedOpError(
                 f"pamtorch.mode: {func} is a floating-point op with no piecewise affine "
                 "implementation, and it is not known to be free of multiplications, so it was "
                 "not run exact behind your back. Route around it, leave its module out with "
                 "pamtorch.convert's module_filter_fn, or report the op name to the pamtorch "
                 "maintainers so it can be added to pamtorch.mode.OP_TABLE.")
-        return func(*args, **kwargs)
+        entry = OP_TABLE[func.overloadpacket]
+        opcfg = self.kind_config(entry.kind)
+        if not opcfg.pa:  # the config leaves this kind exact
+            return func(*args, **kwargs)
+        out = entry.impl(func, args, kwargs, opcfg)
+        for rec in RECORDERS:
+            rec.routed(func, args, kwargs, out)
+        return out
 
 
 def _sdpa_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
