@@ -19,10 +19,18 @@ from .autograd import (
     sqrt,
 )
 
+from .matmul import bmm, conv2d, linear, matmul
+from .config import Config, OpConfig
+from .mode import mode
+from .audit import audit
+from . import optim
+
 __version__ = "0.1.0"
 
 __all__ = [
     "SUPPORTED_DTYPES",
     "derivative",
     "mul", "div", "exp2", "log2", "exp", "log", "sqrt", "rsqrt", "reciprocal", "pow",
+    "matmul", "bmm", "linear", "conv2d",
+    "Config", "OpConfig", "mode", "audit", "optim",
 ]

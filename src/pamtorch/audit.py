@@ -29,7 +29,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import mode as _mode
+from .mode import RECORDERS, classify, op_kind
 
 __all__ = ["audit", "AuditReport", "MultiplicationFoundError", "ENERGY_PJ"]
 
@@ -154,7 +154,7 @@ class _Recorder(TorchDispatchMode):
         getattr(self.report, counter_name)[phase][op] += 1
         self.report.modules[(phase, op)].add(self.place(phase))
         n = multiplications(func, args, out)
-        kind = "matmul" if _mode.op_kind(func) == _MATMUL_KIND else "other"
+        kind = "matmul" if op_kind(func) == _MATMUL_KIND else "other"
         (self.report.mults_pa if counter_name == "pa" else self.report.mults_exact)[kind] += n
 
     # hooks ---------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if _mode.classify(func, args, kwargs) != "free":
+        if classify(func, args, kwargs) != "free":
             self._note("outside", func, args, out)
         return out
 
@@ -199,12 +199,12 @@ def audit(step_fn, *args, model: torch.nn.Module | None = None, **kwargs) -> Aud
         register_optimizer_step_pre_hook(lambda *a: setattr(rec, "optimizer_depth", rec.optimizer_depth + 1)),
         register_optimizer_step_post_hook(lambda *a: setattr(rec, "optimizer_depth", rec.optimizer_depth - 1)),
     ]
-    _mode.RECORDERS.append(rec)
+    RECORDERS.append(rec)
     try:
         with rec:
             step_fn(*args, **kwargs)
     finally:
-        _mode.RECORDERS.remove(rec)
+        RECORDERS.remove(rec)
         for h in hooks:
             h.remove()
     return report

@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import arith
-from . import matmul as pmm
+from .matmul import _f32, _mm32, bmm as _pa_bmm, linear as _pa_linear, matmul as _pa_matmul
 from .config import Config, OpConfig
 
 __all__ = ["OP_TABLE", "PASS_THROUGH", "RECORDERS", "UnsupportedOpError", "classify", "implements",
@@ -156,7 +156,7 @@ def _scale(x, s):
 # matrix products
 
 def _mm(a, b, opcfg):
-    out = pmm._mm32(pmm._f32(a), pmm._f32(b)).to(torch.result_type(a, b))
+    out = _mm32(_f32(a), _f32(b)).to(torch.result_type(a, b))
     if opcfg.offset is not None:
         out = _pam(out, opcfg.offset)
     return out
@@ -564,11 +564,11 @@ class _PAFunctionMode(TorchFunctionMode):
         if mm.pa and mm.derivative != "approx" and mm.offset is None:
             if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
                         torch.Tensor.mm):
-                return pmm.matmul(args[0], args[1], derivative=mm.derivative)
+                return _pa_matmul(args[0], args[1], derivative=mm.derivative)
             if func in (torch.bmm, torch.Tensor.bmm):
-                return pmm.bmm(args[0], args[1], derivative=mm.derivative)
+                return _pa_bmm(args[0], args[1], derivative=mm.derivative)
             if func is F.linear:
-                return pmm.linear(*args, **kwargs, derivative=mm.derivative)
+                return _pa_linear(*args, **kwargs, derivative=mm.derivative)
         return func(*args, **kwargs)
 
 

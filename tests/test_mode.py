@@ -1,0 +1,186 @@
+"""The dispatch-level mode, the PA optimizers and the audit on small stock models."""
+import copy
+
+import pytest
+import torch
+
+import pamtorch
+from pamtorch import arith
+from pamtorch.audit import MultiplicationFoundError, audit
+from pamtorch.config import Config, OpConfig
+from pamtorch.mode import UnsupportedOpError, mode
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+
+def data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 8, generator=g)
+    return x, x.sum(1, keepdim=True)
+
+
+def test_elementwise_ops_are_routed_to_pa():
+    a, b = torch.randn(50), torch.randn(50)
+    with mode(Config.full()):
+        prod, quot, root = a * b, a / b, b.abs().sqrt()
+        ex = torch.exp(a)
+    assert torch.equal(prod, arith.pam(a, b))
+    assert torch.equal(quot, arith.pad(a, b))
+    assert torch.equal(root, arith.pa_sqrt(b.abs()))
+    assert torch.equal(ex, arith.pa_exp(a))
+
+
+def test_matmul_under_mode_equals_pamtorch_matmul():
+    a, b = torch.randn(7, 5), torch.randn(5, 3)
+    with mode():
+        c = a @ b
+    assert torch.equal(c, pamtorch.matmul(a, b))
+
+
+def test_integer_ops_and_additions_pass_through():
+    i = torch.arange(10)
+    x = torch.randn(10)
+    with mode():
+        assert torch.equal(i * 3, torch.arange(0, 30, 3))
+        assert torch.equal(x + x, x + x)
+        assert torch.equal(x.view(2, 5).t().contiguous(), x.view(2, 5).t().contiguous())
+
+
+def test_kinds_left_exact_by_the_config_run_exact():
+    a, b = torch.randn(20), torch.randn(20)
+    exact = a * b
+    with mode(Config.matmul_only()):
+        left = a * b
+    with mode(Config.full()):
+        pa = a * b
+    assert torch.equal(left, exact)
+    assert torch.equal(pa, arith.pam(a, b)) and not torch.equal(pa, exact)
+
+
+def test_unknown_multiply_like_op_is_an_error_naming_it():
+    with mode():
+        with pytest.raises(UnsupportedOpError, match="aten.cumprod"):
+            torch.cumprod(torch.randn(5), 0)
+
+
+def test_stock_model_trains_under_mode_with_stock_adamw():
+    model, (x, y) = mlp(), data()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        with mode(Config.full()):
+            loss = ((model(x) - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Adam", "SGD"])
+def test_pa_optimizer_equals_stock_optimizer_under_mode_bit_for_bit(name):
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    if name == "SGD":
+        kw.update(momentum=0.9, nesterov=True)
+    m1, m2 = mlp(), mlp()
+    x, y = data()
+    o1 = getattr(pamtorch.optim, name)(m1.parameters(), config=Config.full(), **kw)
+    o2 = getattr(torch.optim, name)(m2.parameters(), **kw)
+    for _ in range(3):
+        for m, o, under in ((m1, o1, False), (m2, o2, True)):
+            with mode(Config.full()):
+                loss = ((m(x) - y) ** 2).mean()
+                o.zero_grad()
+                loss.backward()
+            if under:
+                with mode(Config.full()):
+                    o.step()
+            else:
+                o.step()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+    # and PA really changed the step: exact AdamW gives other weights
+    m3 = mlp()
+    o3 = getattr(torch.optim, name)(m3.parameters(), **kw)
+    for _ in range(3):
+        with mode(Config.full()):
+            loss = ((m3(x) - y) ** 2).mean()
+            o3.zero_grad()
+            loss.backward()
+        o3.step()
+    assert not all(torch.equal(p1, p3) for p1, p3 in zip(m1.parameters(), m3.parameters()))
+
+
+def test_clip_grad_norm_is_pa():
+    model, (x, y) = mlp(), data()
+    ((model(x) - y) ** 2).mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = pamtorch.optim.clip_grad_norm_(model.parameters(), 0.1)
+    sq = sum(arith.pam(g, g).sum() for g in grads)
+    assert torch.equal(norm, arith.pa_sqrt(sq))
+    assert norm > 0.1
+    assert torch.all(torch.stack([p.grad.abs().max() for p in model.parameters()]) <
+                     torch.stack([g.abs().max() for g in grads]))
+
+
+def _step(model, opt, x, y, cfg):
+    with mode(cfg):
+        loss = ((model(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+
+def test_audit_of_a_step_under_mode_is_multiplication_free():
+    model, (x, y) = mlp(), data()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    report = audit(_step, model, opt, x, y, Config.full())
+    report.assert_multiplication_free()
+    for phase in ("forward", "backward", "optimizer"):
+        assert sum(report.pa[phase].values()) > 0, phase
+    assert report.pa["forward"]["addmm"] == 2
+    assert report.pa["backward"]["mm"] >= 2
+    assert report.pa["optimizer"]["lerp_"] == 4
+    assert {"0", "2"} <= report.modules[("forward", "addmm")]
+    en = report.energy_pj()
+    assert 0 < en["as_run"] < en["exact"]
+    text = str(report)
+    assert "multiplication-free" in text and "optimizer" in text
+
+
+def test_audit_finds_multiplications_outside_pa():
+    model, (x, y) = mlp(), data()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cfg = Config.full().replace(optimizer=OpConfig(pa=False))
+    report = audit(_step, model, opt, x, y, cfg)
+    assert not report.multiplication_free()
+    assert report.outside["optimizer"]["lerp_"] == 4
+    assert sum(report.outside["forward"].values()) == 0
+    with pytest.raises(MultiplicationFoundError, match="optimizer: lerp_"):
+        report.assert_multiplication_free()
+    plain = audit(lambda: torch.randn(3, 3) @ torch.randn(3, 3))
+    assert plain.outside["forward"]["mm"] == 1
+    assert plain.energy_pj()["ratio"] == pytest.approx(1.0)
+
+
+def test_config_presets_and_ablation():
+    assert Config.paper().loss.derivative == "exact" and Config.paper().matmul.derivative == "approx"
+    assert Config.full().loss.derivative == "approx"
+    mo = Config.matmul_only()
+    assert mo.matmul.pa and not mo.softmax.pa and not mo.optimizer.pa
+    rows = [Config.ablation(*k) for k in (("matmul",), ("matmul", "softmax"), ("matmul", "softmax", "norm"),
+                                          ("matmul", "softmax", "norm", "loss"),
+                                          ("matmul", "softmax", "norm", "loss", "optimizer"))]
+    assert [sum(getattr(r, k).pa for k in ("matmul", "softmax", "norm", "loss", "optimizer")) for r in rows] == [1, 2, 3, 4, 5]
+    assert Config.from_name("pam-full", "exact").matmul.derivative == "exact"
+    with pytest.raises(ValueError, match="unknown op kind"):
+        Config.ablation("matmull")
+    with pytest.raises(ValueError, match="derivative"):
+        OpConfig(derivative="approximately")
+    with pytest.raises(Exception):
+        Config().matmul = OpConfig()  # frozen
