@@ -184,3 +184,12 @@ def test_config_presets_and_ablation():
         OpConfig(derivative="approximately")
     with pytest.raises(Exception):
         Config().matmul = OpConfig()  # frozen
+
+
+def test_error_report_gives_finite_sqnr_per_layer():
+    model, (x, _) = mlp(), data()
+    rows = pamtorch.error_report(model, x, Config.full())
+    names = [r["layer"] for r in rows]
+    assert names == ["0", "1", "2", "(output)"]
+    for r in rows:
+        assert 5 < r["sqnr_db"] < 80, r   # PAM's few-percent error: tens of dB, never exact

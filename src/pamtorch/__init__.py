@@ -22,7 +22,7 @@ from .autograd import (
 from .matmul import bmm, conv2d, linear, matmul
 from .config import Config, OpConfig
 from .mode import mode
-from .audit import audit
+from .audit import audit, error_report
 from . import optim
 
 __version__ = "0.1.0"
@@ -32,5 +32,5 @@ __all__ = [
     "derivative",
     "mul", "div", "exp2", "log2", "exp", "log", "sqrt", "rsqrt", "reciprocal", "pow",
     "matmul", "bmm", "linear", "conv2d",
-    "Config", "OpConfig", "mode", "audit", "optim",
+    "Config", "OpConfig", "mode", "audit", "error_report", "optim",
 ]

@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .mode import RECORDERS, classify, op_kind
 
-__all__ = ["audit", "AuditReport", "MultiplicationFoundError", "ENERGY_PJ"]
+__all__ = ["audit", "error_report", "AuditReport", "MultiplicationFoundError", "ENERGY_PJ"]
 
 ENERGY_PJ = {"fp32_mul": 3.7, "fp32_add": 0.9, "int32_add": 0.1}
 PHASES = ("forward", "backward", "optimizer")
@@ -208,3 +208,47 @@ def audit(step_fn, *args, model: torch.nn.Module | None = None, **kwargs) -> Aud
         for h in hooks:
             h.remove()
     return report
+
+
+def error_report(model: torch.nn.Module, batch, config=None) -> list[dict]:
+    """Per-layer SQNR in dB of the model run PA (under ``pamtorch.mode(config)``) against
+    the same model run exact, on ``batch`` (a tensor or a tuple of positional arguments).
+
+    SQNR = 10 log10(Σ ref² / Σ (pa − ref)²), over each leaf module's output; the PA run
+    feeds each layer its own PA inputs, so errors accumulate as they would in training.
+    This is a diagnostic: it uses ordinary float arithmetic to compare."""
+    from .mode import mode
+
+    args = batch if isinstance(batch, tuple) else (batch,)
+    outputs: dict = {"exact": {}, "pa": {}}
+    which = ["exact"]
+    hooks = []
+    for name, m in model.named_modules():
+        if name and not list(m.children()):
+            def hook(mod, inp, out, name=name):
+                if isinstance(out, tuple):
+                    out = out[0]
+                if isinstance(out, torch.Tensor) and out.is_floating_point():
+                    outputs[which[0]][name] = out.detach().double()
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            ref = model(*args)
+            which[0] = "pa"
+            with mode(config):
+                got = model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    outputs["exact"]["(output)"] = ref.detach().double() if isinstance(ref, torch.Tensor) else None
+    outputs["pa"]["(output)"] = got.detach().double() if isinstance(got, torch.Tensor) else None
+    rows = []
+    for name, r in outputs["exact"].items():
+        p = outputs["pa"].get(name)
+        if r is None or p is None or p.shape != r.shape:
+            continue
+        noise = ((p - r) ** 2).sum().item()
+        signal = (r ** 2).sum().item()
+        sqnr = float("inf") if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else float("-inf")
+        rows.append({"layer": name, "sqnr_db": sqnr, "numel": r.numel()})
+    return rows
