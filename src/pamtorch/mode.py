@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_leaves
 from . import arith
 from .matmul import _f32, _mm32, bmm as _pa_bmm, linear as _pa_linear, matmul as _pa_matmul
 from .config import Config, OpConfig
+from .nn import functional as PF
 
 __all__ = ["OP_TABLE", "PASS_THROUGH", "RECORDERS", "UnsupportedOpError", "classify", "implements",
            "mode", "PAMode", "op_kind", "is_float_op"]
@@ -100,7 +101,8 @@ PASS_THROUGH = frozenset(getattr(aten, n) for n in """
     scalar_tensor is_nonzero equal count_nonzero
     _unsafe_index _unsafe_index_put index_copy index_copy_ masked_scatter expand_as
     diagonal diag_embed movedim _pin_memory pin_memory
-    upsample_nearest2d to result_type lift_fresh_copy view_as type_as item
+    upsample_nearest2d to result_type lift_fresh_copy view_as type_as item select_backward
+    slice_backward diagonal_backward as_strided_scatter _unsafe_view_copy repeat_interleave
 """.split() if hasattr(aten, n))
 
 
@@ -459,6 +461,124 @@ def _pa_foreach_add(func, args, kwargs, cfg):
 
 
 # ---------------------------------------------------------------------------
+# nn blocks: the same raw forward/backward functions as pamtorch.nn.functional
+
+def _arg(args, kwargs, i, name, default=None):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+@implements([aten._softmax], "softmax")
+def _pa_softmax(func, args, kwargs, cfg):
+    x, dim, half_to_float = args[:3]
+    return PF.softmax_forward(x.float() if half_to_float else x, dim)
+
+
+@implements([aten._safe_softmax], "softmax")
+def _pa_safe_softmax(func, args, kwargs, cfg):
+    x, dim = args[:2]
+    dtype = _arg(args, kwargs, 2, "dtype")
+    return PF.softmax_forward(x if dtype is None else x.to(dtype), dim, safe=True)
+
+
+@implements([aten._softmax_backward_data], "softmax")
+def _pa_softmax_backward(func, args, kwargs, cfg):
+    dy, y, dim, input_dtype = args[:4]
+    return PF.softmax_backward(y, dy, dim).to(input_dtype)
+
+
+@implements([aten._log_softmax], "loss")
+def _pa_log_softmax(func, args, kwargs, cfg):
+    x, dim, half_to_float = args[:3]
+    return PF.log_softmax_forward(x.float() if half_to_float else x, dim)
+
+
+@implements([aten._log_softmax_backward_data], "loss")
+def _pa_log_softmax_backward(func, args, kwargs, cfg):
+    dy, y, dim, input_dtype = args[:4]
+    return PF.log_softmax_backward(y, dy, dim).to(input_dtype)
+
+
+@implements([aten.nll_loss_forward, aten.nll_loss2d_forward], "loss")
+def _pa_nll_forward(func, args, kwargs, cfg):
+    logp, target, weight, reduction, ignore_index = args[:5]
+    return PF.nll_loss_forward(logp, target, weight, reduction, ignore_index)
+
+
+@implements([aten.nll_loss_backward, aten.nll_loss2d_backward], "loss")
+def _pa_nll_backward(func, args, kwargs, cfg):
+    dy, logp, target, weight, reduction, ignore_index, total = args[:7]
+    return PF.nll_loss_backward(dy, logp, target, weight, reduction, ignore_index, total)
+
+
+@implements([aten.mse_loss], "loss")
+def _pa_mse(func, args, kwargs, cfg):
+    return PF.mse_loss_forward(args[0], args[1], _arg(args, kwargs, 2, "reduction", 1))
+
+
+@implements([aten.mse_loss_backward], "loss")
+def _pa_mse_backward(func, args, kwargs, cfg):
+    dy, x, target, reduction = args[:4]
+    return PF.mse_loss_backward(dy, x, target, reduction)
+
+
+@implements([aten.native_layer_norm], "norm")
+def _pa_layer_norm(func, args, kwargs, cfg):
+    x, shape, weight, bias, eps = args[:5]
+    return PF.layer_norm_forward(x, tuple(shape), weight, bias, eps)
+
+
+@implements([aten.native_layer_norm_backward], "norm")
+def _pa_layer_norm_backward(func, args, kwargs, cfg):
+    dy, x, shape, mean, rstd, weight, bias, mask = args[:8]
+    return PF.layer_norm_backward(dy, x, tuple(shape), mean, rstd, weight, bias, mask)
+
+
+@implements([aten.gelu], "nonlinear")
+def _pa_gelu(func, args, kwargs, cfg):
+    return PF.gelu_forward(args[0])
+
+
+@implements([aten.gelu_backward], "nonlinear")
+def _pa_gelu_backward(func, args, kwargs, cfg):
+    return PF.gelu_backward(args[0], args[1])
+
+
+@implements([aten.native_dropout], "elementwise")
+def _pa_dropout(func, args, kwargs, cfg):
+    x, p, train = args[0], args[1], _arg(args, kwargs, 2, "train", True)
+    return PF.dropout_forward(x, p, True if train is None else train)
+
+
+@implements([aten.native_dropout_backward], "elementwise")
+def _pa_dropout_backward(func, args, kwargs, cfg):
+    return PF.dropout_backward(args[0], args[1], args[2])
+
+
+@implements([aten._scaled_dot_product_flash_attention_for_cpu], "matmul")
+def _pa_sdpa_cpu(func, args, kwargs, cfg):
+    """The fused CPU attention that C++ callers (MHA's inference fast path) reach."""
+    q, k, v = args[:3]
+    dropout_p = _arg(args, kwargs, 3, "dropout_p", 0.0)
+    is_causal = _arg(args, kwargs, 4, "is_causal", False)
+    mask, scale = kwargs.get("attn_mask"), kwargs.get("scale")
+    if dropout_p:
+        raise UnsupportedOpError("pamtorch.mode: fused CPU attention with dropout has no PA version")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = _bmm(_pam(q, scale, cfg).flatten(0, -3), k.transpose(-2, -1).flatten(0, -3), cfg)
+    scores = scores.reshape(*q.shape[:-1], k.shape[-2])
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    w = PF.softmax_forward(scores, -1, safe=True)
+    out = _bmm(w.flatten(0, -3), v.flatten(0, -3), cfg).reshape(*q.shape[:-1], v.shape[-1])
+    m = scores.amax(-1, keepdim=True)
+    lse = (m + arith.pa_log(arith.pa_exp(scores - m).sum(-1, keepdim=True))).squeeze(-1)
+    return out.transpose(1, 2).contiguous().transpose(1, 2), lse.float()
+
+
+# ---------------------------------------------------------------------------
 # the mode
 
 _ALPHA_OPS = frozenset([aten.add, aten.add_, aten.sub, aten.sub_, aten._foreach_add,
@@ -542,10 +662,45 @@ def _sdpa_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=No
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    attn = torch.softmax(scores, dim=-1)
+    attn = torch.ops.aten._safe_softmax(scores, -1)  # fully masked rows give 0, as torch's SDPA
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return torch.matmul(attn, v)
+
+
+def _softmax_route(x, dim=None, _stacklevel=3, dtype=None, *, derivative):
+    return PF.softmax(x if dtype is None else x.to(dtype), dim, derivative=derivative)
+
+
+def _log_softmax_route(x, dim=None, _stacklevel=3, dtype=None, *, derivative):
+    return PF.log_softmax(x if dtype is None else x.to(dtype), dim, derivative=derivative)
+
+
+def _cross_entropy_route(input, target, weight=None, size_average=None, ignore_index=-100,
+                         reduce=None, reduction="mean", label_smoothing=0.0, *, derivative):
+    return PF.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                            derivative=derivative)
+
+
+def _mse_route(input, target, size_average=None, reduce=None, reduction="mean", weight=None, *, derivative):
+    return PF.mse_loss(input, target, reduction, derivative=derivative)
+
+
+# functions that get a non-approx derivative kind at the autograd level, with their kind
+_FUNCTION_ROUTES = {
+    F.softmax: _softmax_route,
+    torch.softmax: _softmax_route,
+    torch.Tensor.softmax: _softmax_route,
+    F.log_softmax: _log_softmax_route,
+    F.layer_norm: lambda x, shape, weight=None, bias=None, eps=1e-5, *, derivative:
+        PF.layer_norm(x, shape, weight, bias, eps, derivative=derivative),
+    F.gelu: lambda x, approximate="none", *, derivative: PF.gelu(x, approximate, derivative=derivative),
+    F.cross_entropy: _cross_entropy_route,
+    F.mse_loss: _mse_route,
+}
+_FUNCTION_KINDS = {F.softmax: "softmax", torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
+                   F.log_softmax: "softmax", F.layer_norm: "norm", F.gelu: "nonlinear",
+                   F.cross_entropy: "loss", F.mse_loss: "loss"}
 
 
 class _PAFunctionMode(TorchFunctionMode):
@@ -560,6 +715,11 @@ class _PAFunctionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return _sdpa_math(*args, **kwargs)
+        kind = _FUNCTION_KINDS.get(func)
+        if kind is not None:
+            op = self.config.kind(kind)
+            if op.pa and op.derivative != "approx":
+                return _FUNCTION_ROUTES[func](*args, **kwargs, derivative=op.derivative)
         mm = self.config.matmul
         if mm.pa and mm.derivative != "approx" and mm.offset is None:
             if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,

@@ -1,0 +1,96 @@
+"""Stock transformers train multiplication-free under pamtorch.mode, and audit so."""
+import pytest
+import torch
+from torch import nn
+
+import pamtorch
+from pamtorch.config import Config
+
+
+class TinyViT(nn.Module):
+    """A small ViT from stock nn modules: conv patch embedding, cls token, GELU, pre-norm."""
+
+    def __init__(self, img=8, patch=2, dim=32, depth=2, heads=2, classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, (img // patch) ** 2 + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def vit_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def seq2seq_batch(seed=0, vocab=20):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(1, vocab, (8, 7), generator=g)
+    return src, src.flip(1)   # learn to reverse
+
+
+class TinySeq2Seq(nn.Module):
+    def __init__(self, vocab=20, dim=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.tf = nn.Transformer(dim, 2, 1, 1, 64, dropout=0.1, batch_first=True)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, src, tgt_in):
+        mask = self.tf.generate_square_subsequent_mask(tgt_in.shape[1])
+        h = self.tf(self.emb(src), self.emb(tgt_in), tgt_mask=mask, tgt_is_causal=True)
+        return self.out(h)
+
+
+def make(kind):
+    torch.manual_seed(0)
+    if kind == "vit":
+        model = TinyViT()
+        x, y = vit_batch()
+
+        def loss_fn(m, lossf):
+            return lossf(m(x), y)
+    else:
+        model = TinySeq2Seq()
+        src, tgt = seq2seq_batch()
+        tgt_in = torch.cat([torch.zeros_like(tgt[:, :1]), tgt[:, :-1]], 1)
+
+        def loss_fn(m, lossf):
+            return lossf(m(src, tgt_in).reshape(-1, 20), tgt.reshape(-1))
+    return model, loss_fn
+
+
+def train_step(model, opt, lossf, loss_fn, cfg):
+    with pamtorch.mode(cfg):
+        loss = loss_fn(model, lossf)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return loss.item()
+
+
+@pytest.mark.parametrize("kind", ["vit", "seq2seq"])
+@pytest.mark.parametrize("cfg_name", ["paper", "full"])
+def test_stock_transformer_trains_and_audits_multiplication_free(kind, cfg_name):
+    cfg = getattr(Config, cfg_name)()
+    model, loss_fn = make(kind)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    lossf = nn.CrossEntropyLoss(label_smoothing=0.1)
+    report = pamtorch.audit(train_step, model, opt, lossf, loss_fn, cfg)
+    report.assert_multiplication_free()
+    for phase in ("forward", "backward", "optimizer"):
+        assert sum(report.pa[phase].values()) > 0
+    losses = [train_step(model, opt, lossf, loss_fn, cfg) for _ in range(12)]
+    assert all(l == l and abs(l) < 1e4 for l in losses)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
