@@ -23,7 +23,8 @@ from .matmul import bmm, conv2d, linear, matmul
 from .config import Config, OpConfig
 from .mode import mode
 from .audit import audit, error_report
-from . import optim
+from . import nn, optim
+from .convert import convert
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,5 @@ __all__ = [
     "derivative",
     "mul", "div", "exp2", "log2", "exp", "log", "sqrt", "rsqrt", "reciprocal", "pow",
     "matmul", "bmm", "linear", "conv2d",
-    "Config", "OpConfig", "mode", "audit", "error_report", "optim",
+    "Config", "OpConfig", "mode", "convert", "audit", "error_report", "nn", "optim",
 ]

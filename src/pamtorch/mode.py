@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from . import arith
+from . import arith, kernels
 from .matmul import _f32, _mm32, bmm as _pa_bmm, linear as _pa_linear, matmul as _pa_matmul
 from .config import Config, OpConfig
 from .nn import functional as PF
@@ -165,10 +165,13 @@ def _mm(a, b, opcfg):
 
 
 def _bmm(a, b, opcfg):
-    outs = [_mm(a[i], b[i], opcfg) for i in range(a.shape[0])]
-    if not outs:
-        return torch.zeros((0, a.shape[1], b.shape[2]), dtype=a.dtype, device=a.device)
-    return torch.stack(outs)
+    if a.numel() == 0 or b.numel() == 0:
+        out = torch.zeros((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype, device=a.device)
+    else:
+        out = kernels.pam_bmm(_f32(a), _f32(b)).to(torch.result_type(a, b))
+    if opcfg.offset is not None:
+        out = _pam(out, opcfg.offset)
+    return out
 
 
 @implements([aten.mm], "matmul")
@@ -554,28 +557,65 @@ def _pa_dropout_backward(func, args, kwargs, cfg):
     return PF.dropout_backward(args[0], args[1], args[2])
 
 
-@implements([aten._scaled_dot_product_flash_attention_for_cpu], "matmul")
-def _pa_sdpa_cpu(func, args, kwargs, cfg):
-    """The fused CPU attention that C++ callers (MHA's inference fast path) reach."""
-    q, k, v = args[:3]
-    dropout_p = _arg(args, kwargs, 3, "dropout_p", 0.0)
-    is_causal = _arg(args, kwargs, 4, "is_causal", False)
-    mask, scale = kwargs.get("attn_mask"), kwargs.get("scale")
-    if dropout_p:
-        raise UnsupportedOpError("pamtorch.mode: fused CPU attention with dropout has no PA version")
+def _sdpa_weights(q, k, is_causal, mask, scale, cfg):
+    """(q ⊙̂ scale, scores, safe-softmax weights) of attention, as pamtorch.nn computes them."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = _bmm(_pam(q, scale, cfg).flatten(0, -3), k.transpose(-2, -1).flatten(0, -3), cfg)
+    qs = _pam(q, scale, None)
+    scores = _bmm(qs.flatten(0, -3), k.transpose(-2, -1).flatten(0, -3), cfg)
     scores = scores.reshape(*q.shape[:-1], k.shape[-2])
     if is_causal:
         causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    w = PF.softmax_forward(scores, -1, safe=True)
-    out = _bmm(w.flatten(0, -3), v.flatten(0, -3), cfg).reshape(*q.shape[:-1], v.shape[-1])
+    if _ACTIVE[-1].softmax.pa:
+        return qs, scale, scores, PF.softmax_forward(scores, -1, safe=True)
+    return qs, scale, scores, aten._safe_softmax(scores, -1)
+
+
+def _sdpa_args(args, kwargs):
+    dropout_p = _arg(args, kwargs, 3, "dropout_p", 0.0)
+    if dropout_p:
+        raise UnsupportedOpError("pamtorch.mode: fused CPU attention with dropout has no PA version; "
+                                 "call torch.nn.functional.scaled_dot_product_attention from Python")
+    return _arg(args, kwargs, 4, "is_causal", False), kwargs.get("attn_mask"), kwargs.get("scale")
+
+
+def _bmm_nd(a, b, cfg):
+    """Batched PAM product over all leading dims."""
+    out = _bmm(a.flatten(0, -3), b.flatten(0, -3), cfg)
+    return out.reshape(*a.shape[:-2], a.shape[-2], b.shape[-1])
+
+
+@implements([aten._scaled_dot_product_flash_attention_for_cpu], "matmul")
+def _pa_sdpa_cpu(func, args, kwargs, cfg):
+    """The fused CPU attention that C++ callers (nn.MultiheadAttention) reach: PAM products,
+    q scaled first, safe PA softmax; returns (out, logsumexp) like the aten op."""
+    q, k, v = args[:3]
+    is_causal, mask, scale = _sdpa_args(args, kwargs)
+    _, _, scores, w = _sdpa_weights(q, k, is_causal, mask, scale, cfg)
+    out = _bmm_nd(w, v, cfg)
     m = scores.amax(-1, keepdim=True)
     lse = (m + arith.pa_log(arith.pa_exp(scores - m).sum(-1, keepdim=True))).squeeze(-1)
     return out.transpose(1, 2).contiguous().transpose(1, 2), lse.float()
+
+
+@implements([aten._scaled_dot_product_flash_attention_for_cpu_backward], "matmul")
+def _pa_sdpa_cpu_backward(func, args, kwargs, cfg):
+    """Approx derivative of the attention above: the weights are recomputed (PA), then
+    dV = wᵀ @ dO, dW = dO @ vᵀ, dS = softmax'(dW), dQ = (dS @ k) ⊙̂ s, dK = dSᵀ @ (q ⊙̂ s)."""
+    dout, q, k, v = args[:4]
+    rest = (args[0], args[1], args[2], args[6] if len(args) > 6 else kwargs.get("dropout_p", 0.0),
+            args[7] if len(args) > 7 else kwargs.get("is_causal", False))
+    is_causal, mask, scale = _sdpa_args(rest, kwargs)
+    qs, s, _, w = _sdpa_weights(q, k, is_causal, mask, scale, cfg)
+    dv = _bmm_nd(w.transpose(-2, -1), dout, cfg)
+    dw = _bmm_nd(dout, v.transpose(-2, -1), cfg)
+    ds = PF.softmax_backward(w, dw, -1) if _ACTIVE[-1].softmax.pa else \
+        aten._softmax_backward_data(dw, w, -1, w.dtype)
+    dq = _pam(_bmm_nd(ds, k, cfg), s, None)
+    dk = _bmm_nd(ds.transpose(-2, -1), qs, cfg)
+    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------
@@ -586,6 +626,8 @@ _ALPHA_OPS = frozenset([aten.add, aten.add_, aten.sub, aten.sub_, aten._foreach_
 
 # objects with a ``routed(func, args, kwargs, out)`` method, told of every routed op
 RECORDERS: list = []
+# the config of the innermost active PAMode, for implementations that span op kinds
+_ACTIVE: list = [Config.paper()]
 
 
 def classify(func, args, kwargs) -> str:
@@ -643,29 +685,14 @@ class PAMode(TorchDispatchMode):
         opcfg = self.kind_config(entry.kind)
         if not opcfg.pa:  # the config leaves this kind exact
             return func(*args, **kwargs)
-        out = entry.impl(func, args, kwargs, opcfg)
+        _ACTIVE.append(self.config)
+        try:
+            out = entry.impl(func, args, kwargs, opcfg)
+        finally:
+            _ACTIVE.pop()
         for rec in RECORDERS:
             rec.routed(func, args, kwargs, out)
         return out
-
-
-def _sdpa_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """Scaled dot-product attention as plain ops, so that the dispatch mode sees them."""
-    L, S = q.shape[-2], k.shape[-2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    if is_causal:
-        causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    attn = torch.ops.aten._safe_softmax(scores, -1)  # fully masked rows give 0, as torch's SDPA
-    if dropout_p > 0.0:
-        attn = F.dropout(attn, p=dropout_p)
-    return torch.matmul(attn, v)
 
 
 def _softmax_route(x, dim=None, _stacklevel=3, dtype=None, *, derivative):
@@ -714,7 +741,9 @@ class _PAFunctionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return _sdpa_math(*args, **kwargs)
+            # the fused aten op has no PA backward: use the PA attention of pamtorch.nn,
+            # which scales q first and uses a safe softmax, as torch's math path does
+            return PF.scaled_dot_product_attention(*args, **kwargs, config=self.config)
         kind = _FUNCTION_KINDS.get(func)
         if kind is not None:
             op = self.config.kind(kind)
