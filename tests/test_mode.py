@@ -193,3 +193,17 @@ def test_error_report_gives_finite_sqnr_per_layer():
     assert names == ["0", "1", "2", "(output)"]
     for r in rows:
         assert 5 < r["sqnr_db"] < 80, r   # PAM's few-percent error: tens of dB, never exact
+
+
+@pytest.mark.parametrize("name,kw", [("AdamW", dict(foreach=True, weight_decay=0.1)),
+                                     ("Adam", dict(foreach=True)),
+                                     ("SGD", dict(foreach=True, momentum=0.9, weight_decay=0.01))])
+def test_foreach_optimizers_are_routed(name, kw):
+    model, (x, y) = mlp(), data()
+    opt = getattr(torch.optim, name)(model.parameters(), lr=1e-2, **kw)
+    report = audit(_step, model, opt, x, y, Config.full())
+    report.assert_multiplication_free()
+    assert any(op.startswith("_foreach_") for op in report.pa["optimizer"]), report.pa["optimizer"]
+    before = [p.detach().clone() for p in model.parameters()]
+    _step(model, opt, x, y, Config.full())
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
