@@ -213,8 +213,9 @@ def scale_pow2(x: torch.Tensor, k: torch.Tensor, negate: torch.Tensor | None = N
 # ---------------------------------------------------------------------------
 # log2 / exp2 and the ops built from them
 
-def _as_f64_pattern_value(x: torch.Tensor):
-    """palog2 of |x| exactly, in float64: (P - B)/2^m, with the 2^-m applied to the exponent."""
+def _palog2_f64(x: torch.Tensor):
+    """(negative, magnitude pattern, palog2(|x|) exactly in float64): (P - B)/2^m, the 2^-m
+    applied to the exponent field."""
     f = fmt(x.dtype)
     neg, m = _split(x, f)
     return neg, m, _ldexp_f64((m - f.bias).to(torch.float64), -f.mbits)
@@ -230,7 +231,7 @@ def _ldexp_f64(v: torch.Tensor, k) -> torch.Tensor:
 def palog2(x: torch.Tensor) -> torch.Tensor:
     """palog2(x) = E + M for x > 0; -inf for zero/subnormal, NaN for x < 0, inf for inf."""
     f = fmt(x.dtype)
-    neg, m, l64 = _as_f64_pattern_value(x)
+    neg, m, l64 = _palog2_f64(x)
     zero, inf, nan = _classes(m, f)
     out = torch.where(zero, torch.full_like(l64, -math.inf), l64)
     out = torch.where(inf, torch.full_like(l64, math.inf), out)
@@ -264,7 +265,7 @@ def pa_exp(x: torch.Tensor) -> torch.Tensor:
 def pa_log(x: torch.Tensor) -> torch.Tensor:
     """log(x) = palog2(x) ÷̂ log2 e, carried in float64 and rounded once."""
     f = fmt(x.dtype)
-    neg, m, l64 = _as_f64_pattern_value(x)
+    neg, m, l64 = _palog2_f64(x)
     zero, inf, nan = _classes(m, f)
     out = pad(l64, torch.full((), LOG2E, dtype=torch.float64))
     out = torch.where(zero, torch.full_like(out, -math.inf), out)
@@ -317,7 +318,7 @@ def pa_pow(x: torch.Tensor, p: float) -> torch.Tensor:
     p = float(p)
     if p == 0.0:
         return torch.ones_like(x)
-    neg, m, l64 = _as_f64_pattern_value(x)
+    neg, m, l64 = _palog2_f64(x)
     zero, inf, nan = _classes(m, f)
     l64 = torch.where(zero, torch.full_like(l64, -math.inf), l64)
     l64 = torch.where(inf, torch.full_like(l64, math.inf), l64)

@@ -229,10 +229,6 @@ class _Div(torch.autograd.Function):
 # ---------------------------------------------------------------------------
 # unary ops: forward, approx derivative, exact derivative (as (k, negate) or None)
 
-def _f64_mantissa(x64: torch.Tensor) -> torch.Tensor:
-    return arith.mantissa_field(x64)
-
-
 def _log2e64(like):
     return torch.tensor(LOG2E, dtype=torch.float64, device=like.device)
 
@@ -319,25 +315,21 @@ def _exact_exp2(x, o, p):
 def _exact_exp(x, o, p):
     f = arith.fmt(x.dtype)
     mx = arith.mantissa_field(x).to(torch.int64) << (52 - f.mbits)
-    c = ((mx + _f64_mantissa(_log2e64(x))) >> 52).to(torch.int32)
+    c = ((mx + arith.mantissa_field(_log2e64(x))) >> 52).to(torch.int32)
     y = arith.pam(x.to(torch.float64), _log2e64(x))
     return _floor_exp(y) + c, None, _ok(o)
 
 
 def _exact_log(x, o, p):
-    f = arith.fmt(x.dtype)
-    _, m = arith._split(x, f)
-    l64 = arith._ldexp_f64((m - f.bias).to(torch.float64), -f.mbits)
-    c = (_f64_mantissa(l64) < _f64_mantissa(_log2e64(x))).to(torch.int32)
+    l64 = arith._palog2_f64(x)[2]
+    c = (arith.mantissa_field(l64) < arith.mantissa_field(_log2e64(x))).to(torch.int32)
     return -arith.exponent(x) - c, None, _ok(x) & ~torch.signbit(x)
 
 
 def _exact_pow(x, o, p):
-    f = arith.fmt(x.dtype)
-    _, m = arith._split(x, f)
-    l64 = arith._ldexp_f64((m - f.bias).to(torch.float64), -f.mbits)
+    l64 = arith._palog2_f64(x)[2]
     p64 = torch.tensor(float(p), dtype=torch.float64, device=x.device)
-    c = ((_f64_mantissa(l64) + _f64_mantissa(p64)) >> 52).to(torch.int32)
+    c = ((arith.mantissa_field(l64) + arith.mantissa_field(p64)) >> 52).to(torch.int32)
     k = _floor_exp(arith.pam(l64, p64)) + arith.exponent(p64) + c - arith.exponent(x)
     neg = torch.full_like(x, p < 0, dtype=torch.bool)
     if float(p) == int(p) and int(p) % 2 == 0:
