@@ -13,12 +13,37 @@ def _check(args) -> int:
     return run_check(args.n)
 
 
+def _machine() -> str:
+    import os
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
 def _bench(args) -> int:
+    import datetime
+    import shlex
+
     from . import bench
 
-    if args.what == "matmul":
-        return bench.main_matmul(args)
-    raise SystemExit(f"pamtorch bench: unknown benchmark {args.what!r}; choose from: matmul")
+    rows = bench.bench_matmul(tuple(args.sizes), reps=args.reps, threads=args.threads)
+    table = bench.format_matmul_table(rows)
+    command = "pamtorch " + " ".join(shlex.quote(a) for a in args.argv)
+    print(table)
+    if not args.no_append:
+        with open(args.output, "a") as f:
+            f.write(f"\n### {datetime.date.today()}: `{command}`\n\nMachine: {_machine()}\n\n{table}\n")
+        print(f"appended to {args.output}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--no-append", action="store_true", help="print only, don't append to BENCHMARKS.md")
+    b.add_argument("--output", default="BENCHMARKS.md", help="the file the table is appended to")
     b.set_defaults(func=_bench)
 
     from .recipes.train import add_train_parser
@@ -45,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return int(args.func(args) or 0)
 
 
