@@ -1,0 +1,1076 @@
+// pamtorch CPU kernels: matrix products with the piecewise affine multiplication (PAM,
+// Mitchell's rule) and its exact piecewise-constant derivatives.
+//
+// One translation unit, built with plain -O3 -fopenmp (portable). The AVX2/FMA code lives
+// in functions carrying __attribute__((target("avx2,fma"))) and is only called after
+// __builtin_cpu_supports("avx2") && ("fma") said yes; everything else is portable C++.
+//
+// Emulation notes (all bit-identical to the integer rules of docs/numerics):
+//  * The sign of a product is applied either by the integer add of the two bit patterns
+//    (adding 2^31 modulo 2^32 flips bit 31 exactly like a XOR) or by a float multiply with
+//    an exact +-1.0 / 0.0 table (a multiply by +-1 is bit-identical to a sign XOR, by 0.0
+//    it gives the signed zero of a zero operand).
+//  * Results whose pattern falls below the smallest normal are flushed: the kernels run
+//    with FTZ+DAZ set in MXCSR (restored afterwards), so a subnormal product pattern is
+//    read as zero by the float adder, and subnormal partial sums are flushed.
+//  * In the exact-gradient kernels the power of two 2^(E+c) is applied to dC by a float
+//    multiply with an exact power of two; under FTZ/DAZ that is bit-identical to adding
+//    (E+c)<<23 to dC's pattern with flush to zero on underflow and inf on overflow.
+//    The fused (FMA) variant is only used when the operand ranges prove that no term can
+//    overflow or underflow; otherwise a separate multiply and add are used.
+//  * Inf/NaN operands are packed as zeros and their terms are added afterwards with the
+//    exact scalar rule (IEEE addition makes the position of an inf/NaN term irrelevant).
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if (defined(__x86_64__) || defined(_M_X64) || defined(__i386__)) && !defined(PAM_NO_X86)
+#define PAM_X86 1
+#include <immintrin.h>
+#else
+#define PAM_X86 0
+#endif
+
+namespace {
+
+constexpr uint32_t BIAS = 0x3F800000u;     // pattern of 1.0f
+constexpr uint32_t MINNORM = 0x00800000u;  // smallest normal pattern
+constexpr uint32_t INFP = 0x7F800000u;
+constexpr uint32_t QNAN = 0x7FC00000u;
+
+std::atomic<int> g_last_mode{-1};
+
+inline uint32_t fbits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bitsf(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Small products run on one thread: waking an OpenMP team costs more than the work, and
+// far more (milliseconds) when another process holds a core.
+thread_local int g_thread_cap = 1 << 30;
+int num_threads() { return std::max(1, std::min(g_thread_cap, at::get_num_threads())); }
+struct ThreadCap {
+  int old;
+  explicit ThreadCap(int64_t work) : old(g_thread_cap) {
+    if (work < (int64_t(1) << 21)) g_thread_cap = 1;
+  }
+  ~ThreadCap() { g_thread_cap = old; }
+};
+
+// ---------------------------------------------------------------- FTZ/DAZ guard
+struct FtzGuard {
+  FtzGuard(const FtzGuard&) = delete;
+#if PAM_X86
+  unsigned int old;
+  FtzGuard() {
+    old = _mm_getcsr();
+    _mm_setcsr(old | 0x8040u);  // FTZ (bit 15) + DAZ (bit 6)
+  }
+  ~FtzGuard() { _mm_setcsr(old); }
+#else
+  FtzGuard() {}
+#endif
+};
+
+bool cpu_has_avx2_fma() {
+#if PAM_X86 && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------- scalar exact rules
+// PAM of two float32 patterns.
+inline float pam_scalar(uint32_t a, uint32_t b) {
+  const uint32_t Pa = a & 0x7FFFFFFFu, Pb = b & 0x7FFFFFFFu;
+  const uint32_t s = (a ^ b) & 0x80000000u;
+  if (Pa > INFP || Pb > INFP) return bitsf(QNAN);
+  const bool za = Pa < MINNORM, zb = Pb < MINNORM;
+  if (Pa == INFP || Pb == INFP) return (za || zb) ? bitsf(QNAN) : bitsf(s | INFP);
+  if (za || zb) return bitsf(s);
+  const int64_t sum = (int64_t)Pa + (int64_t)Pb - (int64_t)BIAS;
+  if (sum < (int64_t)MINNORM) return bitsf(s);
+  if (sum >= (int64_t)INFP) return bitsf(s | INFP);
+  return bitsf(s | (uint32_t)sum);
+}
+
+// mantissa field used by the carry: zero/subnormal counts as 0
+inline uint32_t mant_of(uint32_t u) {
+  return ((u & 0x7FFFFFFFu) >= MINNORM) ? (u & 0x7FFFFFu) : 0u;
+}
+
+// One term of an exact gradient: dC * sign(q) * 2^(E_q + c), c = [mant(q) + mo >= 2^23],
+// by exponent arithmetic on dC's pattern. q inf/NaN -> PAM(q, dC). q zero -> dC*0.
+inline float eterm(uint32_t d, uint32_t q, uint32_t mo) {
+  const uint32_t Pq = q & 0x7FFFFFFFu, Pd = d & 0x7FFFFFFFu;
+  if (Pq >= INFP) return pam_scalar(q, d);
+  const uint32_t s = (d ^ q) & 0x80000000u;
+  if (Pd > INFP) return bitsf(QNAN);
+  if (Pq < MINNORM) return Pd == INFP ? bitsf(QNAN) : bitsf(s);
+  if (Pd == INFP) return bitsf(s | INFP);
+  if (Pd < MINNORM) return bitsf(s);
+  const int64_t e = (int64_t)(Pq >> 23) - 127 + (int64_t)(((Pq & 0x7FFFFFu) + mo) >> 23);
+  const int64_t t = (int64_t)Pd + e * (int64_t)MINNORM;
+  if (t < (int64_t)MINNORM) return bitsf(s);
+  if (t >= (int64_t)INFP) return bitsf(s | INFP);
+  return bitsf(s | (uint32_t)t);
+}
+
+// ---------------------------------------------------------------- operand statistics
+struct Stats {
+  uint32_t minP = 0x7FFFFFFFu;  // over finite normal values
+  uint32_t maxP = 0;
+  int64_t nnorm = 0, nzero = 0, nspec = 0, ninf = 0;
+  int emin() const { return (int)(minP >> 23) - 127; }
+  int emax() const { return (int)(maxP >> 23) - 127; }
+};
+
+template <bool dummy>
+inline __attribute__((always_inline)) void stats_rows_body(const float* p, int64_t r0, int64_t r1,
+                                                           int64_t cols, int64_t s0, int64_t s1,
+                                                           Stats& st) {
+  uint32_t mn = 0x7FFFFFFFu, mx = 0;
+  int64_t nz = 0, ns = 0, ni = 0;
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* row = p + i * s0;
+    uint32_t lmn = 0x7FFFFFFFu, lmx = 0, lnz = 0, lns = 0, lni = 0;
+    if (s1 == 1) {
+      for (int64_t j = 0; j < cols; ++j) {
+        uint32_t u;
+        std::memcpy(&u, row + j, 4);
+        u &= 0x7FFFFFFFu;
+        const bool norm = (u - MINNORM) < (INFP - MINNORM);
+        lmn = std::min(lmn, norm ? u : 0x7FFFFFFFu);
+        lmx = std::max(lmx, norm ? u : 0u);
+        lnz += (u < MINNORM);
+        lns += (u >= INFP);
+        lni += (u == INFP);
+      }
+    } else {
+      for (int64_t j = 0; j < cols; ++j) {
+        uint32_t u = fbits(row[j * s1]) & 0x7FFFFFFFu;
+        const bool norm = (u - MINNORM) < (INFP - MINNORM);
+        lmn = std::min(lmn, norm ? u : 0x7FFFFFFFu);
+        lmx = std::max(lmx, norm ? u : 0u);
+        lnz += (u < MINNORM);
+        lns += (u >= INFP);
+        lni += (u == INFP);
+      }
+    }
+    mn = std::min(mn, lmn);
+    mx = std::max(mx, lmx);
+    nz += lnz;
+    ns += lns;
+    ni += lni;
+  }
+  st.minP = std::min(st.minP, mn);
+  st.maxP = std::max(st.maxP, mx);
+  st.nzero += nz;
+  st.nspec += ns;
+  st.ninf += ni;
+}
+
+#if PAM_X86
+__attribute__((target("avx2,fma"))) void stats_rows_avx2(const float* p, int64_t r0, int64_t r1,
+                                                          int64_t cols, int64_t s0, int64_t s1,
+                                                          Stats& st) {
+  if (s1 != 1) {
+    stats_rows_body<true>(p, r0, r1, cols, s0, s1, st);
+    return;
+  }
+  const __m256i ABS = _mm256_set1_epi32(0x7FFFFFFF), MN = _mm256_set1_epi32((int)MINNORM),
+                INF1 = _mm256_set1_epi32((int)INFP - 1), INF = _mm256_set1_epi32((int)INFP);
+  __m256i vmn = ABS, vmx = _mm256_setzero_si256();
+  int64_t nz = 0, ns = 0, ni = 0;
+  const int64_t cv = cols / 8 * 8;
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* row = p + i * s0;
+    __m256i cz = _mm256_setzero_si256(), cs = cz, ci = cz;
+    for (int64_t j = 0; j < cv; j += 8) {
+      const __m256i u = _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(row + j)), ABS);
+      const __m256i isz = _mm256_cmpgt_epi32(MN, u);
+      const __m256i iss = _mm256_cmpgt_epi32(u, INF1);
+      const __m256i bad = _mm256_or_si256(isz, iss);
+      vmn = _mm256_min_epi32(vmn, _mm256_or_si256(u, _mm256_and_si256(bad, ABS)));
+      vmx = _mm256_max_epi32(vmx, _mm256_andnot_si256(bad, u));
+      cz = _mm256_sub_epi32(cz, isz);
+      cs = _mm256_sub_epi32(cs, iss);
+      ci = _mm256_sub_epi32(ci, _mm256_cmpeq_epi32(u, INF));
+    }
+    alignas(32) int32_t t[3][8];
+    _mm256_store_si256((__m256i*)t[0], cz);
+    _mm256_store_si256((__m256i*)t[1], cs);
+    _mm256_store_si256((__m256i*)t[2], ci);
+    for (int l = 0; l < 8; ++l) {
+      nz += t[0][l];
+      ns += t[1][l];
+      ni += t[2][l];
+    }
+  }
+  alignas(32) uint32_t a[8], b[8];
+  _mm256_store_si256((__m256i*)a, vmn);
+  _mm256_store_si256((__m256i*)b, vmx);
+  for (int l = 0; l < 8; ++l) {
+    st.minP = std::min(st.minP, a[l]);
+    st.maxP = std::max(st.maxP, b[l]);
+  }
+  st.nzero += nz;
+  st.nspec += ns;
+  st.ninf += ni;
+  if (cv < cols)  // tail columns
+    for (int64_t i = r0; i < r1; ++i) stats_rows_body<true>(p + i * s0 + cv, 0, 1, cols - cv, 0, 1, st);
+}
+#endif
+void stats_rows_generic(const float* p, int64_t r0, int64_t r1, int64_t cols, int64_t s0,
+                        int64_t s1, Stats& st) {
+  stats_rows_body<false>(p, r0, r1, cols, s0, s1, st);
+}
+
+Stats stats2d(const at::Tensor& t) {
+  const float* p = t.data_ptr<float>();
+  int64_t rows = t.size(0), cols = t.size(1);
+  int64_t s0 = t.stride(0), s1 = t.stride(1);
+  if (s1 != 1 && (s0 == 1 || rows == 1)) {  // transposed view: same values, read row-wise
+    std::swap(rows, cols);
+    std::swap(s0, s1);
+  }
+  Stats total;
+  if (rows == 0 || cols == 0) return total;
+  const bool avx = cpu_has_avx2_fma();
+  const int nt = num_threads();
+  std::vector<Stats> part(nt);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int t_ = 0; t_ < nt; ++t_) {
+    const int64_t r0 = rows * t_ / nt, r1 = rows * (t_ + 1) / nt;
+    if (r0 >= r1) continue;
+#if PAM_X86
+    if (avx)
+      stats_rows_avx2(p, r0, r1, cols, s0, s1, part[t_]);
+    else
+#endif
+      stats_rows_generic(p, r0, r1, cols, s0, s1, part[t_]);
+  }
+  (void)avx;
+  for (auto& s : part) {
+    total.minP = std::min(total.minP, s.minP);
+    total.maxP = std::max(total.maxP, s.maxP);
+    total.nzero += s.nzero;
+    total.nspec += s.nspec;
+    total.ninf += s.ninf;
+  }
+  total.nnorm = rows * cols - total.nzero - total.nspec;
+  return total;
+}
+
+// ---------------------------------------------------------------- scalar exact paths
+// Portable path (and the exact route for rare special combinations). Summation is
+// sequential over the reduction index, like the vector kernels.
+void fwd_scalar(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const float* A = a.data_ptr<float>();
+  const float* B = b.data_ptr<float>();
+  float* C = c.data_ptr<float>();
+  const int64_t as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
+  const int nt = num_threads();
+#pragma omp parallel num_threads(nt)
+  {
+    FtzGuard g;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < M; ++i) {
+      float* crow = C + i * N;
+      for (int64_t j = 0; j < N; ++j) crow[j] = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const uint32_t ua = fbits(A[i * as0 + k * as1]);
+        const float* brow = B + k * bs0;
+        for (int64_t j = 0; j < N; ++j) crow[j] += pam_scalar(ua, fbits(brow[j * bs1]));
+      }
+    }
+  }
+}
+
+// out[R, Cc] = sum_t eterm(X[r,t], Q[t,c], mant(Mo[r,c]))
+// grad_a: X = dC (M,N), Q[t=j, c=k] = B[k,j], Mo = A            -> out = dA (M,K)
+// grad_b: X = dC^T (N,M), Q[t=i, c=k] = A[i,k], Mo[j,k] = B[k,j] -> out = dB^T
+void egrad_scalar(const float* X, int64_t xs0, int64_t xs1, const float* Q, int64_t qs0,
+                  int64_t qs1, const float* Mo, int64_t ms0, int64_t ms1, float* O, int64_t os0,
+                  int64_t os1, int64_t R, int64_t Cc, int64_t T) {
+  const int nt = num_threads();
+#pragma omp parallel num_threads(nt)
+  {
+    FtzGuard g;
+    std::vector<float> acc(Cc);
+    std::vector<uint32_t> mo(Cc);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t c = 0; c < Cc; ++c) {
+        acc[c] = 0.f;
+        mo[c] = mant_of(fbits(Mo[r * ms0 + c * ms1]));
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const uint32_t d = fbits(X[r * xs0 + t * xs1]);
+        const float* qrow = Q + t * qs0;
+        for (int64_t c = 0; c < Cc; ++c) acc[c] += eterm(d, fbits(qrow[c * qs1]), mo[c]);
+      }
+      for (int64_t c = 0; c < Cc; ++c) O[r * os0 + c * os1] = acc[c];
+    }
+  }
+}
+
+#if PAM_X86
+// ================================================================ AVX2 forward kernels
+// Modes (chosen per call from operand statistics):
+//  F0  : no zero/special anywhere, no product can underflow below 0 or overflow.
+//        x = bits(a) + (bits(b) - 1.0 pattern)  (sign of the product lands in bit 31),
+//        acc += x.                                                   [2 ops]
+//  FB  : B has zeros: acc = fma(x, mB, acc), mB = 1.0 / 0.0           [2 ops]
+//  FA  : A has zeros (B none): acc = fma(x, mA, acc), mA broadcast    [2 ops]
+//  FAB : both: x &= maskA (broadcast), acc = fma(x, mB, acc)          [3 ops]
+//  G   : general finite inputs (underflow/overflow possible):
+//        s = |a| + (|b| - 0x7F800000); s = min(max(s, -2^30), HI_a);
+//        x = s + OFF_a (OFF = 2^30 + sign_a*2^31); acc = fma(x, sB, acc), sB = +-1/0.
+//        HI = 0x3F800000 (clamps to inf) or -2^30 for a zero a.      [5 ops]
+// In all fast modes a product pattern in [0, 2^23) is a subnormal, read as 0 under DAZ.
+enum FwdMode { F0 = 0, FB = 1, FA = 2, FAB = 3, FG = 4 };
+
+constexpr int FNV = 2, FNR = 16;  // forward micro-tile width
+
+template <int MODE>
+struct FwdTraits {
+  static constexpr int BS = (MODE == F0 || MODE == FA) ? 1 : 2;  // B planes per k
+};
+
+// vbroadcastss from memory is a pure load on AMD Zen (vpbroadcastd also uses an ALU pipe)
+__attribute__((target("avx2,fma"))) inline __m256i bcast32(const int32_t* p) {
+  return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
+}
+
+template <int MODE>
+struct FwdA {
+  // A planes per k in packed strips ([strip][k][AS][MR]); F0/FB read raw rows instead
+  static constexpr bool PACKED = (MODE == FA || MODE == FAB || MODE == FG);
+  static constexpr int AS = MODE == FG ? 3 : 2;
+};
+
+template <int MODE, int MR>
+__attribute__((target("avx2,fma"))) inline void fwd_ukernel(int64_t kc, const int32_t* const* arow,
+                                                            const int32_t* __restrict Ap,
+                                                            const int32_t* __restrict Bp, float* C,
+                                                            int64_t ldc, bool load) {
+  constexpr int BS = FwdTraits<MODE>::BS;
+  constexpr int AS = FwdA<MODE>::AS;
+  constexpr bool PACKED = FwdA<MODE>::PACKED;
+  __m256 acc[MR][FNV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < FNV; ++v)
+      acc[r][v] = load ? _mm256_loadu_ps(C + r * ldc + v * 8) : _mm256_setzero_ps();
+  const int32_t* ap[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) ap[r] = PACKED ? nullptr : arow[r];
+  const __m256i LO = _mm256_set1_epi32(-0x40000000);
+  for (int64_t k = 0; k < kc; ++k) {
+    __m256i pb[FNV];
+    __m256 mb[FNV];
+#pragma GCC unroll 4
+    for (int v = 0; v < FNV; ++v) {
+      pb[v] = _mm256_loadu_si256((const __m256i*)(Bp + v * 8));
+      if (BS == 2) mb[v] = _mm256_loadu_ps((const float*)(Bp + FNR + v * 8));
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m256i pa = bcast32(PACKED ? Ap + r : ap[r] + k);
+      if (MODE == F0) {
+#pragma GCC unroll 4
+        for (int v = 0; v < FNV; ++v)
+          acc[r][v] = _mm256_add_ps(acc[r][v], _mm256_castsi256_ps(_mm256_add_epi32(pa, pb[v])));
+      } else if (MODE == FB) {
+#pragma GCC unroll 4
+        for (int v = 0; v < FNV; ++v)
+          acc[r][v] =
+              _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_add_epi32(pa, pb[v])), mb[v], acc[r][v]);
+      } else if (MODE == FA) {
+        const __m256 ma = _mm256_castsi256_ps(bcast32(Ap + MR + r));
+#pragma GCC unroll 4
+        for (int v = 0; v < FNV; ++v)
+          acc[r][v] =
+              _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_add_epi32(pa, pb[v])), ma, acc[r][v]);
+      } else if (MODE == FAB) {
+        const __m256i mk = bcast32(Ap + MR + r);
+#pragma GCC unroll 4
+        for (int v = 0; v < FNV; ++v)
+          acc[r][v] = _mm256_fmadd_ps(
+              _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(pa, pb[v]), mk)), mb[v],
+              acc[r][v]);
+      } else {  // FG
+        const __m256i hi = bcast32(Ap + MR + r);
+        const __m256i off = bcast32(Ap + 2 * MR + r);
+#pragma GCC unroll 4
+        for (int v = 0; v < FNV; ++v) {
+          __m256i s = _mm256_add_epi32(pa, pb[v]);
+          s = _mm256_min_epi32(_mm256_max_epi32(s, LO), hi);
+          s = _mm256_add_epi32(s, off);
+          acc[r][v] = _mm256_fmadd_ps(_mm256_castsi256_ps(s), mb[v], acc[r][v]);
+        }
+      }
+    }
+    Bp += BS * FNR;
+    if (PACKED) Ap += AS * MR;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < FNV; ++v) _mm256_storeu_ps(C + r * ldc + v * 8, acc[r][v]);
+}
+
+struct FwdArgs {
+  int64_t M, N, K;
+  const int32_t* A0;  // raw bits of A (F0/FB), row stride lda
+  int64_t lda;
+  const int32_t* Ap;  // packed A strips [ceil(M/MR)][K][AS][MR] (FA/FAB/FG)
+  const int32_t* Bp;  // [ceil(N/16)][K][BS][16]
+  float* C;           // (M, N) contiguous
+};
+
+template <int MODE, int MR>
+__attribute__((target("avx2,fma"))) void fwd_macro(const FwdArgs& g, int64_t ic, int64_t jc,
+                                                   int64_t MC, int64_t NC, int64_t KC) {
+  constexpr int BS = FwdTraits<MODE>::BS;
+  constexpr int AS = FwdA<MODE>::AS;
+  constexpr bool PACKED = FwdA<MODE>::PACKED;
+  const int64_t i0 = ic * MC, i1 = std::min(g.M, i0 + MC);
+  const int64_t j0 = jc * NC, j1 = std::min(g.N, j0 + NC);
+  alignas(32) float tmp[MR * FNR];
+  const int32_t* ar[MR];
+  for (int64_t pc = 0; pc < g.K; pc += KC) {
+    const int64_t kc = std::min(KC, g.K - pc);
+    const bool load = pc > 0;
+    for (int64_t jr = j0; jr < j1; jr += FNR) {
+      const int32_t* bstrip = g.Bp + (jr / FNR) * g.K * BS * FNR + pc * BS * FNR;
+      const int64_t nr = std::min<int64_t>(FNR, j1 - jr);
+      for (int64_t ir = i0; ir < i1; ir += MR) {
+        const int64_t mr = std::min<int64_t>(MR, i1 - ir);
+        const int32_t* astrip = nullptr;
+        if (PACKED) {
+          astrip = g.Ap + (ir / MR) * g.K * AS * MR + pc * AS * MR;
+        } else {
+          for (int r = 0; r < MR; ++r) ar[r] = g.A0 + std::min(ir + r, g.M - 1) * g.lda + pc;
+        }
+        float* cp = g.C + ir * g.N + jr;
+        if (mr == MR && nr == FNR) {
+          fwd_ukernel<MODE, MR>(kc, ar, astrip, bstrip, cp, g.N, load);
+        } else {
+          if (load)
+            for (int64_t r = 0; r < mr; ++r)
+              for (int64_t c = 0; c < nr; ++c) tmp[r * FNR + c] = cp[r * g.N + c];
+          fwd_ukernel<MODE, MR>(kc, ar, astrip, bstrip, tmp, FNR, load);
+          for (int64_t r = 0; r < mr; ++r)
+            for (int64_t c = 0; c < nr; ++c) cp[r * g.N + c] = tmp[r * FNR + c];
+        }
+      }
+    }
+  }
+}
+
+template <int MODE, int MR>
+void fwd_run(const FwdArgs& g) {
+#ifndef PAM_KC1
+#define PAM_KC1 256
+#endif
+#ifndef PAM_KC2
+#define PAM_KC2 256
+#endif
+#ifndef PAM_MCS
+#define PAM_MCS 16
+#endif
+  // reduction block: the B micro-panel (KC x 16 x BS planes) should stay in L1
+  const int64_t KC = FwdTraits<MODE>::BS == 1 ? PAM_KC1 : PAM_KC2;
+  const int64_t MC = MR * PAM_MCS, NC = FNR * 8;
+  const int64_t nI = (g.M + MC - 1) / MC, nJ = (g.N + NC - 1) / NC;
+  const int64_t units = nI * nJ;
+  const int nt = (int)std::min<int64_t>(num_threads(), units);
+#pragma omp parallel num_threads(nt)
+  {
+    FtzGuard guard;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) fwd_macro<MODE, MR>(g, u % nI, u / nI, MC, NC, KC);
+  }
+}
+
+// pack B (K, N) any strides -> [ceil(N/16)][K][BS][16]. The per-strip bodies are
+// always_inline templates instantiated in AVX2-targeted wrappers (auto-vectorized).
+template <bool GEN, int BS>
+inline __attribute__((always_inline)) void pack_b_strip_body(const float* B, int64_t K, int64_t j0,
+                                                              int64_t nr, int64_t s0, int64_t s1,
+                                                              int32_t* o) {
+  const int32_t pad = GEN ? -0x40000000 : 0;
+  for (int64_t k = 0; k < K; ++k) {
+    int32_t* ok = o + k * BS * FNR;
+    const float* brow = B + k * s0 + j0 * s1;
+    int32_t pb[FNR];
+    float m[FNR];
+    if (nr == FNR && s1 == 1) {
+      for (int c = 0; c < FNR; ++c) {
+        uint32_t u;
+        std::memcpy(&u, brow + c, 4);
+        const uint32_t P = u & 0x7FFFFFFFu;
+        const bool norm = (P - MINNORM) < (INFP - MINNORM);
+        pb[c] = GEN ? (norm ? (int32_t)(P - INFP) : pad) : (norm ? (int32_t)(u - BIAS) : 0);
+        const float one = GEN ? ((u >> 31) ? -1.f : 1.f) : 1.f;
+        m[c] = norm ? one : 0.f;
+      }
+    } else {
+      for (int c = 0; c < FNR; ++c) {
+        const uint32_t u = c < nr ? fbits(brow[c * s1]) : 0u;
+        const uint32_t P = u & 0x7FFFFFFFu;
+        const bool norm = c < nr && (P - MINNORM) < (INFP - MINNORM);
+        pb[c] = GEN ? (norm ? (int32_t)(P - INFP) : pad) : (norm ? (int32_t)(u - BIAS) : 0);
+        const float one = GEN ? ((u >> 31) ? -1.f : 1.f) : 1.f;
+        m[c] = norm ? one : 0.f;
+      }
+    }
+    std::memcpy(ok, pb, sizeof(pb));
+    if (BS == 2) std::memcpy(ok + FNR, m, sizeof(m));
+  }
+}
+
+template <bool GEN, int BS>
+__attribute__((target("avx2,fma"))) void pack_b_strip_avx2(const float* B, int64_t K, int64_t j0,
+                                                            int64_t nr, int64_t s0, int64_t s1,
+                                                            int32_t* o) {
+  pack_b_strip_body<GEN, BS>(B, K, j0, nr, s0, s1, o);
+}
+
+void pack_b_fwd(const float* B, int64_t K, int64_t N, int64_t s0, int64_t s1, int BS, bool general,
+                int32_t* out) {
+  const int64_t ns = (N + FNR - 1) / FNR;
+  const int nt = num_threads();
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t st = 0; st < ns; ++st) {
+    int32_t* o = out + st * K * BS * FNR;
+    const int64_t j0 = st * FNR, nr = std::min<int64_t>(FNR, N - j0);
+    if (general)
+      pack_b_strip_avx2<true, 2>(B, K, j0, nr, s0, s1, o);
+    else if (BS == 2)
+      pack_b_strip_avx2<false, 2>(B, K, j0, nr, s0, s1, o);
+    else
+      pack_b_strip_avx2<false, 1>(B, K, j0, nr, s0, s1, o);
+  }
+}
+
+// A for the packed modes: strips [ceil(M/MR)][K][AS][MR] (rows past M padded as zeros)
+template <int MODE, int MR>
+__attribute__((target("avx2,fma"))) void pack_a_strip_avx2(const float* A, int64_t i0, int64_t M,
+                                                            int64_t K, int64_t s0, int64_t s1,
+                                                            int32_t* o) {
+  constexpr int AS = MODE == FG ? 3 : 2;
+  const float* rows[MR];
+  bool valid[MR];
+  for (int r = 0; r < MR; ++r) {
+    valid[r] = i0 + r < M;
+    rows[r] = A + (valid[r] ? i0 + r : 0) * s0;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    int32_t* ok = o + k * AS * MR;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      uint32_t u;
+      std::memcpy(&u, rows[r] + k * s1, 4);
+      u = valid[r] ? u : 0u;
+      const uint32_t P = u & 0x7FFFFFFFu;
+      const bool norm = (P - MINNORM) < (INFP - MINNORM);
+      if (MODE == FA) {
+        ok[r] = norm ? (int32_t)u : (int32_t)BIAS;
+        ok[MR + r] = norm ? 0x3F800000 : 0;  // 1.0f / 0.0f
+      } else if (MODE == FAB) {
+        ok[r] = (int32_t)u;
+        ok[MR + r] = norm ? -1 : 0;
+      } else {  // FG
+        ok[r] = norm ? (int32_t)P : 0;
+        ok[MR + r] = norm ? 0x3F800000 : -0x40000000;
+        ok[2 * MR + r] = (int32_t)(0x40000000u | (u & 0x80000000u));
+      }
+    }
+  }
+}
+
+template <int MODE, int MR>
+void pack_a_strips(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1, int32_t* out) {
+  constexpr int AS = MODE == FG ? 3 : 2;
+  const int64_t ns = (M + MR - 1) / MR;
+  const int nt = num_threads();
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t st = 0; st < ns; ++st)
+    pack_a_strip_avx2<MODE, MR>(A, st * MR, M, K, s0, s1, out + st * K * AS * MR);
+}
+
+// contiguous copy of A's bits (F0/FB when A's rows are strided)
+void copy_a(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1, int32_t* out) {
+  const int nt = num_threads();
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < K; ++k) out[i * K + k] = (int32_t)fbits(A[i * s0 + k * s1]);
+}
+
+#ifndef PAM_MR_FB
+#define PAM_MR_FB 5
+#endif
+#ifndef PAM_MR_FA
+#define PAM_MR_FA 5
+#endif
+#ifndef PAM_MR_FAB
+#define PAM_MR_FAB 4
+#endif
+#ifndef PAM_MR_FG
+#define PAM_MR_FG 3
+#endif
+// rows per forward micro-tile (accumulators + operands within the 16 ymm registers)
+constexpr int mr_of(int mode) {
+  return mode == F0 ? 6 : mode == FB ? PAM_MR_FB : mode == FA ? PAM_MR_FA : mode == FAB ? PAM_MR_FAB : PAM_MR_FG;
+}
+
+// ================================================================ AVX2 exact-grad kernels
+// out[r, c] = sum_t X[r,t] * w,  w = bits((Mo[r,c] + Q[t,c]) & 0xFF800000)
+//   = sign(q) * 2^(E_q + c) with c the mantissa carry (Q holds the raw pattern of the
+//   operand, or 0 where it is zero/subnormal/special; Mo the other operand's mantissa).
+// EF: fused multiply-add (only when no term can overflow/underflow); EM: mul then add.
+constexpr int GNV = 2, GNR = 16;
+
+#ifndef PAM_EG_MR
+#define PAM_EG_MR 5
+#endif
+#ifndef PAM_EG_MREG
+#define PAM_EG_MREG 0
+#endif
+constexpr int EG_MR = PAM_EG_MR;       // rows per micro-tile
+constexpr bool EG_MREG = PAM_EG_MREG;  // keep the mantissa tile in registers
+
+template <bool FUSED, int MR>
+__attribute__((target("avx2,fma"))) inline void eg_ukernel(int64_t T, const float* const* xr,
+                                                           const int32_t* __restrict Qp,
+                                                           const int32_t* Mo, int64_t ldm,
+                                                           float* tmp) {
+  __m256 acc[MR][GNV];
+  __m256i mo[EG_MREG ? MR : 1][GNV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < GNV; ++v) {
+      acc[r][v] = _mm256_setzero_ps();
+      if (EG_MREG) mo[EG_MREG ? r : 0][v] = _mm256_loadu_si256((const __m256i*)(Mo + r * ldm + v * 8));
+    }
+  const float* xp[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) xp[r] = xr[r];
+  const __m256i MASK = _mm256_set1_epi32((int32_t)0xFF800000u);
+  for (int64_t t = 0; t < T; ++t) {
+    __m256i q[GNV];
+#pragma GCC unroll 4
+    for (int v = 0; v < GNV; ++v) q[v] = _mm256_loadu_si256((const __m256i*)(Qp + v * 8));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(xp[r] + t);
+#pragma GCC unroll 4
+      for (int v = 0; v < GNV; ++v) {
+        const __m256i m = EG_MREG ? mo[EG_MREG ? r : 0][v]
+                                  : _mm256_loadu_si256((const __m256i*)(Mo + r * ldm + v * 8));
+        const __m256 w = _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(m, q[v]), MASK));
+        if (FUSED)
+          acc[r][v] = _mm256_fmadd_ps(xb, w, acc[r][v]);
+        else
+          acc[r][v] = _mm256_add_ps(acc[r][v], _mm256_mul_ps(xb, w));
+      }
+    }
+    Qp += GNR;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < GNV; ++v) _mm256_storeu_ps(tmp + r * GNR + v * 8, acc[r][v]);
+}
+
+struct EgArgs {
+  int64_t R, Cc, T;
+  const float* X;  // (R, T) contiguous rows, ldx
+  int64_t ldx;
+  const int32_t* Qp;  // [ceil(Cc/16)][T][16]
+  const int32_t* Mo;  // (Rpad, Cpad) row-major, ldm = Cpad
+  int64_t ldm;
+  float* O;
+  int64_t os0, os1;
+};
+
+template <bool FUSED, int MR>
+__attribute__((target("avx2,fma"))) void eg_macro(const EgArgs& g, int64_t ic, int64_t jc,
+                                                  int64_t MC, int64_t NC) {
+  const int64_t i0 = ic * MC, i1 = std::min(g.R, i0 + MC);
+  const int64_t j0 = jc * NC, j1 = std::min(g.Cc, j0 + NC);
+  alignas(32) float tmp[MR * GNR];
+  const float* xr[MR];
+  for (int64_t jr = j0; jr < j1; jr += GNR) {
+    const int32_t* qstrip = g.Qp + (jr / GNR) * g.T * GNR;
+    const int64_t nr = std::min<int64_t>(GNR, j1 - jr);
+    for (int64_t ir = i0; ir < i1; ir += MR) {
+      const int64_t mr = std::min<int64_t>(MR, i1 - ir);
+      for (int r = 0; r < MR; ++r) xr[r] = g.X + std::min(ir + r, g.R - 1) * g.ldx;
+      eg_ukernel<FUSED, MR>(g.T, xr, qstrip, g.Mo + ir * g.ldm + jr, g.ldm, tmp);
+      if (g.os1 == 1 && nr == GNR) {
+        for (int64_t r = 0; r < mr; ++r)
+          std::memcpy(g.O + (ir + r) * g.os0 + jr, tmp + r * GNR, GNR * 4);
+      } else {
+        for (int64_t r = 0; r < mr; ++r)
+          for (int64_t c = 0; c < nr; ++c) g.O[(ir + r) * g.os0 + (jr + c) * g.os1] = tmp[r * GNR + c];
+      }
+    }
+  }
+}
+
+template <bool FUSED, int MR>
+void eg_run(const EgArgs& g) {
+  const int64_t MC = MR * 16, NC = GNR * 8;
+  const int64_t nI = (g.R + MC - 1) / MC, nJ = (g.Cc + NC - 1) / NC;
+  const int64_t units = nI * nJ;
+  const int nt = (int)std::min<int64_t>(num_threads(), units);
+#pragma omp parallel num_threads(nt)
+  {
+    FtzGuard guard;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) eg_macro<FUSED, MR>(g, u % nI, u / nI, MC, NC);
+  }
+}
+#endif  // PAM_X86
+
+#if PAM_X86
+#define PAM_AVX2_FN __attribute__((target("avx2,fma")))
+#else
+#define PAM_AVX2_FN
+#endif
+
+// Q strips: Qp[strip][t][c] = q(Q[t, strip*16 + c]), q = raw pattern if normal, else 0.
+// (only used by the vector path, hence compiled for AVX2)
+PAM_AVX2_FN void pack_q_strip(const float* Q, int64_t T, int64_t c0, int64_t nr, int64_t s0,
+                              int64_t s1, int32_t* o) {
+  if (s1 == 1 && s0 != 1) {  // rows of Q contiguous: read 16 consecutive values per t
+    for (int64_t t = 0; t < T; ++t) {
+      const float* src = Q + t * s0 + c0;
+      int32_t q[16];
+      if (nr == 16) {
+        for (int c = 0; c < 16; ++c) {
+          uint32_t u;
+          std::memcpy(&u, src + c, 4);
+          const uint32_t P = u & 0x7FFFFFFFu;
+          q[c] = ((P - MINNORM) < (INFP - MINNORM)) ? (int32_t)u : 0;
+        }
+      } else {
+        for (int c = 0; c < 16; ++c) {
+          const uint32_t u = c < nr ? fbits(src[c]) : 0u;
+          const uint32_t P = u & 0x7FFFFFFFu;
+          q[c] = ((P - MINNORM) < (INFP - MINNORM)) ? (int32_t)u : 0;
+        }
+      }
+      std::memcpy(o + t * 16, q, sizeof(q));
+    }
+    return;
+  }
+  for (int64_t c = 0; c < 16; ++c) {
+    if (c >= nr) {
+      for (int64_t t = 0; t < T; ++t) o[t * 16 + c] = 0;
+      continue;
+    }
+    const float* src = Q + (c0 + c) * s1;
+    for (int64_t t = 0; t < T; ++t) {
+      const uint32_t u = fbits(src[t * s0]);
+      const uint32_t P = u & 0x7FFFFFFFu;
+      o[t * 16 + c] = ((P - MINNORM) < (INFP - MINNORM)) ? (int32_t)u : 0;
+    }
+  }
+}
+
+void pack_q(const float* Q, int64_t T, int64_t Cc, int64_t s0, int64_t s1, int32_t* out) {
+  const int64_t ns = (Cc + 15) / 16;
+  const int nt = num_threads();
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t st = 0; st < ns; ++st)
+    pack_q_strip(Q, T, st * 16, std::min<int64_t>(16, Cc - st * 16), s0, s1, out + st * T * 16);
+}
+
+// mantissas of Mo (R, Cc) -> (Rpad, Cpad) row-major, zero padded
+PAM_AVX2_FN void pack_mant_row(const float* row, int64_t Cc, int64_t s1, int64_t Cpad,
+                               int32_t* o) {
+  if (s1 == 1) {
+    for (int64_t c = 0; c < Cc; ++c) {
+      uint32_t u;
+      std::memcpy(&u, row + c, 4);
+      o[c] = ((u & 0x7FFFFFFFu) >= MINNORM) ? (int32_t)(u & 0x7FFFFFu) : 0;
+    }
+  } else {
+    for (int64_t c = 0; c < Cc; ++c) o[c] = (int32_t)mant_of(fbits(row[c * s1]));
+  }
+  for (int64_t c = Cc; c < Cpad; ++c) o[c] = 0;
+}
+
+void pack_mant(const float* Mo, int64_t R, int64_t Cc, int64_t s0, int64_t s1, int64_t Rpad,
+               int64_t Cpad, int32_t* out) {
+  const int nt = num_threads();
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < Rpad; ++r) {
+    int32_t* o = out + r * Cpad;
+    if (r >= R) {
+      for (int64_t c = 0; c < Cpad; ++c) o[c] = 0;
+      continue;
+    }
+    pack_mant_row(Mo + r * s0, Cc, s1, Cpad, o);
+  }
+}
+
+void check2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+// ---------------------------------------------------------------- forward entry
+at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path) {
+  check2d(a, "a");
+  check2d(b, "b");
+  TORCH_CHECK(a.size(1) == b.size(0), "pam_mm: shapes ", a.sizes(), " and ", b.sizes(),
+              " cannot be multiplied");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, a.options());
+  ThreadCap cap(M * N * K);
+  at::Tensor c = at::empty({M, N}, a.options());  // every element is written below
+  const bool vec = cpu_has_avx2_fma() && path != 0;
+  if (!vec) {
+    g_last_mode = 100;
+    fwd_scalar(a, b, c);
+    return c;
+  }
+#if PAM_X86
+  const Stats sa = stats2d(a), sb = stats2d(b);
+  bool p1 = true;  // every nonzero product pattern in [0, 0x7F800000)
+  if (sa.nnorm > 0 && sb.nnorm > 0) {
+    p1 = (int64_t)sa.minP + (int64_t)sb.minP - (int64_t)BIAS >= 0 &&
+         (int64_t)sa.maxP + (int64_t)sb.maxP - (int64_t)BIAS < (int64_t)INFP;
+  }
+  const bool za = sa.nzero + sa.nspec > 0, zb = sb.nzero + sb.nspec > 0;
+  int mode;
+  if (!p1 || path == 1)
+    mode = FG;
+  else if (za && zb)
+    mode = FAB;
+  else if (za)
+    mode = FA;
+  else if (zb)
+    mode = FB;
+  else
+    mode = F0;
+  g_last_mode = mode;
+
+  const int BS = (mode == F0 || mode == FA) ? 1 : 2;
+  const int64_t ns = (N + FNR - 1) / FNR;
+  at::Tensor bp = at::empty({ns * K * BS * FNR}, a.options().dtype(at::kInt));
+  pack_b_fwd(b.data_ptr<float>(), K, N, b.stride(0), b.stride(1), BS, mode == FG,
+             bp.data_ptr<int32_t>());
+  FwdArgs g{M, N, K, nullptr, 0, nullptr, bp.data_ptr<int32_t>(), c.data_ptr<float>()};
+  at::Tensor ap;
+  if (mode == F0 || mode == FB) {
+    if (a.stride(1) == 1) {
+      g.A0 = reinterpret_cast<const int32_t*>(a.data_ptr<float>());
+      g.lda = a.stride(0);
+    } else {
+      ap = at::empty({M * K}, a.options().dtype(at::kInt));
+      copy_a(a.data_ptr<float>(), M, K, a.stride(0), a.stride(1), ap.data_ptr<int32_t>());
+      g.A0 = ap.data_ptr<int32_t>();
+      g.lda = K;
+    }
+  } else {
+    const int MR = mr_of(mode), AS = mode == FG ? 3 : 2;
+    ap = at::empty({(M + MR - 1) / MR * MR * K * AS}, a.options().dtype(at::kInt));
+    const float* A = a.data_ptr<float>();
+    int32_t* P = ap.data_ptr<int32_t>();
+    if (mode == FA)
+      pack_a_strips<FA, mr_of(FA)>(A, M, K, a.stride(0), a.stride(1), P);
+    else if (mode == FAB)
+      pack_a_strips<FAB, mr_of(FAB)>(A, M, K, a.stride(0), a.stride(1), P);
+    else
+      pack_a_strips<FG, mr_of(FG)>(A, M, K, a.stride(0), a.stride(1), P);
+    g.Ap = ap.data_ptr<int32_t>();
+  }
+  switch (mode) {
+    case F0: fwd_run<F0, mr_of(F0)>(g); break;
+    case FB: fwd_run<FB, mr_of(FB)>(g); break;
+    case FA: fwd_run<FA, mr_of(FA)>(g); break;
+    case FAB: fwd_run<FAB, mr_of(FAB)>(g); break;
+    default: fwd_run<FG, mr_of(FG)>(g); break;
+  }
+  // inf/NaN operands were packed as zeros: add their terms now (exact scalar rule).
+  if (sa.nspec + sb.nspec > 0) {
+    const float* A = a.data_ptr<float>();
+    const float* B = b.data_ptr<float>();
+    const int64_t as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
+    float* C = c.data_ptr<float>();
+    std::vector<int64_t> bspec;  // (k, j) of special B entries
+    if (sb.nspec > 0)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < N; ++j)
+          if ((fbits(B[k * bs0 + j * bs1]) & 0x7FFFFFFFu) >= INFP) {
+            bspec.push_back(k);
+            bspec.push_back(j);
+          }
+    const int nt = num_threads();
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
+    for (int64_t i = 0; i < M; ++i) {
+      if (sa.nspec > 0)
+        for (int64_t k = 0; k < K; ++k) {
+          const uint32_t ua = fbits(A[i * as0 + k * as1]);
+          if ((ua & 0x7FFFFFFFu) >= INFP)
+            for (int64_t j = 0; j < N; ++j) C[i * N + j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]));
+        }
+      for (size_t s = 0; s < bspec.size(); s += 2) {
+        const int64_t k = bspec[s], j = bspec[s + 1];
+        const uint32_t ua = fbits(A[i * as0 + k * as1]);
+        if ((ua & 0x7FFFFFFFu) < INFP) C[i * N + j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]));
+      }
+    }
+  }
+#endif
+  return c;
+}
+
+// ---------------------------------------------------------------- exact-gradient entry
+// which = 0: dA = grad_a(a, b, dc) (M, K);  which = 1: dB = grad_b (K, N)
+at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t which, int64_t path) {
+  check2d(a, "a");
+  check2d(b, "b");
+  check2d(dc, "dc");
+  TORCH_CHECK(a.size(1) == b.size(0), "shapes ", a.sizes(), " and ", b.sizes(),
+              " cannot be multiplied");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  TORCH_CHECK(dc.size(0) == M && dc.size(1) == N, "dc must have shape (", M, ", ", N, "), got ",
+              dc.sizes());
+  ThreadCap cap(M * N * K);
+  // Generic form: out[R, Cc] = sum_t eterm(X[r,t], Q[t,c], mant(Mo[r,c])), see egrad_scalar.
+  at::Tensor X, Q, Mo, out;
+  int64_t R, Cc, T;
+  if (which == 0) {
+    R = M; Cc = K; T = N;
+    X = dc; Q = b.t(); Mo = a;
+    out = at::zeros({M, K}, a.options());
+  } else {
+    R = N; Cc = K; T = M;
+    X = dc.t(); Q = a; Mo = b.t();
+    out = at::zeros({K, N}, a.options());
+  }
+  // out element (r, c) lives at out[r*os0 + c*os1]
+  const int64_t os0 = which == 0 ? K : 1, os1 = which == 0 ? 1 : N;
+  if (R == 0 || Cc == 0 || T == 0) return out;
+  const bool vec = cpu_has_avx2_fma() && path != 0;
+  const Stats sq = stats2d(Q), sx = stats2d(X);
+  bool fused = false, ok = vec;
+  if (vec) {
+    const int qmax = sq.nnorm ? sq.emax() : -1000;
+    if (sq.nnorm && qmax > 126) ok = false;        // 2^(E+1) would not be a float
+    if (sq.ninf > 0 && sx.ninf > 0) ok = false;    // inf*inf terms: exact scalar route
+    if (sq.nnorm == 0 || sx.nnorm == 0) {
+      fused = true;
+    } else {
+      fused = sx.emax() + qmax <= 126 && sx.emin() + sq.emin() >= -126;
+    }
+    if (path == 1) fused = false;
+  }
+  (void)fused;
+  if (!ok) {
+    g_last_mode = 100;
+    egrad_scalar(X.data_ptr<float>(), X.stride(0), X.stride(1), Q.data_ptr<float>(), Q.stride(0),
+                 Q.stride(1), Mo.data_ptr<float>(), Mo.stride(0), Mo.stride(1),
+                 out.data_ptr<float>(), os0, os1, R, Cc, T);
+    return out;
+  }
+#if PAM_X86
+  g_last_mode = fused ? 10 : 11;
+  at::Tensor Xc = X.contiguous();
+  const int64_t ns = (Cc + GNR - 1) / GNR;
+  const int64_t MRP = EG_MR;
+  const int64_t Rpad = (R + MRP - 1) / MRP * MRP, Cpad = ns * GNR;
+  at::Tensor qp = at::empty({ns * T * GNR}, a.options().dtype(at::kInt));
+  at::Tensor mp = at::empty({Rpad * Cpad}, a.options().dtype(at::kInt));
+  pack_q(Q.data_ptr<float>(), T, Cc, Q.stride(0), Q.stride(1), qp.data_ptr<int32_t>());
+  // read the mantissa operand row-wise (grad_b's is B transposed: let torch's blocked
+  // transpose do the strided part)
+  at::Tensor Moc = Mo.stride(1) == 1 ? Mo : Mo.contiguous();
+  pack_mant(Moc.data_ptr<float>(), R, Cc, Moc.stride(0), Moc.stride(1), Rpad, Cpad,
+            mp.data_ptr<int32_t>());
+  EgArgs g{R, Cc, T, Xc.data_ptr<float>(), Xc.stride(0), qp.data_ptr<int32_t>(),
+           mp.data_ptr<int32_t>(), Cpad, out.data_ptr<float>(), os0, os1};
+  if (fused)
+    eg_run<true, EG_MR>(g);
+  else
+    eg_run<false, EG_MR>(g);
+  if (sq.nspec > 0) {
+    // special Q entries were packed as 0: add PAM(q, dC) terms (exact scalar rule).
+    const float* Xp = X.data_ptr<float>();
+    const float* Qd = Q.data_ptr<float>();
+    const int64_t xs0 = X.stride(0), xs1 = X.stride(1), qs0 = Q.stride(0), qs1 = Q.stride(1);
+    float* O = out.data_ptr<float>();
+    std::vector<int64_t> qspec;  // (t, c)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t cc = 0; cc < Cc; ++cc)
+        if ((fbits(Qd[t * qs0 + cc * qs1]) & 0x7FFFFFFFu) >= INFP) {
+          qspec.push_back(t);
+          qspec.push_back(cc);
+        }
+    const int nt = num_threads();
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
+    for (int64_t r = 0; r < R; ++r)
+      for (size_t s = 0; s < qspec.size(); s += 2) {
+        const int64_t t = qspec[s], cc = qspec[s + 1];
+        O[r * os0 + cc * os1] += pam_scalar(fbits(Qd[t * qs0 + cc * qs1]), fbits(Xp[r * xs0 + t * xs1]));
+      }
+  }
+#endif
+  return out;
+}
+
+at::Tensor pam_mm_exact_grad_a(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path) {
+  return pam_exact_grad(a, b, dc, 0, path);
+}
+at::Tensor pam_mm_exact_grad_b(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path) {
+  return pam_exact_grad(a, b, dc, 1, path);
+}
+
+std::string cpu_path() { return cpu_has_avx2_fma() ? "avx2+fma" : "scalar"; }
+int64_t last_mode() { return g_last_mode.load(); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pam_mm", &pam_mm, "C = sum_k PAM(A[i,k], B[k,j])", py::arg("a"), py::arg("b"),
+        py::arg("path") = -1);
+  m.def("pam_mm_exact_grad_a", &pam_mm_exact_grad_a, "exact dA", py::arg("a"), py::arg("b"),
+        py::arg("dc"), py::arg("path") = -1);
+  m.def("pam_mm_exact_grad_b", &pam_mm_exact_grad_b, "exact dB", py::arg("a"), py::arg("b"),
+        py::arg("dc"), py::arg("path") = -1);
+  m.def("cpu_path", &cpu_path);
+  m.def("last_mode", &last_mode);
+}
