@@ -1,0 +1,443 @@
+"""Data loaders for the training recipes.
+
+Everything returns plain tensors or lists of strings; nothing is downloaded. Built-in data
+comes with the install (scikit-learn's bundled ``load_digits`` images and dataset
+descriptions); everything else is read from a directory the user passes (``--data-dir``).
+
+Formats:
+
+* ``mnist``: MNIST / Fashion-MNIST IDX files (``train-images-idx3-ubyte[.gz]``,
+  ``train-labels-idx1-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``),
+  gzip or raw. The t10k split is used as the validation split.
+* ``cifar10``: the ``cifar-10-batches-py`` folder (pickled ``data_batch_1..5`` and ``test_batch``).
+  These are Python pickles: only point this at files you trust.
+* ``imagefolder``: ``DIR/train/<class>/*.png`` (+ ``DIR/val|valid|test/<class>/...``), or
+  ``DIR/<class>/*`` split 90/10. Needs Pillow (installed with matplotlib).
+* ``parallel``: IWSLT raw layout ``train.SRC``/``train.TGT``, ``valid.*``, optional ``test.*``.
+* ``text``: a plain UTF-8 text file (or a folder with ``train.txt`` [+ ``valid.txt``] or ``input.txt``).
+
+A missing or malformed file raises :class:`DataError` naming the file and what was expected.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import random
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A data file is missing or not in the expected format."""
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass
+class ImageData:
+    train_x: torch.Tensor  # (N, C, H, W) float32, normalized
+    train_y: torch.Tensor  # (N,) int64
+    valid_x: torch.Tensor
+    valid_y: torch.Tensor
+    num_classes: int
+    name: str = ""
+    classes: List[str] = field(default_factory=list)
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+
+def _normalize(train: torch.Tensor, *others: torch.Tensor):
+    """Per-channel standardization with statistics of the training split."""
+    dims = (0, 2, 3)
+    mean = train.mean(dim=dims, keepdim=True)
+    std = train.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    return [(t - mean) / std for t in (train,) + others]
+
+
+def _finish(train_x, train_y, valid_x, valid_y, num_classes, name, classes=None) -> ImageData:
+    train_x, valid_x = _normalize(train_x.float(), valid_x.float())
+    return ImageData(train_x.contiguous(), train_y.long(), valid_x.contiguous(), valid_y.long(),
+                     int(num_classes), name, list(classes or [str(i) for i in range(num_classes)]))
+
+
+def load_digits(valid_fraction: float = 0.2) -> ImageData:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), split 80/20 (fixed, stratified)."""
+    try:
+        from sklearn.datasets import load_digits as _load
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise DataError("the built-in 'digits' data needs scikit-learn: pip install 'pamtorch[train]'") from e
+    d = _load()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    # deterministic stratified split, independent of the training seed
+    g = torch.Generator().manual_seed(0)
+    train_idx, valid_idx = [], []
+    for c in range(10):
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = int(round(len(idx) * valid_fraction))
+        valid_idx.append(idx[:k])
+        train_idx.append(idx[k:])
+    tr, va = torch.cat(train_idx).sort().values, torch.cat(valid_idx).sort().values
+    return _finish(x[tr], y[tr], x[va], y[va], 10, "digits")
+
+
+def read_idx(path) -> torch.Tensor:
+    """Read an IDX file (gzip or raw) as a uint8 tensor of its stored shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected an IDX file, gzip or raw)")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e}); expected an IDX file, gzip or raw") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path}: not an IDX file (expected magic bytes 00 00 <type> <ndim>)")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{dtype_code:02x} not supported (expected 0x08, unsigned byte)")
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(">" + "I" * ndim, data[4:header])
+    n = 1
+    for s in shape:
+        n *= s
+    if len(data) - header != n:
+        raise DataError(f"{path}: IDX header says shape {tuple(shape)} ({n} bytes) but the file holds "
+                        f"{len(data) - header} bytes of data")
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def _find(directory: Path, stem: str, what: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        p = directory / name
+        if p.is_file():
+            return p
+    raise DataError(f"{directory / stem}[.gz]: file not found (expected {what})")
+
+
+def load_mnist(directory) -> ImageData:
+    """MNIST or Fashion-MNIST from the four IDX files (t10k is used as the validation split)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(f"{d}: not a directory (expected a folder with MNIST-style IDX files)")
+    xs, ys = {}, {}
+    for split, prefix in (("train", "train"), ("valid", "t10k")):
+        xp = _find(d, f"{prefix}-images-idx3-ubyte", "MNIST-style IDX images")
+        yp = _find(d, f"{prefix}-labels-idx1-ubyte", "MNIST-style IDX labels")
+        x, y = read_idx(xp), read_idx(yp)
+        if x.dim() != 3:
+            raise DataError(f"{xp}: expected 3 dimensions (N, H, W), got shape {tuple(x.shape)}")
+        if y.dim() != 1 or len(y) != len(x):
+            raise DataError(f"{yp}: expected {len(x)} labels to match {xp.name}, got shape {tuple(y.shape)}")
+        xs[split], ys[split] = x.unsqueeze(1).float() / 255.0, y.long()
+    num_classes = int(max(ys["train"].max(), ys["valid"].max())) + 1
+    return _finish(xs["train"], ys["train"], xs["valid"], ys["valid"], num_classes, f"mnist:{d.name}")
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected a CIFAR-10 python batch)")
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except Exception as e:
+        raise DataError(f"{path}: cannot unpickle ({e}); expected a CIFAR-10 python batch") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a dict with b'data' and b'labels'")
+    obj = {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    if "data" not in obj or "labels" not in obj:
+        raise DataError(f"{path}: expected keys 'data' and 'labels', found {sorted(obj)}")
+    return obj
+
+
+def load_cifar10(directory) -> ImageData:
+    """CIFAR-10 ``cifar-10-batches-py`` (the folder itself or its parent); test_batch is the validation split."""
+    d = Path(directory)
+    if (d / "cifar-10-batches-py").is_dir():
+        d = d / "cifar-10-batches-py"
+    if not d.is_dir():
+        raise DataError(f"{d}: not a directory (expected cifar-10-batches-py)")
+
+    def read(names):
+        xs, ys = [], []
+        for name in names:
+            obj = _unpickle(d / name)
+            try:
+                x = torch.from_numpy(np.ascontiguousarray(obj["data"], dtype=np.uint8)).flatten()
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{d / name}: 'data' is not an array of bytes ({e})") from e
+            labels = list(obj["labels"])
+            if x.numel() != len(labels) * 3072:
+                raise DataError(f"{d / name}: expected {len(labels)} rows of 3072 bytes (3x32x32), "
+                                f"got {x.numel()} bytes")
+            xs.append(x.reshape(-1, 3, 32, 32))
+            ys.append(torch.tensor(labels, dtype=torch.long))
+        return torch.cat(xs).float() / 255.0, torch.cat(ys)
+
+    names = sorted(p.name for p in d.glob("data_batch_*"))
+    if not names:
+        raise DataError(f"{d / 'data_batch_1'}: file not found (expected CIFAR-10 python batches)")
+    tx, ty = read(names)
+    vx, vy = read(["test_batch"])
+    classes = None
+    meta = d / "batches.meta"
+    if meta.is_file():
+        try:
+            with open(meta, "rb") as f:
+                m = pickle.load(f, encoding="bytes")
+            classes = [c.decode() if isinstance(c, bytes) else str(c) for c in m[b"label_names"]]
+        except Exception:
+            classes = None
+    n = int(max(ty.max(), vy.max())) + 1
+    return _finish(tx, ty, vx, vy, n, "cifar10", classes if classes and len(classes) == n else None)
+
+
+IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+def load_image_folder(directory, image_size: Optional[int] = None, valid_fraction: float = 0.1) -> ImageData:
+    """Images in class folders (``DIR/train/<class>/x.png`` + ``DIR/val/<class>/...``, or ``DIR/<class>/``)."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise DataError("imagefolder data needs Pillow (it comes with matplotlib): pip install pillow") from e
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(f"{d}: not a directory (expected <split>/<class>/<image> folders)")
+
+    def list_split(root: Path):
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        items = []
+        for ci, c in enumerate(classes):
+            for f in sorted((root / c).iterdir()):
+                if f.suffix.lower() in IMG_EXT:
+                    items.append((f, ci))
+        return classes, items
+
+    valid_root = next((d / n for n in ("val", "valid", "validation", "test") if (d / n).is_dir()), None)
+    if (d / "train").is_dir():
+        classes, train_items = list_split(d / "train")
+        if valid_root is not None:
+            vclasses, valid_items = list_split(valid_root)
+            if vclasses != classes:
+                raise DataError(f"{valid_root}: class folders {vclasses} differ from {d / 'train'}: {classes}")
+        else:
+            valid_items = None
+    else:
+        classes, train_items = list_split(d)
+        valid_items = None
+    if not classes or not train_items:
+        raise DataError(f"{d}: no images found (expected class folders holding {sorted(IMG_EXT)} files)")
+    if valid_items is None:  # deterministic split
+        rng = random.Random(0)
+        items = list(train_items)
+        rng.shuffle(items)
+        k = max(1, int(len(items) * valid_fraction))
+        valid_items, train_items = items[:k], items[k:]
+
+    mode = None
+    size = image_size
+
+    def read(items):
+        nonlocal mode, size
+        out = []
+        for f, _ in items:
+            try:
+                with Image.open(f) as im:
+                    if mode is None:
+                        mode = "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+                    im = im.convert(mode)
+                    if size is None:
+                        size = im.size[0]
+                    if im.size != (size, size):
+                        im = im.resize((size, size), Image.BILINEAR)
+                    t = torch.tensor(bytearray(im.tobytes()), dtype=torch.uint8)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{f}: cannot read image ({e})") from e
+            c = 1 if mode == "L" else 3
+            out.append(t.reshape(size, size, c).permute(2, 0, 1))
+        return torch.stack(out).float() / 255.0, torch.tensor([c for _, c in items], dtype=torch.long)
+
+    tx, ty = read(train_items)
+    vx, vy = read(valid_items)
+    return _finish(tx, ty, vx, vy, len(classes), f"imagefolder:{d.name}", classes)
+
+
+def load_images(data: Optional[str], data_dir: Optional[str], image_size: Optional[int] = None) -> ImageData:
+    """Dispatch on ``--data`` (digits, mnist, cifar10, imagefolder; guessed from the folder if omitted)."""
+    if data_dir is None:
+        if data not in (None, "digits"):
+            raise DataError(f"--data {data} needs --data-dir")
+        return load_digits()
+    d = Path(data_dir)
+    if data in (None, "auto"):
+        if not d.exists():
+            raise DataError(f"{d}: not found")
+        names = {p.name for p in d.iterdir()} if d.is_dir() else set()
+        if any(n.startswith("train-images") for n in names):
+            data = "mnist"
+        elif "cifar-10-batches-py" in names or "data_batch_1" in names:
+            data = "cifar10"
+        else:
+            data = "imagefolder"
+    if data in ("mnist", "fashion-mnist"):
+        return load_mnist(d)
+    if data == "cifar10":
+        return load_cifar10(d)
+    if data == "imagefolder":
+        return load_image_folder(d, image_size)
+    if data == "digits":
+        return load_digits()
+    raise DataError(f"unknown image data '{data}' (expected digits, mnist, cifar10 or imagefolder)")
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def read_lines(path) -> List[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 text ({e})") from e
+    return text.splitlines()
+
+
+def load_parallel(directory, src: str = "de", tgt: str = "en") -> Dict[str, Tuple[List[str], List[str]]]:
+    """Parallel text in IWSLT raw layout: ``{train,valid[,test]}.{src,tgt}``, one sentence per line."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(f"{d}: not a directory (expected train.{src}, train.{tgt}, valid.{src}, valid.{tgt})")
+    out = {}
+    for split in ("train", "valid", "test"):
+        sp, tp = d / f"{split}.{src}", d / f"{split}.{tgt}"
+        if split == "test" and not sp.exists() and not tp.exists():
+            continue
+        for p in (sp, tp):
+            if not p.is_file():
+                raise DataError(f"{p}: file not found (expected one {split} sentence per line, "
+                                f"aligned with {split}.{tgt if p == sp else src})")
+        s, t = read_lines(sp), read_lines(tp)
+        if len(s) != len(t):
+            raise DataError(f"{sp} has {len(s)} lines but {tp} has {len(t)}: parallel files must be line-aligned")
+        if not s:
+            raise DataError(f"{sp}: empty (expected one sentence per line)")
+        out[split] = (s, t)
+    return out
+
+
+NUMBERS_EN = "zero one two three four five six seven eight nine".split()
+NUMBERS_DE = "null eins zwei drei vier fünf sechs sieben acht neun".split()
+
+
+def toy_parallel(n_train: int = 4000, n_valid: int = 200, seed: int = 0, src: str = "de", tgt: str = "en"):
+    """A built-in toy translation task (no files): German digit words to English, reversed order.
+
+    Only meant for smoke tests and demos; BLEU on it measures whether training works at all.
+    """
+    rng = random.Random(seed)
+    vocab = {"de": NUMBERS_DE, "en": NUMBERS_EN}
+    if src not in vocab or tgt not in vocab:
+        raise DataError("the toy task translates between 'de' and 'en' only")
+
+    def make(n):
+        s, t = [], []
+        for _ in range(n):
+            digits = [rng.randrange(10) for _ in range(rng.randint(2, 9))]
+            s.append(" ".join(vocab[src][i] for i in digits))
+            t.append(" ".join(vocab[tgt][i] for i in reversed(digits)))
+        return s, t
+
+    return {"train": make(n_train), "valid": make(n_valid), "test": make(n_valid)}
+
+
+def builtin_text() -> str:
+    """English text that comes with scikit-learn: its bundled dataset descriptions (~100 kB)."""
+    try:
+        import sklearn
+    except ImportError as e:  # pragma: no cover
+        raise DataError("the built-in text needs scikit-learn: pip install 'pamtorch[train]'") from e
+    d = Path(sklearn.__file__).parent / "datasets" / "descr"
+    files = sorted(d.glob("*.rst"))
+    if not files:
+        raise DataError(f"{d}: no .rst files found for the built-in text data")
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+
+
+def load_text(data: Optional[str], data_dir: Optional[str], valid_fraction: float = 0.1) -> Tuple[str, str]:
+    """(train_text, valid_text) from a file, a folder, or the built-in text."""
+    if data_dir is None:
+        if data not in (None, "sklearn-docs", "builtin"):
+            raise DataError(f"--data {data} needs --data-dir")
+        text = builtin_text()
+    else:
+        p = Path(data_dir)
+        if p.is_dir():
+            if (p / "train.txt").is_file():
+                train = "\n".join(read_lines(p / "train.txt"))
+                if (p / "valid.txt").is_file():
+                    return train, "\n".join(read_lines(p / "valid.txt"))
+                text = train
+            elif (p / "input.txt").is_file():
+                text = "\n".join(read_lines(p / "input.txt"))
+            else:
+                raise DataError(f"{p / 'train.txt'}: file not found (expected train.txt [+ valid.txt] "
+                                f"or input.txt: plain UTF-8 text)")
+        else:
+            text = "\n".join(read_lines(p))
+    if len(text) < 100:
+        raise DataError(f"{data_dir or 'built-in text'}: only {len(text)} characters (expected at least 100)")
+    k = int(len(text) * (1 - valid_fraction))
+    return text[:k], text[k:]
+
+
+# ----------------------------------------------------------------------------- batch order
+
+
+class EpochSampler:
+    """Index batches of an epoch-shuffled data set, a pure function of (seed, step).
+
+    Epoch ``e`` uses ``randperm(n)`` from a generator seeded with ``(seed, e)``, the last partial
+    batch is dropped. Because nothing depends on earlier calls, resuming at step ``s`` gives exactly
+    the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < 1:
+            raise DataError("no training examples")
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.batches_per_epoch = max(1, n // self.batch_size)
+        self._epoch, self._perm = None, None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.batches_per_epoch)
+        return self.permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def rank_slice(indices, rank: int, world: int):
+    """This rank's contiguous share of a global batch (equal shares when world divides its size)."""
+    if world == 1:
+        return indices
+    return indices.tensor_split(world)[rank] if torch.is_tensor(indices) else \
+        [indices[i] for i in range(rank, len(indices), world)]
