@@ -178,6 +178,9 @@ def test_config_presets_and_ablation():
                                           ("matmul", "softmax", "norm", "loss", "optimizer"))]
     assert [sum(getattr(r, k).pa for k in ("matmul", "softmax", "norm", "loss", "optimizer")) for r in rows] == [1, 2, 3, 4, 5]
     assert Config.from_name("pam-full", "exact").matmul.derivative == "exact"
+    assert Config.from_name("matmul+softmax") == Config.ablation("matmul", "softmax")
+    with pytest.raises(ValueError, match="unknown preset"):
+        Config.from_name("matmul+sofmax")
     with pytest.raises(ValueError, match="unknown op kind"):
         Config.ablation("matmull")
     with pytest.raises(ValueError, match="derivative"):

@@ -80,14 +80,18 @@ class Config:
 
     @classmethod
     def from_name(cls, name: str, derivative: str | None = None) -> "Config":
-        """A preset by name ("paper", "pam-full"/"full", "pam-matmul"/"matmul-only"), with
-        every PA kind's derivative overridden by ``derivative`` unless it is None or
-        "paper"."""
+        """A preset by name ("paper", "pam-full"/"full", "pam-matmul"/"matmul-only", or op
+        kinds joined by '+' such as "matmul+softmax+norm" for an ablation row), with every
+        PA kind's derivative overridden by ``derivative`` unless it is None or "paper"."""
         presets = {"paper": cls.paper, "full": cls.full, "pam-full": cls.full,
                    "matmul-only": cls.matmul_only, "pam-matmul": cls.matmul_only}
-        if name not in presets:
-            raise ValueError(f"Config.from_name: unknown preset {name!r}; choose from {sorted(presets)}")
-        cfg = presets[name]()
+        if name in presets:
+            cfg = presets[name]()
+        elif all(k in KINDS for k in name.split("+")):
+            cfg = cls.ablation(*name.split("+"))
+        else:
+            raise ValueError(f"Config.from_name: unknown preset {name!r}; choose from {sorted(presets)} "
+                             f"or '+'-joined op kinds from {KINDS} (e.g. 'matmul+softmax')")
         if derivative in (None, "paper"):
             return cfg
         return cfg.with_derivative(derivative)
