@@ -52,10 +52,17 @@ def test_same_seed_same_run(tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b") != losses(tmp_path / "c")
 
 
-@pytest.mark.parametrize("recipe", ["vit", "lm"])
+TINY = {
+    "vit": VIT,
+    "lm": ["lm", "--set", "block_size=32", "--no-progress"],
+    "translate": ["translate", "--set", "d_model=32", "--set", "enc_layers=1", "--set", "dec_layers=1",
+                  "--beam", "2", "--eval-sentences", "8", "--no-progress"],
+}
+
+
+@pytest.mark.parametrize("recipe", ["vit", "lm", "translate"])
 def test_resume_is_exact(tmp_path, recipe):
-    base = (VIT if recipe == "vit" else ["lm", "--set", "block_size=32", "--no-progress"]) + \
-        ["--steps", "16", "--eval-every", "5", "--batch-size", "16", "--dropout", "0.1"]
+    base = TINY[recipe] + ["--steps", "16", "--eval-every", "5", "--batch-size", "16", "--dropout", "0.1"]
     T.main(base + ["--out", str(tmp_path / "full")])
     T.main(base + ["--out", str(tmp_path / "part"), "--stop-at", "8"])  # "interrupted" after step 8
     assert len(losses(tmp_path / "part")) == 8
@@ -210,3 +217,18 @@ def test_ddp_pa_gradient_average_under_pamtorch_mode(tmp_path):
     b = torch.load(tmp_path / "one.pt", weights_only=True)
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.mark.parametrize("recipe", ["translate", "lm"])
+def test_torchrun_two_processes_under_pamtorch_mode(tmp_path, recipe):
+    """The translate and lm recipes run under torchrun (2 gloo processes) multiplication-free."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "pamtorch.recipes.train"] + TINY[recipe]
+                       + ["--arith", "pam-full", "--steps", "4", "--eval-every", "4", "--batch-size", "8",
+                          "--out", str(out)], env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["completed"] and m["valid_loss"] > 0
+    assert all(torch.isfinite(torch.tensor(losses(out))))

@@ -624,6 +624,11 @@ def _pa_sdpa_cpu_backward(func, args, kwargs, cfg):
 _ALPHA_OPS = frozenset([aten.add, aten.add_, aten.sub, aten.sub_, aten._foreach_add,
                         aten._foreach_add_, aten._foreach_sub, aten._foreach_sub_])
 
+# collectives move or sum tensors (DDP's buffer broadcast, the SUM all-reduce); an AVG
+# reduction divides inside the backend, so pamtorch's DDP hook all-reduces SUM and then
+# divides with PAD
+_COMMUNICATION = frozenset(["c10d", "_c10d_functional"])
+
 # objects with a ``routed(func, args, kwargs, out)`` method, told of every routed op
 RECORDERS: list = []
 # the config of the innermost active PAMode, for implementations that span op kinds
@@ -634,7 +639,7 @@ def classify(func, args, kwargs) -> str:
     """How the mode treats an aten call: "free" (runs as is: no float tensor, or an op
     known to do no float multiplication), "routable" (a multiply-like op in OP_TABLE), or
     "unknown" (a float op that may multiply and has no PA implementation)."""
-    if not is_float_op(args, kwargs):
+    if not is_float_op(args, kwargs) or func.namespace in _COMMUNICATION:
         return "free"
     packet = func.overloadpacket
     if packet in OP_TABLE:
