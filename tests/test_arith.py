@@ -1,7 +1,6 @@
 """The PA arithmetic against the float64 reference, on random bit patterns and specials."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

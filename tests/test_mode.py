@@ -1,5 +1,4 @@
 """The dispatch-level mode, the PA optimizers and the audit on small stock models."""
-import copy
 
 import pytest
 import torch
@@ -210,3 +209,23 @@ def test_foreach_optimizers_are_routed(name, kw):
     before = [p.detach().clone() for p in model.parameters()]
     _step(model, opt, x, y, Config.full())
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_exact_matmul_derivative_reaches_bmm_and_linear_under_mode():
+    """With matmul.derivative="exact" the function-level mode hands torch.bmm and F.linear
+    to pamtorch's autograd functions, whose backward is the exact kernel."""
+    cfg = Config.full().replace(matmul=OpConfig(derivative="exact"))
+    a = torch.randn(3, 4, 5, requires_grad=True)
+    b = torch.randn(3, 5, 2)
+    with mode(cfg):
+        torch.bmm(a, b).sum().backward()
+    a2 = a.detach().clone().requires_grad_(True)
+    pamtorch.bmm(a2, b, derivative="exact").sum().backward()
+    assert torch.equal(a.grad, a2.grad)
+    w = torch.randn(2, 5)
+    x = torch.randn(4, 5, requires_grad=True)
+    with mode(cfg):
+        torch.nn.functional.linear(x, w).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    pamtorch.linear(x2, w, derivative="exact").sum().backward()
+    assert torch.equal(x.grad, x2.grad)

@@ -8,7 +8,6 @@ from torch import nn
 
 import pamtorch.nn as pnn
 import pamtorch.nn.functional as P
-from pamtorch import arith
 from pamtorch.config import Config, OpConfig
 
 

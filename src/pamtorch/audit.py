@@ -60,7 +60,7 @@ def multiplications(func, args, out) -> int:
         k = a.shape[-1]
         return _numel(out) * k
     if p is aten.convolution:
-        w, groups = args[1], args[8]
+        w = args[1]  # [OC, C/groups, kh, kw]: each output sums C/groups·kh·kw products
         return _numel(out) * (w.shape[1] * math.prod(w.shape[2:]))
     if p is aten.convolution_backward:
         w = args[2]

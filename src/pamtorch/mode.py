@@ -187,7 +187,7 @@ def _pa_addmm(func, args, kwargs, cfg):
 
 
 @implements([aten.bmm], "matmul")
-def _pa_bmm(func, args, kwargs, cfg):
+def _pa_bmm_op(func, args, kwargs, cfg):
     return _bmm(args[0], args[1], cfg)
 
 

@@ -21,7 +21,6 @@ A missing or malformed file raises :class:`DataError` naming the file and what w
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import random
 import struct
