@@ -125,8 +125,34 @@ def _classes(mag: torch.Tensor, f: Format):
     return zero, inf, nan
 
 
+# ---------------------------------------------------------------------------
+# compiled float32 CPU kernels (pamtorch/kernels/cpu/pa_elementwise.cpp): bit-exact ports
+# of the torch implementations below, which stay the definition and the fallback.
+
+_COMPILED = True   # tests set this to False to run the torch implementations
+_EXT = None
+
+
+def _ext(*ts):
+    """The compiled module when every operand is a float32 CPU tensor, else None."""
+    if not _COMPILED:
+        return None
+    for t in ts:
+        if t.dtype is not torch.float32 or t.device.type != "cpu":
+            return None
+    global _EXT
+    if _EXT is None:
+        from .kernels.cpu import load_extension  # lazy: the kernels package imports arith
+
+        _EXT = load_extension() or False
+    return _EXT or None
+
+
 def pam(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """PAM: pattern P_a + P_b - B with sign S_a xor S_b (IEEE rules for the specials)."""
+    ext = _ext(a, b)
+    if ext is not None:
+        return ext.ew_pam(a, b)
     f = fmt(a.dtype)
     na, ma = _split(a, f)
     nb, mb = _split(b, f)
@@ -146,6 +172,9 @@ def pam(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def pad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """PAD: pattern P_a - P_b + B with sign S_a xor S_b (IEEE rules for the specials)."""
+    ext = _ext(a, b)
+    if ext is not None:
+        return ext.ew_pad(a, b)
     f = fmt(a.dtype)
     na, ma = _split(a, f)
     nb, mb = _split(b, f)
@@ -257,6 +286,9 @@ def paexp2(y: torch.Tensor) -> torch.Tensor:
 
 def pa_exp(x: torch.Tensor) -> torch.Tensor:
     """exp(x) = paexp2(x ·̂ log2 e), the PAM carried in float64."""
+    ext = _ext(x)
+    if ext is not None:
+        return ext.ew_exp(x)
     f = fmt(x.dtype)
     y = pam(x.to(torch.float64), torch.full((), LOG2E, dtype=torch.float64))
     return _paexp2_f64(y, f)
@@ -264,6 +296,9 @@ def pa_exp(x: torch.Tensor) -> torch.Tensor:
 
 def pa_log(x: torch.Tensor) -> torch.Tensor:
     """log(x) = palog2(x) ÷̂ log2 e, carried in float64 and rounded once."""
+    ext = _ext(x)
+    if ext is not None:
+        return ext.ew_log(x)
     f = fmt(x.dtype)
     neg, m, l64 = _palog2_f64(x)
     zero, inf, nan = _classes(m, f)
@@ -295,12 +330,14 @@ def _sqrt_like(x: torch.Tensor, sign: int) -> torch.Tensor:
 
 def pa_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt(x) = paexp2(palog2(x) / 2): pattern round((P - B)/2) + B. sqrt(-0) = -0."""
-    return _sqrt_like(x, 1)
+    ext = _ext(x)
+    return ext.ew_sqrt(x) if ext is not None else _sqrt_like(x, 1)
 
 
 def pa_rsqrt(x: torch.Tensor) -> torch.Tensor:
     """rsqrt(x) = paexp2(-palog2(x) / 2): pattern round((B - P)/2) + B. rsqrt(-0) = -inf."""
-    return _sqrt_like(x, -1)
+    ext = _ext(x)
+    return ext.ew_rsqrt(x) if ext is not None else _sqrt_like(x, -1)
 
 
 def pa_reciprocal(x: torch.Tensor) -> torch.Tensor:

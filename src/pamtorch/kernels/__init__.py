@@ -9,7 +9,8 @@ returning new float32 tensors:
 
 Batched ``pam_bmm``, ``pam_bmm_exact_grad_a``, ``pam_bmm_exact_grad_b`` take 3-D
 operands ``[B,M,K]``, ``[B,K,N]`` (``dc[B,M,N]``); a backend that has them (Triton) runs
-one launch, otherwise the 2-D function runs per batch entry on views.
+one launch, the C++ one loops in C++ (small matrices one per thread),
+otherwise the 2-D function runs per batch entry on views.
 
 Backends: ``kernels.triton`` for CUDA tensors (a CUDA tensor never silently takes a CPU
 path: if Triton cannot be imported a RuntimeError says so), ``kernels.cpu`` (C++) for

@@ -54,11 +54,11 @@ import torch
 
 from .. import torch_fallback
 
-__all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b", "available", "backend",
-           "load_extension"]
+__all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b", "pam_bmm", "pam_bmm_exact_grad_a",
+           "pam_bmm_exact_grad_b", "available", "backend", "load_extension"]
 
 _SRC_DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = ["pam_matmul.cpp"]
+_SOURCES = ["pam_matmul.cpp", "pa_elementwise.cpp"]
 _LOCK = threading.Lock()
 _EXT = None
 _TRIED = False
@@ -223,3 +223,53 @@ def pam_mm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> t
     if ext is None:
         return torch_fallback.pam_mm_exact_grad_b(a, b, dc)
     return ext.pam_mm_exact_grad_b(a.detach(), b.detach(), dc.detach(), -1)
+
+
+def _check_bmm(op, a, b, dc=None, dc_shape=None):
+    for t, name in ((a, "a"), (b, "b")) + (((dc, "dc"),) if dc is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{op}: {name} must be 3-D, got shape {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{op}: {name} must be float32 (upcast bf16/f16 first), got {t.dtype}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{op}: {name} must be a CPU tensor, got device {t.device}")
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"{op}: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be batch-multiplied")
+    if dc is not None and tuple(dc.shape) != dc_shape:
+        raise ValueError(f"{op}: dc must have shape {dc_shape}, got {tuple(dc.shape)}")
+
+
+def _per_batch(fn, out_shape, *ts):
+    out = torch.empty(out_shape, dtype=torch.float32)
+    for i in range(out_shape[0]):
+        out[i].copy_(fn(*(t[i] for t in ts)))
+    return out
+
+
+def pam_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched :func:`pam_mm`: ``[B,M,K] x [B,K,N] -> [B,M,N]``; small matrices run one per thread."""
+    _check_bmm("pam_bmm", a, b)
+    ext = load_extension()
+    if ext is None:
+        return _per_batch(torch_fallback.pam_mm, (a.shape[0], a.shape[1], b.shape[2]), a, b)
+    return ext.pam_bmm(a.detach(), b.detach(), -1)
+
+
+def pam_bmm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+    """Batched :func:`pam_mm_exact_grad_a` -> ``[B,M,K]``."""
+    _check_bmm("pam_bmm_exact_grad_a", a, b, dc, (a.shape[0], a.shape[1], b.shape[2]))
+    ext = load_extension()
+    if ext is None:
+        return _per_batch(torch_fallback.pam_mm_exact_grad_a, tuple(a.shape), a, b, dc)
+    return ext.pam_bmm_exact_grad_a(a.detach(), b.detach(), dc.detach(), -1)
+
+
+def pam_bmm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+    """Batched :func:`pam_mm_exact_grad_b` -> ``[B,K,N]``."""
+    _check_bmm("pam_bmm_exact_grad_b", a, b, dc, (a.shape[0], a.shape[1], b.shape[2]))
+    ext = load_extension()
+    if ext is None:
+        return _per_batch(torch_fallback.pam_mm_exact_grad_b, tuple(b.shape), a, b, dc)
+    return ext.pam_bmm_exact_grad_b(a.detach(), b.detach(), dc.detach(), -1)

@@ -1059,18 +1059,78 @@ at::Tensor pam_mm_exact_grad_b(at::Tensor a, at::Tensor b, at::Tensor dc, int64_
   return pam_exact_grad(a, b, dc, 1, path);
 }
 
+// ---------------------------------------------------------------- batched entries
+// out[i] = fn(a[i], b[i](, dc[i])). Small problems (the attention products of a transformer:
+// many matrices of a few thousand MACs each) run one matrix per thread, each single-threaded,
+// instead of paying a Python round trip and an OpenMP team per matrix.
+template <typename F>
+at::Tensor batched(int64_t nb, at::IntArrayRef out_shape, const at::TensorOptions& opt, int64_t work,
+                   F fn) {
+  at::Tensor out = at::empty(out_shape, opt);
+  if (nb == 0) return out;
+  if (work >= (int64_t(1) << 21) || nb == 1) {
+    for (int64_t i = 0; i < nb; ++i) out.select(0, i).copy_(fn(i));
+    return out;
+  }
+  ThreadCap cap(nb * work);
+  const int nt = num_threads();
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t i = 0; i < nb; ++i) {
+    ThreadCap inner(0);  // each matrix on its own thread
+    out.select(0, i).copy_(fn(i));
+  }
+  return out;
+}
+
+void check3(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3, "pam_bmm: a and b must be 3-D, got ", a.sizes(), " and ",
+              b.sizes());
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(2) == b.size(1), "pam_bmm: shapes ", a.sizes(), " and ",
+              b.sizes(), " cannot be batch-multiplied");
+}
+
+at::Tensor pam_bmm(at::Tensor a, at::Tensor b, int64_t path) {
+  check3(a, b);
+  const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
+  return batched(a.size(0), {a.size(0), M, N}, a.options(), M * N * K,
+                 [&](int64_t i) { return pam_mm(a.select(0, i), b.select(0, i), path); });
+}
+at::Tensor pam_bmm_exact_grad_a(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path) {
+  check3(a, b);
+  const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
+  return batched(a.size(0), {a.size(0), M, K}, a.options(), M * N * K, [&](int64_t i) {
+    return pam_exact_grad(a.select(0, i), b.select(0, i), dc.select(0, i), 0, path);
+  });
+}
+at::Tensor pam_bmm_exact_grad_b(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path) {
+  check3(a, b);
+  const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
+  return batched(a.size(0), {a.size(0), K, N}, a.options(), M * N * K, [&](int64_t i) {
+    return pam_exact_grad(a.select(0, i), b.select(0, i), dc.select(0, i), 1, path);
+  });
+}
+
 std::string cpu_path() { return cpu_has_avx2_fma() ? "avx2+fma" : "scalar"; }
 int64_t last_mode() { return g_last_mode.load(); }
 
 }  // namespace
 
+void register_elementwise(pybind11::module& m);  // pa_elementwise.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_elementwise(m);
   m.def("pam_mm", &pam_mm, "C = sum_k PAM(A[i,k], B[k,j])", py::arg("a"), py::arg("b"),
         py::arg("path") = -1);
   m.def("pam_mm_exact_grad_a", &pam_mm_exact_grad_a, "exact dA", py::arg("a"), py::arg("b"),
         py::arg("dc"), py::arg("path") = -1);
   m.def("pam_mm_exact_grad_b", &pam_mm_exact_grad_b, "exact dB", py::arg("a"), py::arg("b"),
         py::arg("dc"), py::arg("path") = -1);
+  m.def("pam_bmm", &pam_bmm, "C[i] = pam_mm(A[i], B[i])", py::arg("a"), py::arg("b"),
+        py::arg("path") = -1);
+  m.def("pam_bmm_exact_grad_a", &pam_bmm_exact_grad_a, "batched exact dA", py::arg("a"),
+        py::arg("b"), py::arg("dc"), py::arg("path") = -1);
+  m.def("pam_bmm_exact_grad_b", &pam_bmm_exact_grad_b, "batched exact dB", py::arg("a"),
+        py::arg("b"), py::arg("dc"), py::arg("path") = -1);
   m.def("cpu_path", &cpu_path);
   m.def("last_mode", &last_mode);
 }
