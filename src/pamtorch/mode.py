@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from . import arith, kernels
 from .matmul import _f32, _mm32, bmm as _pa_bmm, linear as _pa_linear, matmul as _pa_matmul
@@ -71,8 +70,19 @@ def op_kind(func) -> str | None:
     return None if e is None else e.kind
 
 
+def _has_float(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.is_floating_point()
+    if isinstance(x, (list, tuple)):
+        return any(_has_float(y) for y in x)
+    if isinstance(x, dict):
+        return any(_has_float(y) for y in x.values())
+    return False
+
+
 def is_float_op(args, kwargs) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tree_leaves((args, kwargs)))
+    """Whether any tensor among the (nested list/tuple/dict) arguments is floating point."""
+    return _has_float(args) or _has_float(kwargs)
 
 
 # ---------------------------------------------------------------------------

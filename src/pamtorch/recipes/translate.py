@@ -75,11 +75,13 @@ class Transformer(nn.Module):
         src_pad = src == PAD
         return self.encoder(self.embed(self.src_embed, src), src_key_padding_mask=src_pad), src_pad
 
-    def decode(self, tgt_in, memory, src_pad):               # (B, T) -> logits (B, T, V)
+    def decode(self, tgt_in, memory, src_pad, last_only=False):  # (B, T) -> logits (B, T, V)
         T = tgt_in.size(1)
         causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=tgt_in.device), diagonal=1)
         h = self.decoder(self.embed(self.tgt_embed, tgt_in), memory, tgt_mask=causal,
                          tgt_key_padding_mask=tgt_in == PAD, memory_key_padding_mask=src_pad)
+        if last_only:                                        # search: only the next token's scores
+            h = h[:, -1:]
         return F.linear(h, self.tgt_embed.weight)            # tied output projection
 
     def forward(self, src, tgt_in):
@@ -100,7 +102,7 @@ def beam_search(model, src, beam=5, max_len=None, len_penalty=1.0):
     finished = [[] for _ in range(B)]
     done = [False] * B
     for t in range(max_len):
-        logp = model.decode(seqs, memory, src_pad)[:, -1].float().log_softmax(-1)
+        logp = model.decode(seqs, memory, src_pad, last_only=True)[:, -1].float().log_softmax(-1)
         V = logp.size(-1)
         cand = (scores.unsqueeze(-1) + logp.view(B, beam, V)).view(B, -1)
         top, idx = cand.topk(2 * beam, dim=-1)
