@@ -17,7 +17,6 @@
 #include <torch/extension.h>
 
 #include <ATen/TensorIterator.h>
-#include <ATen/native/cpu/Loops.h>
 
 #include <cmath>
 #include <cstdint>
@@ -57,31 +56,41 @@ inline double f64(uint64_t u) {
 inline int64_t range32(int64_t r) { return r < MN32 ? 0 : (r > INF32 ? INF32 : r); }
 inline int64_t range64(int64_t r) { return r < MN64 ? 0 : (r > INF64 ? INF64 : r); }
 
-inline float pam32(float x, float y) {
-  const uint32_t ux = u32(x), uy = u32(y);
-  const int64_t ma = ux & 0x7FFFFFFF, mb = uy & 0x7FFFFFFF;
-  const bool za = ma < MN32, zb = mb < MN32, ia = ma == INF32, ib = mb == INF32;
-  const bool nan = ma > INF32 || mb > INF32 || ((ia || ib) && (za || zb));
-  int64_t r = range32(ma - B32 + mb);
-  r = (za || zb) ? 0 : r;
-  r = (ia || ib) ? INF32 : r;
-  r = nan ? NAN32 : r;
-  const uint32_t s = nan ? 0u : ((ux ^ uy) & SIGN32);
-  return f32(static_cast<uint32_t>(r) | s);
+// The float32 rules in 32-bit unsigned lanes, branch-free so that the contiguous loops below
+// vectorize. |a| + |b| < 2^32 cannot wrap; "s < B + MN" is the underflow test of
+// range(s - B) and covers the s < B case in which s - B would wrap.
+inline uint32_t pam_bits(uint32_t ux, uint32_t uy) {
+  const uint32_t ma = ux & 0x7FFFFFFFu, mb = uy & 0x7FFFFFFFu;
+  const uint32_t s = ma + mb;
+  uint32_t r = s - uint32_t(B32);
+  r = s < uint32_t(B32 + MN32) ? 0u : r;
+  r = r > uint32_t(INF32) ? uint32_t(INF32) : r;
+  const bool zero = (ma < uint32_t(MN32)) | (mb < uint32_t(MN32));
+  const bool inf = (ma == uint32_t(INF32)) | (mb == uint32_t(INF32));
+  const bool nan = (ma > uint32_t(INF32)) | (mb > uint32_t(INF32)) | (inf & zero);
+  r = zero ? 0u : r;
+  r = inf ? uint32_t(INF32) : r;
+  r = nan ? uint32_t(NAN32) : r | ((ux ^ uy) & SIGN32);
+  return r;
 }
 
-inline float pad32(float x, float y) {
-  const uint32_t ux = u32(x), uy = u32(y);
-  const int64_t ma = ux & 0x7FFFFFFF, mb = uy & 0x7FFFFFFF;
-  const bool za = ma < MN32, zb = mb < MN32, ia = ma == INF32, ib = mb == INF32;
-  const bool nan = ma > INF32 || mb > INF32 || (za && zb) || (ia && ib);
-  int64_t r = range32(ma - mb + B32);
-  r = (za || ib) ? 0 : r;
-  r = (zb || ia) ? INF32 : r;
-  r = nan ? NAN32 : r;
-  const uint32_t s = nan ? 0u : ((ux ^ uy) & SIGN32);
-  return f32(static_cast<uint32_t>(r) | s);
+// pattern |a| - |b| + B: computed as (|a| + B) - |b| with |a| + B < 2^32; below MN (including
+// the would-be negative results) flushes to 0
+inline uint32_t pad_bits(uint32_t ux, uint32_t uy) {
+  const uint32_t ma = ux & 0x7FFFFFFFu, mb = uy & 0x7FFFFFFFu;
+  const uint32_t s = ma + uint32_t(B32);
+  uint32_t r = s - mb;
+  r = s < mb + uint32_t(MN32) ? 0u : r;
+  r = r > uint32_t(INF32) ? uint32_t(INF32) : r;
+  const bool za = ma < uint32_t(MN32), zb = mb < uint32_t(MN32);
+  const bool ia = ma == uint32_t(INF32), ib = mb == uint32_t(INF32);
+  const bool nan = (ma > uint32_t(INF32)) | (mb > uint32_t(INF32)) | (za & zb) | (ia & ib);
+  r = (za | ib) ? 0u : r;
+  r = (zb | ia) ? uint32_t(INF32) : r;
+  r = nan ? uint32_t(NAN32) : r | ((ux ^ uy) & SIGN32);
+  return r;
 }
+
 
 // float64 PAM / PAD on patterns (arith.pam / arith.pad for float64, wrap-around included)
 inline double pam64(double x, double y) {
@@ -151,8 +160,7 @@ inline int64_t half_round_even(int64_t n) {
 }
 
 template <int SIGN>
-inline float sqrt_like32(float x) {
-  const uint32_t ux = u32(x);
+inline uint32_t sqrt_like_bits(uint32_t ux) {
   const bool neg = (ux & SIGN32) != 0;
   const int64_t m = ux & 0x7FFFFFFF;
   const bool zero = m < MN32, inf = m == INF32, nan = m > INF32;
@@ -160,7 +168,7 @@ inline float sqrt_like32(float x) {
   r = zero ? (SIGN > 0 ? 0 : INF32) : r;
   r = inf ? (SIGN > 0 ? INF32 : 0) : r;
   r = (nan || (neg && !zero)) ? NAN32 : r;
-  return f32(static_cast<uint32_t>(r) | ((neg && zero) ? SIGN32 : 0u));
+  return static_cast<uint32_t>(r) | ((neg && zero) ? SIGN32 : 0u);
 }
 
 void check_f32(const at::Tensor& t, const char* op, const char* name) {
@@ -170,8 +178,45 @@ void check_f32(const at::Tensor& t, const char* op, const char* name) {
               t.device());
 }
 
-template <typename F>
-at::Tensor binary(const at::Tensor& a, const at::Tensor& b, const char* op, F fn) {
+// Contiguous (or scalar-broadcast) inner loops over bit patterns, compiled twice: for AVX2
+// and portable; the AVX2 copy is only called where the CPU has it.
+enum Bcast { BOTH, SCALAR_A, SCALAR_B };
+
+template <uint32_t (*OP)(uint32_t, uint32_t), Bcast K>
+inline void loop_body(uint32_t* __restrict o, const uint32_t* __restrict a, const uint32_t* __restrict b,
+                      int64_t n) {
+  if (K == BOTH) {
+    for (int64_t i = 0; i < n; ++i) o[i] = OP(a[i], b[i]);
+  } else if (K == SCALAR_A) {
+    const uint32_t x = a[0];
+    for (int64_t i = 0; i < n; ++i) o[i] = OP(x, b[i]);
+  } else {
+    const uint32_t y = b[0];
+    for (int64_t i = 0; i < n; ++i) o[i] = OP(a[i], y);
+  }
+}
+
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+template <uint32_t (*OP)(uint32_t, uint32_t), Bcast K>
+__attribute__((target("avx2"))) void loop_avx2(uint32_t* o, const uint32_t* a, const uint32_t* b, int64_t n) {
+  loop_body<OP, K>(o, a, b, n);
+}
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#endif
+
+template <uint32_t (*OP)(uint32_t, uint32_t), Bcast K>
+void loop_fast(uint32_t* o, const uint32_t* a, const uint32_t* b, int64_t n) {
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+  if (has_avx2()) return loop_avx2<OP, K>(o, a, b, n);
+#endif
+  loop_body<OP, K>(o, a, b, n);
+}
+
+template <uint32_t (*OP)(uint32_t, uint32_t)>
+at::Tensor binary(const at::Tensor& a, const at::Tensor& b, const char* op) {
   check_f32(a, op, "a");
   check_f32(b, op, "b");
   at::Tensor out;
@@ -180,37 +225,68 @@ at::Tensor binary(const at::Tensor& a, const at::Tensor& b, const char* op, F fn
                   .add_const_input(a)
                   .add_const_input(b)
                   .build();
-  at::native::cpu_kernel(iter, fn);
+  iter.for_each([](char** data, const int64_t* strides, int64_t n) {
+    auto* o = reinterpret_cast<uint32_t*>(data[0]);
+    const auto* x = reinterpret_cast<const uint32_t*>(data[1]);
+    const auto* y = reinterpret_cast<const uint32_t*>(data[2]);
+    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 4) return loop_fast<OP, BOTH>(o, x, y, n);
+    if (strides[0] == 4 && strides[1] == 0 && strides[2] == 4) return loop_fast<OP, SCALAR_A>(o, x, y, n);
+    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 0) return loop_fast<OP, SCALAR_B>(o, x, y, n);
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u, v;
+      std::memcpy(&u, data[1] + i * strides[1], 4);
+      std::memcpy(&v, data[2] + i * strides[2], 4);
+      const uint32_t r = OP(u, v);
+      std::memcpy(data[0] + i * strides[0], &r, 4);
+    }
+  });
   return iter.output();
 }
 
-template <typename F>
-at::Tensor unary(const at::Tensor& x, const char* op, F fn) {
+template <uint32_t (*OP)(uint32_t)>
+inline void unary_body(uint32_t* __restrict o, const uint32_t* __restrict a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) o[i] = OP(a[i]);
+}
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+template <uint32_t (*OP)(uint32_t)>
+__attribute__((target("avx2"))) void unary_avx2(uint32_t* o, const uint32_t* a, int64_t n) {
+  unary_body<OP>(o, a, n);
+}
+#endif
+
+template <uint32_t (*OP)(uint32_t)>
+at::Tensor unary(const at::Tensor& x, const char* op) {
   check_f32(x, op, "x");
   at::Tensor out;
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(x).build();
-  at::native::cpu_kernel(iter, fn);
+  iter.for_each([](char** data, const int64_t* strides, int64_t n) {
+    auto* o = reinterpret_cast<uint32_t*>(data[0]);
+    const auto* a = reinterpret_cast<const uint32_t*>(data[1]);
+    if (strides[0] == 4 && strides[1] == 4) {
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+      if (has_avx2()) return unary_avx2<OP>(o, a, n);
+#endif
+      return unary_body<OP>(o, a, n);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, data[1] + i * strides[1], 4);
+      const uint32_t r = OP(u);
+      std::memcpy(data[0] + i * strides[0], &r, 4);
+    }
+  });
   return iter.output();
 }
 
-at::Tensor pam(const at::Tensor& a, const at::Tensor& b) {
-  return binary(a, b, "pam", [](float x, float y) -> float { return pam32(x, y); });
-}
-at::Tensor pad(const at::Tensor& a, const at::Tensor& b) {
-  return binary(a, b, "pad", [](float x, float y) -> float { return pad32(x, y); });
-}
-at::Tensor exp(const at::Tensor& x) {
-  return unary(x, "exp", [](float v) -> float { return exp32(v); });
-}
-at::Tensor log(const at::Tensor& x) {
-  return unary(x, "log", [](float v) -> float { return log32(v); });
-}
-at::Tensor sqrt(const at::Tensor& x) {
-  return unary(x, "sqrt", [](float v) -> float { return sqrt_like32<1>(v); });
-}
-at::Tensor rsqrt(const at::Tensor& x) {
-  return unary(x, "rsqrt", [](float v) -> float { return sqrt_like32<-1>(v); });
-}
+at::Tensor pam(const at::Tensor& a, const at::Tensor& b) { return binary<pam_bits>(a, b, "pam"); }
+at::Tensor pad(const at::Tensor& a, const at::Tensor& b) { return binary<pad_bits>(a, b, "pad"); }
+inline uint32_t exp_bits(uint32_t u) { return u32(exp32(f32(u))); }
+inline uint32_t log_bits(uint32_t u) { return u32(log32(f32(u))); }
+
+at::Tensor exp(const at::Tensor& x) { return unary<exp_bits>(x, "exp"); }
+at::Tensor log(const at::Tensor& x) { return unary<log_bits>(x, "log"); }
+at::Tensor sqrt(const at::Tensor& x) { return unary<sqrt_like_bits<1>>(x, "sqrt"); }
+at::Tensor rsqrt(const at::Tensor& x) { return unary<sqrt_like_bits<-1>>(x, "rsqrt"); }
 
 }  // namespace pa_ew
 
