@@ -25,6 +25,16 @@ def test_bench_matmul_appends_a_table(tmp_path, capsys):
     assert "Machine:" in text and "64" in text
 
 
+def test_bench_elementwise_appends_a_table(tmp_path, capsys):
+    out_file = tmp_path / "B.md"
+    assert main(["bench", "elementwise", "--sizes", "4096", "--reps", "1", "--output", str(out_file)]) == 0
+    text = out_file.read_text()
+    assert "bench elementwise" in text and "Machine:" in text
+    rows = [line for line in text.splitlines() if line.startswith("| mul ") or line.startswith("| exp ")]
+    assert len(rows) == 3  # mul contiguous, mul row broadcast, exp
+    assert all(float(r.split("|")[6]) > 0 for r in rows)
+
+
 def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit):
         main(["frobnicate"])

@@ -123,7 +123,7 @@ def test_translate_on_iwslt_layout(tmp_path):
             pick = [words[(i * 7 + k * 3) % 5] for k in range(2 + i % 4)]
             de.append(" ".join(p[0] for p in pick))
             en.append(" ".join(p[1] for p in pick))
-        (data / f"train.de" if split == "train" else data / f"{split}.de").write_text("\n".join(de) + "\n")
+        (data / f"{split}.de").write_text("\n".join(de) + "\n")
         (data / f"{split}.en").write_text("\n".join(en) + "\n")
     out = tmp_path / "run"
     T.main(["translate", "--data-dir", str(data), "--src", "de", "--tgt", "en", "--steps", "6", "--eval-every", "6",

@@ -1,4 +1,4 @@
-"""Timing of the CPU PAM matrix-product kernels against torch.matmul.
+"""Timing of the compiled CPU kernels (PAM matrix products, PA elementwise ops) against torch.
 
 ``bench_matmul`` returns one row per size; ``format_matmul_table`` renders them as a
 markdown table. Ratios are "x of torch.matmul" = t_torch / t_kernel on the same float32
@@ -16,7 +16,8 @@ import time
 
 import torch
 
-__all__ = ["bench_matmul", "format_matmul_table", "packing_bytes"]
+__all__ = ["bench_matmul", "format_matmul_table", "packing_bytes", "bench_elementwise",
+           "format_elementwise_table"]
 
 
 def packing_bytes(M: int, K: int, N: int) -> dict:
@@ -124,4 +125,77 @@ def format_matmul_table(rows) -> str:
             f"{r['fwd_ratio']:.2f} | {r['fwd_relu_ratio']:.2f} | {r['fwd_zeros_ratio']:.2f} | "
             f"{r['grad_a_ratio']:.2f} | {r['grad_b_ratio']:.2f} | {naive} | "
             f"{r['extra_mib_fwd']:.0f} / {r['extra_mib_grad']:.0f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# elementwise ops
+
+ELEMENTWISE = (  # (name, PA op, torch op, arity)
+    ("mul", "pam", torch.mul, 2),
+    ("div", "pad", torch.div, 2),
+    ("exp", "pa_exp", torch.exp, 1),
+    ("log", "pa_log", torch.log, 1),
+    ("rsqrt", "pa_rsqrt", torch.rsqrt, 1),
+)
+
+
+def bench_elementwise(sizes=(1 << 16, 1 << 20, 1 << 22), reps: int = 7, threads=None,
+                      emulation_max: int = 1 << 20, seed: int = 0) -> list:
+    """Time the float32 PA elementwise ops against their torch counterparts.
+
+    One row per (op, size): the compiled kernel and, up to ``emulation_max`` elements, the
+    pure-torch implementation (``arith._COMPILED = False``), each as "x of torch" =
+    t_torch / t_pa. Binary ops are timed twice: two contiguous operands, and a contiguous
+    [n/64, 64] operand against a broadcast [n/64, 1] column (a softmax's row sums)."""
+    from . import arith
+
+    old_threads, old_compiled = torch.get_num_threads(), arith._COMPILED
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    rows = []
+    try:
+        g = torch.Generator().manual_seed(seed)
+        for n in sizes:
+            a = torch.randn(n, generator=g) * 4
+            b = torch.randn(n, generator=g)
+            pos = a.abs() + 0.1
+            col = torch.randn(n // 64, 1, generator=g)
+            for name, pa_name, tfn, arity in ELEMENTWISE:
+                pa = getattr(arith, pa_name)
+                cases = [("contiguous", (a, b) if arity == 2 else ((pos,) if name in ("log", "rsqrt") else (a,)))]
+                if arity == 2:
+                    cases.append(("row broadcast", (a.view(-1, 64), col)))
+                for case, args in cases:
+                    ops = {"torch": lambda: tfn(*args), "pa": lambda: pa(*args)}
+                    arith._COMPILED = True
+                    for fn in ops.values():
+                        fn()
+                    times = {k: [] for k in ops}
+                    for _ in range(reps):
+                        for k, fn in ops.items():
+                            times[k].append(_time(fn))
+                    med = {k: statistics.median(v) for k, v in times.items()}
+                    emu = None
+                    if n <= emulation_max:
+                        arith._COMPILED = False
+                        emu = med["torch"] / statistics.median([_time(ops["pa"]) for _ in range(3)])
+                        arith._COMPILED = True
+                    rows.append({"op": name, "case": case, "n": n, "threads": torch.get_num_threads(),
+                                 "t_torch_ms": med["torch"] * 1e3, "t_pa_ms": med["pa"] * 1e3,
+                                 "ratio": med["torch"] / med["pa"], "emulation_ratio": emu})
+    finally:
+        torch.set_num_threads(old_threads)
+        arith._COMPILED = old_compiled
+    return rows
+
+
+def format_elementwise_table(rows) -> str:
+    """Markdown table of bench_elementwise rows."""
+    lines = ["| op | operands | elements | threads | torch ms | compiled PA, x of torch | "
+             "pure-torch emulation, x of torch |", "|" + "---|" * 7]
+    for r in rows:
+        emu = f"{r['emulation_ratio']:.3f}" if r["emulation_ratio"] is not None else "-"
+        lines.append(f"| {r['op']} | {r['case']} | {r['n']} | {r['threads']} | {r['t_torch_ms']:.2f} | "
+                     f"{r['ratio']:.2f} | {emu} |")
     return "\n".join(lines)

@@ -35,8 +35,13 @@ def _bench(args) -> int:
 
     from . import bench
 
-    rows = bench.bench_matmul(tuple(args.sizes), reps=args.reps, threads=args.threads)
-    table = bench.format_matmul_table(rows)
+    if args.what == "matmul":
+        rows = bench.bench_matmul(tuple(args.sizes or (512, 1024, 2048)), reps=args.reps, threads=args.threads)
+        table = bench.format_matmul_table(rows)
+    else:
+        rows = bench.bench_elementwise(tuple(args.sizes or (1 << 16, 1 << 20, 1 << 22)), reps=args.reps,
+                                       threads=args.threads)
+        table = bench.format_elementwise_table(rows)
     command = "pamtorch " + " ".join(shlex.quote(a) for a in args.argv)
     print(table)
     if not args.no_append:
@@ -56,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_check)
 
     b = sub.add_parser("bench", help="time the kernels against PyTorch and append to BENCHMARKS.md")
-    b.add_argument("what", choices=["matmul"])
-    b.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
+    b.add_argument("what", choices=["matmul", "elementwise"])
+    b.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="matmul: n of n x n x n (default 512 1024 2048); elementwise: number of "
+                        "elements (default 65536 1048576 4194304)")
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--no-append", action="store_true", help="print only, don't append to BENCHMARKS.md")
