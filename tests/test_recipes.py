@@ -221,3 +221,54 @@ def test_arith_context():
     else:  # the PA variants need pamtorch.mode: a clear error until it exists
         with pytest.raises(RuntimeError, match="needs pamtorch.mode"):
             arith_context("pam-matmul")
+
+
+def _step_vs_full(model, src, tgt):
+    memory, src_pad = model.encode(src)
+    cache, steps, fulls = None, [], []
+    for t in range(1, tgt.size(1) + 1):
+        logits, cache = model.decode_step(tgt[:, :t], cache, memory, src_pad)
+        steps.append(logits)
+        fulls.append(model.decode(tgt[:, :t], memory, src_pad)[:, -1])
+    return torch.stack(steps, 1), torch.stack(fulls, 1)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_incremental_decoding_equals_the_full_pass(norm_first):
+    import dataclasses
+
+    import pamtorch
+
+    torch.manual_seed(1)
+    model = tiny_translate()
+    if norm_first:
+        model = translate.Transformer(dataclasses.replace(model.cfg, norm_first=True))
+    model.eval()
+    src = torch.randint(4, 50, (3, 7))
+    src[0, 5:] = translate.PAD
+    tgt = torch.randint(4, 50, (3, 6))
+    tgt[:, 0] = translate.BOS
+    tgt[1, 3] = translate.PAD  # a dead beam's padding inside a prefix
+    with torch.no_grad():
+        step, full = _step_vs_full(model, src, tgt)
+    assert torch.allclose(step, full, atol=1e-5)
+    # under the PA mode every op of a position is the same PA op in both passes: bit for bit
+    with torch.no_grad(), pamtorch.mode(pamtorch.Config.full()):
+        step, full = _step_vs_full(model, src, tgt)
+    assert torch.equal(step, full)
+
+
+def test_beam_search_incremental_and_per_sentence_limits():
+    import pamtorch
+
+    torch.manual_seed(2)
+    model = tiny_translate().eval()
+    src = torch.randint(4, 50, (4, 9))
+    src[1, 2:] = translate.PAD  # a short sentence: its own, shorter length limit
+    with pamtorch.mode(pamtorch.Config.full()):
+        inc = translate.beam_search(model, src, beam=3)
+        full = translate.beam_search(model, src, beam=3, incremental=False)
+        alone = translate.beam_search(model, src[1:2, :2], beam=3)
+    assert inc == full
+    assert alone[0] == inc[1]  # the batch it is decoded in does not matter
+    assert len(inc[1]) <= int(2 * 1.5) + 10

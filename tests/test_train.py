@@ -72,6 +72,21 @@ def test_resume_is_exact(tmp_path, recipe):
     assert a["valid_loss"] == b["valid_loss"]
 
 
+def test_resume_of_a_finished_run_redoes_the_final_evaluation(tmp_path):
+    """The final checkpoint is written before the final evaluation, so an interrupted final
+    evaluation (a long beam search) costs no training: --resume only evaluates again."""
+    run = TINY["translate"] + ["--steps", "4", "--eval-every", "2", "--batch-size", "8", "--out", str(tmp_path)]
+    T.main(run)
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    (tmp_path / "metrics.json").unlink()
+    T.main(run + ["--resume"])
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["step"] for r in T.read_jsonl(tmp_path / "eval_log.jsonl")] == [2, 4]
+    assert len(losses(tmp_path)) == 4
+    for key in ("valid_loss", "bleu", "test_bleu", "accuracy"):
+        assert again[key] == first[key]
+
+
 def test_resume_refuses_other_config(tmp_path):
     T.main(VIT + ["--steps", "3", "--eval-every", "3", "--batch-size", "16", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="model_config"):

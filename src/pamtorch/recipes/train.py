@@ -398,8 +398,9 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
         if torch.cuda.is_available() and ckpt.get("rng_cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         if rank == 0:
-            for name in ("train_log.jsonl", "eval_log.jsonl"):
-                _truncate_jsonl(out / name, start)
+            _truncate_jsonl(out / "train_log.jsonl", start)
+            # a finished run's final evaluation is redone on resume (it may have been interrupted)
+            _truncate_jsonl(out / "eval_log.jsonl", start - 1 if start == total else start)
             print(f"resumed from {ckpt_path} at step {start}", file=sys.stderr)
     elif rank == 0:
         for name in ("train_log.jsonl", "eval_log.jsonl"):
@@ -487,15 +488,19 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", **{f"{task.unit}/s": f"{n_items * world / dt:.0f}"})
             done = step + 1 == total
+            if done:  # the trained model is safe on disk before the (long) final evaluation
+                save_checkpoint(step + 1)
             if (step + 1) % eval_every == 0 or done:
                 last = evaluate(step + 1, final=done)
                 if bar is not None:
                     bar.write(f"step {step + 1}: " + ", ".join(
                         f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float)))
-            if (step + 1) % ckpt_every == 0 or done or (args.stop_at is not None and step + 1 == args.stop_at):
+            if not done and ((step + 1) % ckpt_every == 0 or (args.stop_at is not None and step + 1 == args.stop_at)):
                 save_checkpoint(step + 1)
             if args.stop_at is not None and step + 1 == args.stop_at and not done:
                 break
+        if start == total and total > 0:  # --resume of a finished run: (re)do the final evaluation
+            last = evaluate(total, final=True)
     except NonFiniteLoss as e:
         msg = (f"{e}; stopping. The last good checkpoint is {ckpt_path}" if ckpt_path.is_file()
                else f"{e}; stopping (no checkpoint was written yet)")

@@ -88,12 +88,53 @@ class Transformer(nn.Module):
         memory, src_pad = self.encode(src)
         return self.decode(tgt_in, memory, src_pad)
 
+    def decode_step(self, seqs, cache, memory, src_pad):
+        """Next-token logits ``(B, V)`` for the prefixes ``seqs (B, t)``, running the stock decoder
+        layers on the last position only.
+
+        ``cache`` holds each layer's inputs at the earlier positions (``None`` at t = 1) and is
+        returned extended; the last position's self-attention reads its keys and values from it,
+        so a step costs one position instead of t (the caller reorders the cache with the beams).
+        Equal to ``decode(seqs, ...)[:, -1]``: every op but self-attention is per position, and
+        the causal mask of the full pass hides exactly the positions the cache does not hold.
+        """
+        t = seqs.size(1)
+        x = self.drop(self.tgt_embed(seqs[:, -1:]) * self.scale + self.pos[t - 1:t])
+        kpm = seqs == PAD
+        new_cache = []
+        for i, layer in enumerate(self.decoder.layers):
+            xs = x if cache is None else torch.cat([cache[i], x], 1)
+            new_cache.append(xs)
+            if layer.norm_first:
+                kv = layer.norm1(xs)
+                x = x + layer.dropout1(layer.self_attn(kv[:, -1:], kv, kv, key_padding_mask=kpm,
+                                                       need_weights=False)[0])
+                x = x + layer._mha_block(layer.norm2(x), memory, None, src_pad)
+                x = x + layer._ff_block(layer.norm3(x))
+            else:
+                sa = layer.self_attn(x, xs, xs, key_padding_mask=kpm, need_weights=False)[0]
+                x = layer.norm1(x + layer.dropout1(sa))
+                x = layer.norm2(x + layer._mha_block(x, memory, None, src_pad))
+                x = layer.norm3(x + layer._ff_block(x))
+        if self.decoder.norm is not None:
+            x = self.decoder.norm(x)
+        return F.linear(x[:, 0], self.tgt_embed.weight), new_cache
+
 
 @torch.no_grad()
-def beam_search(model, src, beam=5, max_len=None, len_penalty=1.0):
-    """Batched beam search; returns the best token list (without BOS/EOS) per source sentence."""
+def beam_search(model, src, beam=5, max_len=None, len_penalty=1.0, incremental=True):
+    """Batched beam search; returns the best token list (without BOS/EOS) per source sentence.
+
+    Each sentence gets its own length limit, ``min(max_len, 1.5 * its source length + 10)``
+    tokens (``max_len`` defaults to the model's), so a sentence's result does not depend on
+    the batch it is decoded in. ``incremental`` decodes one position per step with a cache of
+    the decoder's layer inputs (``Transformer.decode_step``); ``False`` recomputes the prefix.
+    """
     B = src.size(0)
-    max_len = max_len or min(model.cfg.max_len, int(src.size(1) * 1.5) + 10)
+    cap = max_len or model.cfg.max_len
+    src_len = (src != PAD).sum(1).tolist()
+    limit = [min(cap, int(n * 1.5) + 10) for n in src_len]
+    max_len = max(limit)
     memory, src_pad = model.encode(src)
     memory, src_pad = memory.repeat_interleave(beam, 0), src_pad.repeat_interleave(beam, 0)
     seqs = torch.full((B * beam, 1), BOS, dtype=torch.long, device=src.device)
@@ -101,8 +142,13 @@ def beam_search(model, src, beam=5, max_len=None, len_penalty=1.0):
     scores[:, 0] = 0.0
     finished = [[] for _ in range(B)]
     done = [False] * B
+    cache = None
     for t in range(max_len):
-        logp = model.decode(seqs, memory, src_pad, last_only=True)[:, -1].float().log_softmax(-1)
+        if incremental:
+            logits, cache = model.decode_step(seqs, cache, memory, src_pad)
+        else:
+            logits = model.decode(seqs, memory, src_pad, last_only=True)[:, -1]
+        logp = logits.float().log_softmax(-1)
         V = logp.size(-1)
         cand = (scores.unsqueeze(-1) + logp.view(B, beam, V)).view(B, -1)
         top, idx = cand.topk(2 * beam, dim=-1)
@@ -114,7 +160,7 @@ def beam_search(model, src, beam=5, max_len=None, len_penalty=1.0):
                 k, tok = divmod(i, V)
                 if done[b] or s == float("-inf"):
                     break
-                if tok == EOS or t == max_len - 1:
+                if tok == EOS or t >= limit[b] - 1:
                     hyp = seqs[b * beam + k, 1:].tolist() + ([] if tok == EOS else [tok])
                     finished[b].append((s / max(1, len(hyp) + 1) ** len_penalty, hyp))
                     if len(finished[b]) >= beam:
@@ -124,6 +170,8 @@ def beam_search(model, src, beam=5, max_len=None, len_penalty=1.0):
                     keep.append((s, b * beam + k, tok))
                 if len(keep) == beam:
                     break
+            if t >= limit[b] - 1:  # this sentence's length limit: what finished is all it gets
+                done[b] = True
             keep += [(float("-inf"), b * beam, PAD)] * (beam - len(keep))
             for s, r, tok in keep:
                 rows.append(r)
@@ -132,6 +180,8 @@ def beam_search(model, src, beam=5, max_len=None, len_penalty=1.0):
         if all(done):
             break
         seqs = torch.cat([seqs[rows], torch.tensor(toks, device=src.device)[:, None]], 1)
+        if cache is not None:
+            cache = [c[rows] for c in cache]
         scores = torch.tensor(new_scores, device=src.device).view(B, beam)
     return [max(f)[1] if f else [] for f in finished]
 
@@ -250,10 +300,13 @@ class Task:
             # during training: greedy on at most 100 sentences (cheap); at the end: --beam on --eval-sentences
             k = min(len(pairs), self.eval_sentences if final else min(100, self.eval_sentences))
             beam = self.beam if final else 1
-            hyps = []
+            hyps = [""] * k
+            order = sorted(range(k), key=lambda j: len(pairs[j][0]))  # batches of similar length
             for i in range(0, k, batch_size):
-                src = _pad([s for s, _ in pairs[i:min(k, i + batch_size)]], self.device)
-                hyps += [self.tok.decode(h) for h in beam_search(net, src, beam=beam)]
+                idx = order[i:i + batch_size]
+                src = _pad([pairs[j][0] for j in idx], self.device)
+                for j, h in zip(idx, beam_search(net, src, beam=beam)):
+                    hyps[j] = self.tok.decode(h)
             refs = self.splits[split][1][:k]
             bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
             prefix = "" if split == "valid" else "test_"
