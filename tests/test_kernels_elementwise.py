@@ -108,3 +108,19 @@ def test_batched_entries_validate():
     with pytest.raises(ValueError, match="dc must have shape"):
         cpu.pam_bmm_exact_grad_a(torch.ones(2, 3, 4), torch.ones(2, 4, 5), torch.ones(2, 3, 4))
     assert cpu.pam_bmm(torch.ones(0, 3, 4), torch.ones(0, 4, 5)).shape == (0, 3, 5)
+
+
+def test_exact_exp_derivative_matches_torch_implementation():
+    import pamtorch
+
+    x = torch.cat([patterns(300_000, 5), torch.linspace(-150, 150, 30001)])
+    g = torch.cat([patterns(300_000, 6), torch.randn(30001, generator=torch.Generator().manual_seed(7))])
+
+    def grad():
+        xx = x.clone().requires_grad_()
+        pamtorch.exp(xx, derivative="exact").backward(g)
+        return xx.grad
+
+    same_bits(grad(), torch_path(grad))
+    with pytest.raises(RuntimeError, match="'g' must be float32"):
+        EXT.ew_exp_exact_grad(x, x, x.double())

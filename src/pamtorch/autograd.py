@@ -247,6 +247,10 @@ class _Unary(torch.autograd.Function):
         op, p, kind = ctx.op, ctx.p, ctx.kind
         if kind == "ste":
             return _STE[op](x, out, g, p), None, None, None
+        if kind == "exact" and op == "exp":
+            ext = arith._ext(x, out, g)  # float32 on the CPU: one compiled pass, same bits
+            if ext is not None:
+                return ext.ew_exp_exact_grad(x, out, g), None, None, None
         d = _APPROX[op](x, out, g, p)
         if kind == "exact":
             k, neg, ok = _EXACT[op](x, out, p)

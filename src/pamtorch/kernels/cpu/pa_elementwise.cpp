@@ -153,6 +153,32 @@ inline float log32(float x) {
   return static_cast<float>(pad64(l, LOG2E));                     // rounded once
 }
 
+// x * 2^k on patterns (arith.scale_pow2 for float32): zero stays signed zero, inf/NaN pass,
+// flush below the smallest normal, inf above the largest finite
+inline uint32_t scale_pow2_bits(uint32_t ug, int64_t k) {
+  const int64_t m = ug & 0x7FFFFFFF;
+  int64_t r = range32(m + static_cast<int64_t>(static_cast<uint64_t>(k) << 23));
+  r = m < MN32 ? 0 : r;
+  r = m >= INF32 ? m : r;
+  return static_cast<uint32_t>(r) | (ug & SIGN32);
+}
+
+// The exact derivative of pa_exp applied to the upstream g (autograd._Unary.backward with
+// kind "exact", op "exp"): g * 2^(floor(y) + c), y = pam64(x, log2 e), c the carry of the
+// mantissa add; where the output o is zero, inf or NaN, the approx derivative pam(o, g).
+constexpr uint64_t LOG2E_FRAC = 0x00071547652B82FEULL;  // fraction field of log2 e in float64
+inline uint32_t exp_exact_grad_bits(uint32_t ux, uint32_t uo, uint32_t ug) {
+  const uint32_t mo = uo & 0x7FFFFFFFu;
+  if (mo < uint32_t(MN32) || mo >= uint32_t(INF32)) return pam_bits(uo, ug);
+  const double y = pam64(static_cast<double>(f32(ux)), LOG2E);
+  const double yc = y < -4096.0 ? -4096.0 : (y > 4096.0 ? 4096.0 : y);
+  const int64_t fl = static_cast<int64_t>(std::floor(yc));
+  const uint32_t mx = ux & 0x7FFFFFFFu;
+  const uint64_t frac = mx < uint32_t(MN32) ? 0 : (mx & 0x7FFFFFu);
+  const int64_t c = static_cast<int64_t>(((frac << 29) + LOG2E_FRAC) >> 52);
+  return scale_pow2_bits(ug, fl + c);
+}
+
 // round(n / 2), ties to even (arith._half_round_even); >> is an arithmetic shift
 inline int64_t half_round_even(int64_t n) {
   const int64_t h = n >> 1;
@@ -283,6 +309,30 @@ at::Tensor pad(const at::Tensor& a, const at::Tensor& b) { return binary<pad_bit
 inline uint32_t exp_bits(uint32_t u) { return u32(exp32(f32(u))); }
 inline uint32_t log_bits(uint32_t u) { return u32(log32(f32(u))); }
 
+at::Tensor exp_exact_grad(const at::Tensor& x, const at::Tensor& o, const at::Tensor& g) {
+  check_f32(x, "exp_exact_grad", "x");
+  check_f32(o, "exp_exact_grad", "o");
+  check_f32(g, "exp_exact_grad", "g");
+  at::Tensor out;
+  auto iter = at::TensorIteratorConfig()
+                  .add_output(out)
+                  .add_const_input(x)
+                  .add_const_input(o)
+                  .add_const_input(g)
+                  .build();
+  iter.for_each([](char** data, const int64_t* strides, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t ux, uo, ug;
+      std::memcpy(&ux, data[1] + i * strides[1], 4);
+      std::memcpy(&uo, data[2] + i * strides[2], 4);
+      std::memcpy(&ug, data[3] + i * strides[3], 4);
+      const uint32_t r = exp_exact_grad_bits(ux, uo, ug);
+      std::memcpy(data[0] + i * strides[0], &r, 4);
+    }
+  });
+  return iter.output();
+}
+
 at::Tensor exp(const at::Tensor& x) { return unary<exp_bits>(x, "exp"); }
 at::Tensor log(const at::Tensor& x) { return unary<log_bits>(x, "log"); }
 at::Tensor sqrt(const at::Tensor& x) { return unary<sqrt_like_bits<1>>(x, "sqrt"); }
@@ -295,6 +345,7 @@ void register_elementwise(pybind11::module& m) {
   m.def("ew_pad", &pa_ew::pad, "PAD of two float32 tensors (broadcasting)");
   m.def("ew_exp", &pa_ew::exp, "PA exp of a float32 tensor");
   m.def("ew_log", &pa_ew::log, "PA log of a float32 tensor");
+  m.def("ew_exp_exact_grad", &pa_ew::exp_exact_grad, "exact derivative of PA exp applied to g");
   m.def("ew_sqrt", &pa_ew::sqrt, "PA sqrt of a float32 tensor");
   m.def("ew_rsqrt", &pa_ew::rsqrt, "PA rsqrt of a float32 tensor");
 }
