@@ -35,6 +35,16 @@ def test_bench_elementwise_appends_a_table(tmp_path, capsys):
     assert all(float(r.split("|")[6]) > 0 for r in rows)
 
 
+def test_bench_step_times_each_arithmetic(tmp_path):
+    out_file = tmp_path / "B.md"
+    assert main(["bench", "step", "--recipe", "vit", "--variants", "fp32,pam-full", "--reps", "1",
+                 "--output", str(out_file), "--train-args", "--set", "dim=16", "--set", "depth=1",
+                 "--batch-size", "8"]) == 0
+    rows = [line.split("|") for line in out_file.read_text().splitlines() if line.startswith("| vit ")]
+    assert [r[5].strip() for r in rows] == ["fp32", "pam-full"]
+    assert float(rows[0][7]) == 1.0 and float(rows[1][7]) > 0
+
+
 def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit):
         main(["frobnicate"])

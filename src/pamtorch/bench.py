@@ -17,7 +17,7 @@ import time
 import torch
 
 __all__ = ["bench_matmul", "format_matmul_table", "packing_bytes", "bench_elementwise",
-           "format_elementwise_table"]
+           "format_elementwise_table", "bench_step", "format_step_table"]
 
 
 def packing_bytes(M: int, K: int, N: int) -> dict:
@@ -198,4 +198,69 @@ def format_elementwise_table(rows) -> str:
         emu = f"{r['emulation_ratio']:.3f}" if r["emulation_ratio"] is not None else "-"
         lines.append(f"| {r['op']} | {r['case']} | {r['n']} | {r['threads']} | {r['t_torch_ms']:.2f} | "
                      f"{r['ratio']:.2f} | {emu} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# a whole training step of a recipe
+
+def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-full", "paper"),
+               reps: int = 10, threads=None, train_args=(), seed: int = 0) -> list:
+    """Time one training step (forward, loss, backward, clipping, AdamW) of ``pamtorch train
+    RECIPE``'s model under each arithmetic variant, as ``pamtorch train`` runs it.
+
+    Every variant trains its own copy of the same initial model on the same batches; the
+    variants take turns step by step (interleaved) and the median step time is reported, with
+    "x fp32" = t_variant / t_fp32 (so 3.0 means three times as slow). ``train_args`` are
+    extra ``pamtorch train`` options (e.g. ``--data-dir``, ``--preset``, ``--batch-size``)."""
+    import argparse
+    import copy
+
+    from .recipes import train as T
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        p = argparse.ArgumentParser()
+        T.add_arguments(p)
+        args = p.parse_args([recipe, *train_args])
+        mod = T.get_recipe(recipe)
+        hp = T.resolve_hparams(args, mod)
+        torch.manual_seed(seed)
+        task = mod.Task(args, hp, None, torch.device("cpu"))
+        runs = {}
+        for v in variants:
+            model = copy.deepcopy(task.model)
+            opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
+            runs[v] = (model, opt, T.arith_context(v))
+        times = {v: [] for v in variants}
+        for step in range(reps + 2):  # two warm-up steps
+            batch = task.batch(step, hp.batch_size, seed)
+            for v, (model, opt, ctx) in runs.items():
+                torch.manual_seed(step)
+                t0 = time.perf_counter()
+                with ctx():
+                    loss, _ = task.loss(model, batch)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), hp.clip or 1.0)
+                    opt.step()
+                if step >= 2:
+                    times[v].append(time.perf_counter() - t0)
+        base = statistics.median(times[variants[0]])
+        return [{"recipe": recipe, "preset": hp.preset, "variant": v, "threads": torch.get_num_threads(),
+                 "batch_size": hp.batch_size, "t_step_ms": statistics.median(times[v]) * 1e3,
+                 "x_first": statistics.median(times[v]) / base} for v in variants]
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def format_step_table(rows) -> str:
+    """Markdown table of bench_step rows (ratios against the first variant, normally fp32)."""
+    first = rows[0]["variant"] if rows else "fp32"
+    lines = [f"| recipe | preset | batch | threads | variant | step ms (median) | x {first} |", "|" + "---|" * 7]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {r['preset']} | {r['batch_size']} | {r['threads']} | {r['variant']} | "
+                     f"{r['t_step_ms']:.1f} | {r['x_first']:.2f} |")
     return "\n".join(lines)

@@ -38,6 +38,10 @@ def _bench(args) -> int:
     if args.what == "matmul":
         rows = bench.bench_matmul(tuple(args.sizes or (512, 1024, 2048)), reps=args.reps, threads=args.threads)
         table = bench.format_matmul_table(rows)
+    elif args.what == "step":
+        rows = bench.bench_step(args.recipe, tuple(args.variants.split(",")), reps=args.reps,
+                                threads=args.threads, train_args=tuple(args.train_args))
+        table = bench.format_step_table(rows)
     else:
         rows = bench.bench_elementwise(tuple(args.sizes or (1 << 16, 1 << 20, 1 << 22)), reps=args.reps,
                                        threads=args.threads)
@@ -61,7 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_check)
 
     b = sub.add_parser("bench", help="time the kernels against PyTorch and append to BENCHMARKS.md")
-    b.add_argument("what", choices=["matmul", "elementwise"])
+    b.add_argument("what", choices=["matmul", "elementwise", "step"])
+    b.add_argument("--recipe", default="translate", choices=["vit", "translate", "lm"],
+                   help="step: the pamtorch train recipe whose training step is timed")
+    b.add_argument("--variants", default="fp32,pam-matmul,pam-full,paper",
+                   help="step: arithmetic variants, comma-separated, the first is the baseline")
+    b.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
+                   help="step: everything after this goes to the recipe as pamtorch train options "
+                        "(e.g. --train-args --data-dir ../shared/data/de-en)")
     b.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="matmul: n of n x n x n (default 512 1024 2048); elementwise: number of "
                         "elements (default 65536 1048576 4194304)")
