@@ -124,3 +124,13 @@ def test_exact_exp_derivative_matches_torch_implementation():
     same_bits(grad(), torch_path(grad))
     with pytest.raises(RuntimeError, match="'g' must be float32"):
         EXT.ew_exp_exact_grad(x, x, x.double())
+
+
+def test_batched_entries_without_the_extension_use_the_fallback(monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    a, b, dc = torch.randn(3, 6, 5, generator=g), torch.randn(3, 5, 4, generator=g), torch.randn(3, 6, 4, generator=g)
+    want = (cpu.pam_bmm(a, b), cpu.pam_bmm_exact_grad_a(a, b, dc), cpu.pam_bmm_exact_grad_b(a, b, dc))
+    monkeypatch.setattr(cpu, "load_extension", lambda: None)
+    got = (cpu.pam_bmm(a, b), cpu.pam_bmm_exact_grad_a(a, b, dc), cpu.pam_bmm_exact_grad_b(a, b, dc))
+    for x, y in zip(got, want):
+        same_bits(x, y)

@@ -52,7 +52,7 @@ import warnings
 
 import torch
 
-from .. import torch_fallback
+from .. import _per_batch, torch_fallback
 
 __all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b", "pam_bmm", "pam_bmm_exact_grad_a",
            "pam_bmm_exact_grad_b", "available", "backend", "load_extension"]
@@ -164,11 +164,12 @@ def backend() -> str:
     return ext.cpu_path() if ext is not None else "torch"
 
 
-def _check(t, name):
+def _check(t, name, ndim=2, op=None):
+    name = f"{op}: {name}" if op else name
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if t.dtype != torch.float32:
         raise TypeError(f"{name} must be float32 (upcast bf16/f16 first), got {t.dtype}")
     if t.device.type != "cpu":
@@ -227,25 +228,11 @@ def pam_mm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> t
 
 def _check_bmm(op, a, b, dc=None, dc_shape=None):
     for t, name in ((a, "a"), (b, "b")) + (((dc, "dc"),) if dc is not None else ()):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{op}: {name} must be 3-D, got shape {tuple(t.shape)}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{op}: {name} must be float32 (upcast bf16/f16 first), got {t.dtype}")
-        if t.device.type != "cpu":
-            raise ValueError(f"{op}: {name} must be a CPU tensor, got device {t.device}")
+        _check(t, name, 3, op)
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
         raise ValueError(f"{op}: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be batch-multiplied")
     if dc is not None and tuple(dc.shape) != dc_shape:
         raise ValueError(f"{op}: dc must have shape {dc_shape}, got {tuple(dc.shape)}")
-
-
-def _per_batch(fn, out_shape, *ts):
-    out = torch.empty(out_shape, dtype=torch.float32)
-    for i in range(out_shape[0]):
-        out[i].copy_(fn(*(t[i] for t in ts)))
-    return out
 
 
 def pam_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -253,7 +240,7 @@ def pam_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check_bmm("pam_bmm", a, b)
     ext = load_extension()
     if ext is None:
-        return _per_batch(torch_fallback.pam_mm, (a.shape[0], a.shape[1], b.shape[2]), a, b)
+        return _per_batch(torch_fallback.pam_mm, (a.shape[0], a.shape[1], b.shape[2]), a.device, a, b)
     return ext.pam_bmm(a.detach(), b.detach(), -1)
 
 
@@ -262,7 +249,7 @@ def pam_bmm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> 
     _check_bmm("pam_bmm_exact_grad_a", a, b, dc, (a.shape[0], a.shape[1], b.shape[2]))
     ext = load_extension()
     if ext is None:
-        return _per_batch(torch_fallback.pam_mm_exact_grad_a, tuple(a.shape), a, b, dc)
+        return _per_batch(torch_fallback.pam_mm_exact_grad_a, tuple(a.shape), a.device, a, b, dc)
     return ext.pam_bmm_exact_grad_a(a.detach(), b.detach(), dc.detach(), -1)
 
 
@@ -271,5 +258,5 @@ def pam_bmm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> 
     _check_bmm("pam_bmm_exact_grad_b", a, b, dc, (a.shape[0], a.shape[1], b.shape[2]))
     ext = load_extension()
     if ext is None:
-        return _per_batch(torch_fallback.pam_mm_exact_grad_b, tuple(b.shape), a, b, dc)
+        return _per_batch(torch_fallback.pam_mm_exact_grad_b, tuple(b.shape), a.device, a, b, dc)
     return ext.pam_bmm_exact_grad_b(a.detach(), b.detach(), dc.detach(), -1)
