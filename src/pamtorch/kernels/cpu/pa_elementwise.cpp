@@ -10,9 +10,11 @@
 //   exp(x)      paexp2(x *^ log2 e), PAM in float64   (arith.pa_exp)
 //   log(x)      palog2(x) /^ log2 e, PAD in float64   (arith.pa_log)
 //   sqrt(x), rsqrt(x)                                 (arith.pa_sqrt, arith.pa_rsqrt)
+//   exp_exact_grad(x, o, g)   the exact derivative of exp applied to g (autograd._Unary)
 //
-// No floating-point multiply or divide is used: only integer adds, shifts, compares and
-// conversions between int64 and double (which are exact here).
+// No floating-point multiply or divide is used: only integer adds, shifts, compares,
+// floor/round-to-integer, and conversions between float, double and int64 (exact here,
+// except the one final double -> float rounding of log, as in arith.pa_log).
 
 #include <torch/extension.h>
 
@@ -21,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace pa_ew {
 
