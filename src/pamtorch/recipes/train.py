@@ -488,15 +488,15 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", **{f"{task.unit}/s": f"{n_items * world / dt:.0f}"})
             done = step + 1 == total
-            if done:  # the trained model is safe on disk before the (long) final evaluation
+            # checkpoint before evaluating: the trained model is on disk before a (long) final
+            # evaluation (evaluation draws no random numbers, so the saved state is the same)
+            if (step + 1) % ckpt_every == 0 or done or (args.stop_at is not None and step + 1 == args.stop_at):
                 save_checkpoint(step + 1)
             if (step + 1) % eval_every == 0 or done:
                 last = evaluate(step + 1, final=done)
                 if bar is not None:
                     bar.write(f"step {step + 1}: " + ", ".join(
                         f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float)))
-            if not done and ((step + 1) % ckpt_every == 0 or (args.stop_at is not None and step + 1 == args.stop_at)):
-                save_checkpoint(step + 1)
             if args.stop_at is not None and step + 1 == args.stop_at and not done:
                 break
         if start == total and total > 0:  # --resume of a finished run: (re)do the final evaluation
