@@ -1,0 +1,147 @@
+"""Elementwise arithmetic: mul, div, addcmul, addcdiv, lerp, pow, exp/log/sqrt, mean, norms, dropout."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import arith
+from ..nn import functional as PF
+from .table import UnsupportedOpError, implements, aten, arg, inplace, pam, pad, scale
+
+
+# elementwise arithmetic
+
+@implements([aten.mul, aten.mul_], "elementwise")
+def _pa_mul(func, args, kwargs, cfg):
+    return inplace(func, args, pam(args[0], args[1], cfg))
+
+
+@implements([aten.div, aten.div_], "elementwise")
+def _pa_div(func, args, kwargs, cfg):
+    out = pad(args[0], args[1])
+    mode = kwargs.get("rounding_mode")
+    if mode == "floor":
+        out = torch.floor(out)
+    elif mode == "trunc":
+        out = torch.trunc(out)
+    return inplace(func, args, out)
+
+
+@implements([aten.addcmul, aten.addcmul_], "elementwise")
+def _pa_addcmul(func, args, kwargs, cfg):
+    inp, t1, t2 = args[:3]
+    value = kwargs.get("value", args[3] if len(args) > 3 else 1)
+    return inplace(func, args, inp + scale(pam(t1, t2, cfg), value))
+
+
+@implements([aten.addcdiv, aten.addcdiv_], "elementwise")
+def _pa_addcdiv(func, args, kwargs, cfg):
+    inp, t1, t2 = args[:3]
+    value = kwargs.get("value", args[3] if len(args) > 3 else 1)
+    return inplace(func, args, inp + scale(pad(t1, t2), value))
+
+
+@implements([aten.lerp, aten.lerp_], "elementwise")
+def _pa_lerp(func, args, kwargs, cfg):
+    start, end, weight = args[:3]
+    return inplace(func, args, start + pam(end - start, weight, cfg))
+
+
+def _unary(fn):
+    def impl(func, args, kwargs, cfg):
+        x = args[0]
+        return inplace(func, args, fn(x))
+    return impl
+
+
+for _ops, _fn in [
+    ([aten.sqrt, aten.sqrt_], arith.pa_sqrt),
+    ([aten.rsqrt, aten.rsqrt_], arith.pa_rsqrt),
+    ([aten.exp, aten.exp_], arith.pa_exp),
+    ([aten.log, aten.log_], arith.pa_log),
+    ([aten.exp2, aten.exp2_], arith.paexp2),
+    ([aten.log2, aten.log2_], arith.palog2),
+    ([aten.reciprocal, aten.reciprocal_], arith.pa_reciprocal),
+]:
+    implements(_ops, "elementwise")(_unary(_fn))
+
+
+@implements([aten.pow, aten.pow_], "elementwise")
+def _pa_pow(func, args, kwargs, cfg):
+    x, p = args[0], args[1]
+    if isinstance(x, torch.Tensor) and isinstance(p, torch.Tensor):
+        if p.dim() == 0 and not p.is_floating_point() or (p.dim() == 0 and p.device.type == "cpu"):
+            p = p.item()
+        else:
+            raise UnsupportedOpError("pamtorch.mode: aten.pow with a tensor exponent has no PA "
+                                     "implementation; use a Python number exponent")
+    if not isinstance(x, torch.Tensor):  # scalar base: base^p = paexp2(p ·̂ log2 base)
+        return arith.paexp2(pam(p, math.log2(float(x))))
+    return inplace(func, args, arith.pa_pow(x, float(p)))
+
+
+@implements([aten.square], "elementwise")
+def _pa_square(func, args, kwargs, cfg):
+    return pam(args[0], args[0], cfg)
+
+
+@implements([aten.add, aten.add_, aten.sub, aten.sub_], "elementwise")
+def _pa_add_alpha(func, args, kwargs, cfg):
+    """add/sub are additions; only an ``alpha`` other than 1 needs a PAM."""
+    alpha = kwargs.get("alpha", 1)
+    a, b = args[0], args[1]
+    b = scale(b, alpha)
+    sub = func.overloadpacket in (aten.sub, aten.sub_)
+    out = (a - b) if sub else (a + b)
+    return inplace(func, args, out)
+
+
+@implements([aten.mean], "elementwise")
+def _pa_mean(func, args, kwargs, cfg):
+    x = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        s, n = x.sum(), x.numel()
+    else:
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        s = x.sum(dims, keepdim=keepdim)
+        n = math.prod(x.shape[d] for d in dims)
+    return pad(s, float(n))
+
+
+def norm2(x, dim=None, keepdim=False):
+    """Euclidean norm: PA squares, an ordinary sum, PA sqrt."""
+    sq = arith.pam(x, x)
+    s = sq.sum() if dim is None else sq.sum(dim, keepdim=keepdim)
+    return arith.pa_sqrt(s)
+
+
+def check_ord(ord_):
+    if float(ord_) != 2.0:
+        raise UnsupportedOpError(f"pamtorch.mode: only the 2-norm is piecewise affine, got ord={ord_}")
+
+
+@implements([aten.linalg_vector_norm], "elementwise")
+def _pa_vector_norm(func, args, kwargs, cfg):
+    x = args[0]
+    ord_ = args[1] if len(args) > 1 else kwargs.get("ord", 2)
+    dim = args[2] if len(args) > 2 else kwargs.get("dim")
+    keepdim = args[3] if len(args) > 3 else kwargs.get("keepdim", False)
+    check_ord(ord_)
+    dtype = kwargs.get("dtype")
+    if dtype is not None:
+        x = x.to(dtype)
+    return norm2(x, dim, keepdim)
+
+
+@implements([aten.native_dropout], "elementwise")
+def _pa_dropout(func, args, kwargs, cfg):
+    x, p, train = args[0], args[1], arg(args, kwargs, 2, "train", True)
+    return PF.dropout_forward(x, p, True if train is None else train)
+
+
+@implements([aten.native_dropout_backward], "elementwise")
+def _pa_dropout_backward(func, args, kwargs, cfg):
+    return PF.dropout_backward(args[0], args[1], args[2])

@@ -1,0 +1,2 @@
+"""Pooling and resampling: PA implementations."""
+from __future__ import annotations

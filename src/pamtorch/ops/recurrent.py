@@ -1,0 +1,2 @@
+"""Recurrent layers: the fused RNN ops as PA cell loops."""
+from __future__ import annotations
