@@ -4,10 +4,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pamtorch.nn as pnn
 import pamtorch.nn.functional as P
 from pamtorch.config import Config
-from pamtorch.convert import convert
+from pamtorch.convert import ConvertedModule, convert
+
+
+def _pa(mod, cls):
+    """``mod`` is a converted ``cls`` (a mode region that is still a ``cls``)."""
+    return isinstance(mod, ConvertedModule) and isinstance(mod, cls)
 
 
 class Classifier(nn.Module):
@@ -41,18 +45,19 @@ def test_convert_swaps_in_place_and_keeps_parameters():
     assert {n: id(p) for n, p in m.named_parameters()} == {n: id(p) for n, p in params.items()}
     assert list(m.state_dict().keys()) == keys
     layer = m.enc.layers[0]
-    assert isinstance(m.emb, pnn.Linear) and isinstance(m.head, pnn.Linear)
-    assert isinstance(layer.self_attn, pnn.MultiheadAttention)
-    assert isinstance(layer.linear1, pnn.Linear) and isinstance(layer.norm1, pnn.LayerNorm)
-    assert isinstance(layer.dropout, pnn.Dropout) and isinstance(layer.activation, pnn.GELU)
-    assert type(layer.self_attn.out_proj) is not pnn.Linear   # read through the attention
+    assert _pa(m.emb, nn.Linear) and _pa(m.head, nn.Linear)
+    assert _pa(layer.self_attn, nn.MultiheadAttention)
+    assert _pa(layer.linear1, nn.Linear) and _pa(layer.norm1, nn.LayerNorm)
+    assert _pa(layer.dropout, nn.Dropout) and _pa(layer.activation, nn.GELU)
+    assert not isinstance(layer.self_attn.out_proj, ConvertedModule)   # read through the attention
     assert layer.activation_relu_or_gelu == 0
-    assert m.emb.config == Config.paper()
-    # root module and the other swaps
+    assert m.emb.pamtorch_config == Config.paper()
+    assert set(m.pamtorch_conversion.converted) >= {"emb", "head", "norm", "enc.layers.0.self_attn"}
+    # root module and the other families
     lin = convert(nn.Linear(3, 4), Config.full())
-    assert isinstance(lin, pnn.Linear) and lin.config == Config.full()
+    assert _pa(lin, nn.Linear) and lin.pamtorch_config == Config.full()
     seq = convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Softmax(1), nn.RMSNorm(4)))
-    assert [type(s) for s in seq] == [pnn.Conv2d, pnn.GELU, pnn.Softmax, pnn.RMSNorm]
+    assert [_pa(s, c) for s, c in zip(seq, [nn.Conv2d, nn.GELU, nn.Softmax, nn.RMSNorm])] == [True] * 4
     with pytest.raises(TypeError):
         convert(nn.Linear(2, 2), config="paper")
 
@@ -66,9 +71,10 @@ def test_module_filter_fn():
         return fqn != "head" and not fqn.endswith("norm1")
 
     convert(m, module_filter_fn=keep)
-    assert type(m.head) is nn.Linear and isinstance(m.emb, pnn.Linear)
+    assert type(m.head) is nn.Linear and _pa(m.emb, nn.Linear)
     assert type(m.enc.layers[0].norm1) is nn.LayerNorm
-    assert isinstance(m.enc.layers[0].norm2, pnn.LayerNorm)
+    assert _pa(m.enc.layers[0].norm2, nn.LayerNorm)
+    assert m.pamtorch_conversion.left["head"] == "module_filter_fn returned False"
     assert "enc.layers.0.self_attn" in seen and "head" in seen
 
 
