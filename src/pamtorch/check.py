@@ -1,8 +1,11 @@
-"""``pamtorch check``: measured error of every PA op, and a kernel self-test.
+"""``pamtorch check``: measured error of every PA op, the kernel status and a self-test.
 
 For each op and dtype it prints the mean, min and max relative error against exact
-float64 arithmetic on random inputs (log-uniform magnitudes, random signs), then checks
-that the matrix-product kernel picked for this machine agrees with the elementwise PAM.
+float64 arithmetic on random inputs (log-uniform magnitudes, random signs), then which
+CPU kernels run (compiled C++ with AVX2/FMA or the scalar path, or the pure-torch
+fallback and why; the cache directory; any stale lock or broken library it repaired),
+then checks that the matrix-product kernel picked for this machine agrees with the
+elementwise PAM.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 
 from . import arith
 
-__all__ = ["error_table", "kernel_self_test", "run_check"]
+__all__ = ["error_table", "kernel_status_lines", "kernel_self_test", "run_check"]
 
 # (name, PA function, exact float64 function, domain [lo, hi) of |x| (powers of two,
 # within float16's range for every result), signed?)
@@ -58,6 +61,24 @@ def error_table(n: int = 200_000, seed: int = 0) -> list[dict]:
     return rows
 
 
+def kernel_status_lines(st: dict | None = None) -> list[str]:
+    """Human-readable lines for :func:`pamtorch.kernels.cpu.status` (computed when None)."""
+    if st is None:
+        from .kernels import cpu
+
+        st = cpu.status()
+    if st["backend"] == "torch":
+        lines = ["CPU kernels (matmul and elementwise): pure-torch fallback, "
+                 f"because {st['reason'] or 'the compiled kernels are not loaded'}",
+                 f"  cache: {st['cache_dir']}"]
+    else:
+        path = "AVX2/FMA" if st["backend"] == "avx2+fma" else "portable scalar"
+        lines = [f"CPU kernels (matmul and elementwise): compiled C++, {path} path",
+                 f"  library: {st['library']} (size and sha256 verified before loading)"]
+    lines += [f"  repaired: {e}" for e in st["events"]]
+    return lines
+
+
 def kernel_self_test(seed: int = 0) -> list[dict]:
     """The matrix-product kernels on this machine against elementwise PAM sums in float64."""
     from . import kernels
@@ -98,6 +119,8 @@ def run_check(n: int = 200_000) -> int:
     for r in error_table(n):
         print(f"| {r['op']:<18} | {r['dtype']:<8} | {r['mean']:>+8.3%} | {r['min']:>+8.3%} | {r['max']:>+8.3%} |")
     print()
+    for line in kernel_status_lines():
+        print(line)
     ok = True
     for r in kernel_self_test():
         status = "agrees" if r["ok"] else "DISAGREES"

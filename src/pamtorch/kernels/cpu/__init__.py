@@ -1,23 +1,38 @@
 """Compiled CPU kernels for PAM matrix products (AVX2/FMA with a portable scalar path).
 
-The C++ source (``pam_matmul.cpp`` next to this file) is compiled once, on first use,
-with ``torch.utils.cpp_extension.load`` into a cache directory:
+The C++ sources (``pam_matmul.cpp``, ``pa_elementwise.cpp`` next to this file) are compiled
+once, on first use, into one library in a cache directory:
 
 * ``$TORCH_EXTENSIONS_DIR/pamtorch_cpu_<hash>`` when that variable is set, else
 * ``$XDG_CACHE_HOME/pamtorch/pamtorch_cpu_<hash>`` (default ``~/.cache/pamtorch/...``).
 
-``<hash>`` covers the source, the compile flags and the torch/Python versions, so an edit
-or an upgrade rebuilds into a fresh directory; a finished build is imported directly
-without invoking the compiler again. While compiling, one line is printed on stderr.
-The instruction set is chosen at run time (``__builtin_cpu_supports("avx2")`` and
-``"fma"``); the AVX2 code is confined to functions with a target attribute, so the
-build itself is portable.
+``<hash>`` covers the sources, the compile flags and the torch/Python versions, so an edit
+or an upgrade rebuilds into a fresh directory. While compiling, one line is printed on
+stderr. The instruction set is chosen at run time (``__builtin_cpu_supports("avx2")`` and
+``"fma"``); the AVX2 code is confined to functions with a target attribute, so the build
+itself is portable.
 
-If the build fails (no compiler, unsupported platform) a warning is issued once and the
-chunked pure-torch implementation of :mod:`pamtorch.kernels.torch_fallback` is used.
-``PAMTORCH_NO_EXTENSION=1`` forces that fallback.
+The cache is robust to interrupted builds, and a build never hangs:
 
-Emulation notes (the results are bit-identical to the integer rules):
+* the library is only ever loaded into this process after its size and sha256 match the
+  record ``<library>.json`` written after a successful build (a truncated library would
+  otherwise kill the process with SIGBUS); a library without a record (older caches) is
+  first loaded in a child process, and adopted only if that works;
+* a build runs in a child process, with ``torch.utils.cpp_extension.load`` into a fresh
+  temporary directory, and the finished library is renamed into place atomically;
+* builders take the lock file ``lock`` in the cache directory (pid and host inside); a lock
+  whose owner is gone, or that is older than max(1 h, 2 x the timeout), is removed with
+  a warning, as is an empty, truncated, modified or unloadable library (then rebuilt);
+* waiting for another builder plus building take at most ``PAMTORCH_BUILD_TIMEOUT``
+  seconds (default 600; a cold compile takes about a minute on 2 cores).
+
+If the build fails (no compiler, compile error, timeout, unsupported platform) a warning is
+issued once and the chunked pure-torch implementation of
+:mod:`pamtorch.kernels.torch_fallback` is used. ``PAMTORCH_NO_EXTENSION=1`` forces that
+fallback. :func:`status` says which path runs and why.
+
+Emulation notes (the results are bit-identical to the integer rules; docs/numerics.md
+lists each instruction and the test that proves it):
 
 * a product's sign is applied by the integer add of the patterns (adding 2^31 modulo
   2^32 is a XOR of bit 31) or by a float multiply with an exact +-1.0/0.0 table; a
@@ -45,9 +60,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
+import time
 import warnings
 
 import torch
@@ -55,14 +77,50 @@ import torch
 from .. import _per_batch, torch_fallback
 
 __all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b", "pam_bmm", "pam_bmm_exact_grad_a",
-           "pam_bmm_exact_grad_b", "available", "backend", "load_extension"]
+           "pam_bmm_exact_grad_b", "available", "backend", "load_extension", "status"]
 
 _SRC_DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = ["pam_matmul.cpp", "pa_elementwise.cpp"]
 _LOCK = threading.Lock()
 _EXT = None
 _TRIED = False
-_ERROR = None
+_ERROR = None      # why the fallback runs
+_LIBRARY = None    # path of the loaded library
+_EVENTS: list = []  # what the last load had to repair, for status()
+_DEFAULT_TIMEOUT = 600.0
+_POLL = 0.25
+
+# Run in a child process, so that a library that crashes on loading (SIGBUS on a
+# truncated file) or a compiler that hangs cannot take this process with it.
+# argv: mode ("build" or "load"), module name, build directory or library path, json args.
+_CHILD = r"""
+import importlib.util, json, sys
+mode, name, where, extra = sys.argv[1:5]
+try:
+    if mode == "build":
+        from torch.utils import cpp_extension
+        sources, cflags, ldflags = json.loads(extra)
+        mod = cpp_extension.load(name=name, sources=sources, extra_cflags=cflags,
+                                 extra_ldflags=ldflags, build_directory=where, verbose=False)
+    else:
+        import torch
+        spec = importlib.util.spec_from_file_location(name, where)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    result = {"file": mod.__file__, "cpu_path": mod.cpu_path()}
+except Exception as e:
+    result = {"error": f"{type(e).__name__}: {e}"}
+print("\n" + json.dumps(result))
+sys.exit(0 if "file" in result else 1)
+"""
+
+
+class _BuildError(Exception):
+    """A build or verification step that failed; the message says which and why."""
+
+
+class _OutOfTime(_BuildError):
+    """PAMTORCH_BUILD_TIMEOUT ran out (says nothing about the library)."""
 
 
 def _flags():
@@ -95,14 +153,312 @@ def _ext_name() -> str:
     return "pamtorch_cpu_" + h.hexdigest()[:12]
 
 
-def _import_built(name: str, build_dir: str):
-    for fn in os.listdir(build_dir) if os.path.isdir(build_dir) else []:
-        if fn.startswith(name + ".") and fn.endswith((".so", ".pyd", ".dylib")):
-            spec = importlib.util.spec_from_file_location(name, os.path.join(build_dir, fn))
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
+def _library_path(build_dir: str, name: str) -> str:
+    return os.path.join(build_dir, name + (".pyd" if sys.platform == "win32" else ".so"))
+
+
+def _timeout() -> float:
+    raw = os.environ.get("PAMTORCH_BUILD_TIMEOUT", "")
+    if raw == "":
+        return _DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # also refuses nan
+        raise ValueError(f"PAMTORCH_BUILD_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _digest(path: str):
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def _record(path: str, cpu_path: str) -> None:
+    """Write ``<library>.json`` (size, sha256) next to a library that loaded in a child."""
+    size, sha = _digest(path)
+    tmp = f"{path}.json.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"size": size, "sha256": sha, "cpu_path": cpu_path}, f)
+    os.replace(tmp, path + ".json")
+
+
+def _verify(path: str):
+    """('ok' | 'missing' | 'unrecorded' | 'broken', reason) for the library at ``path``,
+    judged by its size and sha256 against its record, without loading it."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return "missing", "it does not exist"
+    if size == 0:
+        return "broken", "it is empty (an interrupted link leaves a 0-byte library)"
+    try:
+        with open(path + ".json") as f:
+            rec = json.load(f)
+        want_size, want_sha = int(rec["size"]), str(rec["sha256"])
+    except FileNotFoundError:
+        return "unrecorded", "no size/sha256 record"
+    except (ValueError, KeyError, TypeError) as e:
+        return "broken", f"its record {path}.json is unreadable ({type(e).__name__})"
+    if size != want_size:
+        return "broken", f"it has {size} bytes where {want_size} were recorded after its build (truncated?)"
+    if _digest(path)[1] != want_sha:
+        return "broken", "its sha256 differs from the one recorded after its build"
+    return "ok", ""
+
+
+def _import(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_child(args, deadline: float, what: str) -> dict:
+    """Run ``_CHILD`` with ``args`` until ``deadline``; kill its whole process group
+    (ninja, the compiler) when time runs out or this process is interrupted."""
+    posix = os.name == "posix"
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=posix)
+    try:
+        out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.01))
+    except subprocess.TimeoutExpired:
+        raise _OutOfTime(f"{what} did not finish within PAMTORCH_BUILD_TIMEOUT={_timeout():g} s "
+                          "(set PAMTORCH_BUILD_TIMEOUT to allow more)") from None
+    finally:
+        if proc.poll() is None:
+            try:
+                if posix:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+            except ProcessLookupError:  # exited just now
+                pass
+            proc.communicate()
+    lines = out.strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        result = {}
+    if proc.returncode == 0 and "file" in result:
+        return result
+    if "error" in result:
+        raise _BuildError(f"{what} failed: {result['error']}")
+    if proc.returncode < 0:
+        try:
+            sig = signal.Signals(-proc.returncode).name
+        except ValueError:
+            sig = f"signal {-proc.returncode}"
+        raise _BuildError(f"{what} was killed by {sig}")
+    tail = (err.strip().splitlines() or ["no output"])[-1]
+    raise _BuildError(f"{what} exited with status {proc.returncode}: {tail}")
+
+
+# ---------------------------------------------------------------- the build lock
+def _fd_holders(lock_stat, pids):
+    """Which of ``pids`` hold the lock file open (Linux /proc); None if some could not be
+    inspected."""
+    holders, unknown = [], False
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except FileNotFoundError:  # exited meanwhile
+            continue
+        except OSError:
+            unknown = True
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (lock_stat.st_dev, lock_stat.st_ino):
+                holders.append(pid)
+                break
+    return None if unknown else holders
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _stale_reason(path: str, stale_after: float):
+    """Why the lock at ``path`` is stale, or None while a live builder may hold it."""
+    try:
+        st = os.stat(path)
+        with open(path) as f:
+            text = f.read(200)
+    except FileNotFoundError:
+        return None
+    age = time.time() - st.st_mtime
+    proc = os.path.isdir("/proc/self/fd")
+    fields = text.split()
+    if len(fields) >= 2 and fields[0].isdigit() and fields[1] == socket.gethostname():
+        pid = int(fields[0])
+        if not _pid_alive(pid):
+            return f"its owner, process {pid}, is gone"
+        if proc and _fd_holders(st, [pid]) == []:
+            return f"process {pid} does not hold it (the owner is gone, its id reused or a zombie)"
+    elif not fields and proc and age > 5:
+        # torch's own lock (an older pamtorch, or torch.utils.cpp_extension) holds no pid
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        if _fd_holders(st, pids) == []:
+            return "no process holds it open"
+    if age > stale_after:
+        return f"it is {age / 60:.0f} minutes old"
     return None
+
+
+def _acquire(path: str, deadline: float, stale_after: float) -> int:
+    """Create the lock file (pid, host, time inside) and return its open descriptor,
+    removing stale locks and waiting for a live builder until ``deadline``."""
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pass
+        else:
+            os.write(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode())
+            return fd
+        why = _stale_reason(path, stale_after)
+        if why is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            _note(f"removed the stale build lock {path} ({why})")
+            continue
+        if time.monotonic() >= deadline:
+            try:
+                with open(path) as f:
+                    owner = f.read(200).split()
+            except OSError:
+                owner = []
+            who = f"process {owner[0]}" if owner else "another process"
+            raise _OutOfTime(f"{who} held the build lock {path} for all of PAMTORCH_BUILD_TIMEOUT="
+                              f"{_timeout():g} s (remove it if no build is running)")
+        time.sleep(_POLL)
+
+
+def _release(path: str, fd: int) -> None:
+    st = os.fstat(fd)
+    os.close(fd)
+    try:
+        cur = os.stat(path)
+        if (cur.st_dev, cur.st_ino) == (st.st_dev, st.st_ino):  # still ours, not a successor's
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _note(msg: str) -> None:
+    _EVENTS.append(msg)
+    warnings.warn(f"pamtorch: {msg}", RuntimeWarning, stacklevel=5)
+
+
+# ---------------------------------------------------------------- build and load
+def _build(name: str, build_dir: str, lib: str, deadline: float) -> None:
+    """Compile into a fresh temporary directory (in a child) and rename into place."""
+    cflags, ldflags = _flags()
+    tmp = tempfile.mkdtemp(prefix="build-", dir=build_dir)
+    try:
+        print(f"pamtorch: compiling the CPU kernels into {build_dir} (first use only, about a "
+              f"minute; at most PAMTORCH_BUILD_TIMEOUT={_timeout():g} s)...", file=sys.stderr, flush=True)
+        sources = [os.path.join(_SRC_DIR, s) for s in _SOURCES]
+        result = _run_child(["build", name, tmp, json.dumps([sources, cflags, ldflags])], deadline,
+                            "the compile")
+        built = result["file"]
+        _record(built, result["cpu_path"])
+        os.replace(built, lib)
+        os.replace(built + ".json", lib + ".json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_leftovers(build_dir: str, older_than: float) -> None:
+    """Temporary build directories of builders that were killed (we hold the lock)."""
+    now = time.time()
+    for fn in os.listdir(build_dir):
+        p = os.path.join(build_dir, fn)
+        if not (fn.startswith("build-") or ".tmp-" in fn) or now - os.path.getmtime(p) <= older_than:
+            continue
+        if os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.unlink(p)
+
+
+def _load_locked(name: str, build_dir: str, lib: str, deadline: float):
+    """Holding the lock: load a verified library, adopting or repairing the cache."""
+    for attempt in range(2):
+        state, why = _verify(lib)
+        if state == "unrecorded":  # an older cache: prove it loads, in a child
+            try:
+                result = _run_child(["load", name, lib, ""], deadline, "loading it in a child process")
+            except _OutOfTime:
+                raise  # no verdict on the library: leave it for the next run
+            except _BuildError as e:
+                state, why = "broken", str(e)
+            else:
+                _record(lib, result["cpu_path"])
+                state, why = _verify(lib)
+        if state == "broken":
+            _note(f"the cached CPU kernel library {lib} is broken ({why}); removed it, rebuilding")
+        if state in ("broken", "missing"):
+            for p in (lib, lib + ".json"):
+                if os.path.exists(p):
+                    os.unlink(p)
+            _build(name, build_dir, lib, deadline)
+            state, why = _verify(lib)
+            if state != "ok":
+                raise _BuildError(f"the library just built at {lib} does not verify ({why})")
+        try:
+            return _import(name, lib)
+        except ImportError as e:
+            if attempt:
+                raise
+            os.unlink(lib)
+            _note(f"the cached CPU kernel library {lib} fails to load ({e}); removed it, rebuilding")
+    raise AssertionError("unreachable")
+
+
+def _load(name: str, build_dir: str):
+    global _LIBRARY
+    lib = _library_path(build_dir, name)
+    if _verify(lib)[0] == "ok":  # the common case: no lock, no child
+        try:
+            mod = _import(name, lib)
+            _LIBRARY = lib
+            return mod
+        except ImportError:
+            pass  # repaired under the lock below
+    timeout = _timeout()
+    deadline = time.monotonic() + timeout
+    os.makedirs(build_dir, exist_ok=True)
+    lock = os.path.join(build_dir, "lock")
+    fd = _acquire(lock, deadline, max(3600.0, 2 * timeout))
+    try:
+        _remove_leftovers(build_dir, timeout)
+        mod = _load_locked(name, build_dir, lib, deadline)
+    finally:
+        _release(lock, fd)
+    _LIBRARY = lib
+    return mod
 
 
 def load_extension():
@@ -117,37 +473,18 @@ def load_extension():
         if os.environ.get("PAMTORCH_NO_EXTENSION", "") not in ("", "0"):
             _ERROR = "disabled by PAMTORCH_NO_EXTENSION"
             return None
+        _timeout()  # a malformed PAMTORCH_BUILD_TIMEOUT is the user's error, not a fallback
         try:
             name = _ext_name()
-            build_dir = os.path.join(_cache_root(), name)
-            mod = None
-            try:
-                mod = _import_built(name, build_dir)
-            except Exception:  # stale or broken artefact: rebuild below
-                mod = None
-            if mod is None:
-                from torch.utils import cpp_extension
-
-                os.makedirs(build_dir, exist_ok=True)
-                print(f"pamtorch: compiling the CPU matmul kernels into {build_dir} "
-                      "(first use only, about a minute)...", file=sys.stderr, flush=True)
-                cflags, ldflags = _flags()
-                mod = cpp_extension.load(
-                    name=name,
-                    sources=[os.path.join(_SRC_DIR, s) for s in _SOURCES],
-                    extra_cflags=cflags,
-                    extra_ldflags=ldflags,
-                    build_directory=build_dir,
-                    verbose=False,
-                )
-            _EXT = mod
+            _EXT = _load(name, os.path.join(_cache_root(), name))
         except Exception as e:  # noqa: BLE001 - any build problem means: use the fallback
-            _ERROR = f"{type(e).__name__}: {e}"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _ERROR = str(e) if isinstance(e, _BuildError) else f"{type(e).__name__}: {e}"
+            first = _ERROR.strip().splitlines()[0] if _ERROR.strip() else type(e).__name__
+            hint = "" if isinstance(e, _OutOfTime) else (
+                " Install a C++ compiler (g++/clang++) and ninja to get the fast kernels.")
             warnings.warn(
                 "pamtorch: could not build the compiled CPU kernels "
-                f"({first[:300]}); falling back to the slow pure-torch implementation. "
-                "Install a C++ compiler (g++/clang++) and ninja to get the fast kernels.",
+                f"({first[:400]}); falling back to the slow pure-torch implementation." + hint,
                 RuntimeWarning, stacklevel=3)
             _EXT = None
         return _EXT
@@ -162,6 +499,20 @@ def backend() -> str:
     """'avx2+fma', 'scalar' (compiled, portable path) or 'torch' (pure-torch fallback)."""
     ext = load_extension()
     return ext.cpu_path() if ext is not None else "torch"
+
+
+def status() -> dict:
+    """What runs on the CPU: ``backend`` ('avx2+fma', 'scalar' or 'torch'), ``library``
+    (the loaded file, sha256-verified, or None), ``cache_dir``, ``reason`` (why the
+    fallback runs, or None) and ``events`` (stale locks or broken libraries repaired)."""
+    ext = load_extension()
+    try:
+        cache_dir = os.path.join(_cache_root(), _ext_name())
+    except OSError as e:
+        cache_dir = f"unknown ({e})"
+    return dict(backend=ext.cpu_path() if ext is not None else "torch",
+                library=_LIBRARY if ext is not None else None, cache_dir=cache_dir,
+                reason=None if ext is not None else _ERROR, events=list(_EVENTS))
 
 
 def _check(t, name, ndim=2, op=None):

@@ -1,0 +1,268 @@
+"""The compiled CPU kernels' cache survives interrupted builds and never hangs.
+
+Every experiment runs in a subprocess with its own TORCH_EXTENSIONS_DIR under tmp_path,
+never in the user's cache. One real compile per session (the ``built`` fixture, itself
+made under a stale lock and over a 0-byte library) provides the library that the other
+tests copy and then break; their rebuilds use ``CXX=/bin/false`` (fails at once) or a
+short PAMTORCH_BUILD_TIMEOUT, so each takes a few seconds.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SRC = os.path.join(os.path.dirname(_HERE), "src")
+try:
+    import pamtorch.kernels.cpu  # noqa: F401
+except ImportError:  # running from a checkout without an install
+    sys.path.insert(0, _SRC)
+
+from pamtorch.check import kernel_status_lines  # noqa: E402
+from pamtorch.kernels import cpu  # noqa: E402
+
+NAME = cpu._ext_name()
+
+# Loads the kernels, runs one product, prints status() and every warning as JSON.
+PROBE = """
+import json, warnings
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import torch
+    from pamtorch.kernels import cpu, torch_fallback
+    st = cpu.status()
+    a, b = torch.randn(5, 6), torch.randn(6, 7)
+    assert torch.equal(cpu.pam_mm(a, b), torch_fallback.pam_mm(a, b))
+print(json.dumps(dict(st, warnings=[str(x.message) for x in w])))
+"""
+
+
+def run(cache, code=PROBE, timeout=120, **env_extra):
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache), OMP_NUM_THREADS="1",
+               PYTHONPATH=_SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("PAMTORCH_NO_EXTENSION", "PAMTORCH_BUILD_TIMEOUT", "CXX"):
+        env.pop(k, None)
+    env.update(env_extra)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    r.elapsed = time.monotonic() - t0
+    r.status = None
+    if r.returncode == 0 and code is PROBE:
+        r.status = json.loads(r.stdout.strip().splitlines()[-1])
+    return r
+
+
+def cache_dir(root):
+    d = root / NAME
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def has(warnings, *parts):
+    return any(all(p in w for p in parts) for w in warnings)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One real compile, started with a stale lock (dead owner) and a 0-byte library."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+        pytest.skip("no C++ compiler or ninja")
+    root = tmp_path_factory.mktemp("built")
+    d = cache_dir(root)
+    lib = d / (NAME + ".so")
+    lib.write_bytes(b"")
+    (d / "lock").write_text(f"{dead_pid()} {socket.gethostname()} 0\n")
+    r = run(root, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return root, d, lib, r
+
+
+def test_stale_lock_and_empty_library_are_rebuilt(built):
+    root, d, lib, r = built
+    st = r.status
+    assert st["backend"] in ("avx2+fma", "scalar") and st["reason"] is None, st
+    assert st["library"] == str(lib)
+    assert has(st["warnings"], "removed the stale build lock", str(d / "lock"), "is gone")
+    assert has(st["warnings"], str(lib), "is broken", "empty")
+    assert not has(st["warnings"], "could not build")
+    assert "compiling" in r.stderr
+    assert not (d / "lock").exists()
+    assert [p.name for p in d.iterdir() if p.name.startswith("build-")] == []  # temp dir removed
+    rec = json.loads((d / (NAME + ".so.json")).read_text())
+    assert rec["size"] == lib.stat().st_size and rec["cpu_path"] == st["backend"]
+    # the next process loads the verified library directly: no compile, no warning
+    again = run(root)
+    assert again.status["library"] == str(lib) and again.status["warnings"] == []
+    assert "compiling" not in again.stderr
+
+
+def copy_built(built, tmp_path, record=True):
+    lib = cache_dir(tmp_path) / (NAME + ".so")
+    shutil.copyfile(built[2], lib)
+    if record:
+        shutil.copyfile(str(built[2]) + ".json", str(lib) + ".json")
+    return lib
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["recorded", "unrecorded"])
+def test_truncated_library_gives_a_warning_not_sigbus(built, tmp_path, record):
+    lib = copy_built(built, tmp_path, record)
+    with open(lib, "r+b") as f:
+        f.truncate(lib.stat().st_size // 2)
+    r = run(tmp_path, CXX="/bin/false")
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    st = r.status
+    assert st["backend"] == "torch" and "compile failed" in st["reason"]
+    assert has(st["warnings"], str(lib), "is broken", "truncated" if record else "child process")
+    assert has(st["warnings"], "could not build")
+    assert not lib.exists()
+
+
+def test_unrecorded_truncated_library_is_what_used_to_crash(built, tmp_path):
+    """Control: loading the truncated library in-process is fatal (SIGBUS or ImportError)."""
+    lib = tmp_path / (NAME + ".so")
+    shutil.copyfile(built[2], lib)
+    with open(lib, "r+b") as f:
+        f.truncate(lib.stat().st_size // 2)
+    code = (f"import torch, importlib.util as u\n"
+            f"s = u.spec_from_file_location({NAME!r}, {str(lib)!r})\n"
+            "s.loader.exec_module(u.module_from_spec(s))\n")
+    r = run(tmp_path, code=code)
+    assert r.returncode != 0
+    probe = copy_built(built, tmp_path / "cache", record=False)
+    shutil.copyfile(lib, probe)
+    p = run(tmp_path / "cache", CXX="/bin/false")
+    assert p.returncode == 0
+    if r.returncode == -signal.SIGBUS:
+        assert has(p.status["warnings"], "killed by SIGBUS")
+
+
+def test_modified_library_is_caught_by_its_sha256(built, tmp_path):
+    lib = copy_built(built, tmp_path)
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # same size, one byte differs
+    lib.write_bytes(bytes(data))
+    r = run(tmp_path, CXX="/bin/false")
+    assert r.returncode == 0, r.stderr
+    assert has(r.status["warnings"], str(lib), "sha256 differs")
+    assert r.status["backend"] == "torch"
+
+
+def test_recorded_library_that_fails_to_load_is_rebuilt(tmp_path):
+    """A library whose record matches but which dlopen refuses (ImportError in-process)."""
+    lib = cache_dir(tmp_path) / (NAME + ".so")
+    lib.write_bytes(b"not an ELF file" * 100)
+    cpu._record(str(lib), "scalar")
+    r = run(tmp_path, CXX="/bin/false")
+    assert r.returncode == 0, r.stderr
+    assert has(r.status["warnings"], str(lib), "fails to load")
+    assert has(r.status["warnings"], "could not build")
+    assert not lib.exists()
+
+
+def test_unrecorded_good_library_is_adopted(built, tmp_path):
+    """Caches written before the records existed: loaded once in a child, then recorded."""
+    lib = copy_built(built, tmp_path, record=False)
+    r = run(tmp_path, CXX="/bin/false")
+    assert r.returncode == 0, r.stderr
+    assert r.status["library"] == str(lib) and r.status["warnings"] == []
+    rec = json.loads((tmp_path / NAME / (NAME + ".so.json")).read_text())
+    assert rec["size"] == lib.stat().st_size
+
+
+def test_live_lock_times_out_to_the_fallback(tmp_path):
+    """A lock held by a live process: wait PAMTORCH_BUILD_TIMEOUT, then fall back; the
+    lock is left alone."""
+    lock = cache_dir(tmp_path) / "lock"
+    fd = os.open(lock, os.O_CREAT | os.O_WRONLY)
+    try:
+        os.write(fd, f"{os.getpid()} {socket.gethostname()} 0\n".encode())
+        r = run(tmp_path, PAMTORCH_BUILD_TIMEOUT="2")
+    finally:
+        os.close(fd)
+    assert r.returncode == 0, r.stderr
+    assert has(r.status["warnings"], f"process {os.getpid()} held the build lock {lock}",
+               "PAMTORCH_BUILD_TIMEOUT=2 s", "falling back")
+    assert not has(r.status["warnings"], "stale")
+    assert lock.exists() and r.elapsed < 30
+
+
+def test_torch_lock_without_pid(tmp_path):
+    """torch's own lock file is empty: stale when no process holds it open, live when one does."""
+    lock = cache_dir(tmp_path) / "lock"
+    lock.write_bytes(b"")
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    r = run(tmp_path, CXX="/bin/false")
+    assert r.returncode == 0, r.stderr
+    assert has(r.status["warnings"], f"removed the stale build lock {lock}", "no process holds it")
+    assert has(r.status["warnings"], "could not build") and not lock.exists()
+
+    lock.write_bytes(b"")
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    with open(lock):  # held open by this (live) process, as torch's FileBaton does
+        r = run(tmp_path, PAMTORCH_BUILD_TIMEOUT="1")
+    assert r.returncode == 0, r.stderr
+    assert has(r.status["warnings"], f"another process held the build lock {lock}")
+    assert lock.exists()
+
+
+def test_hanging_compiler_is_killed_at_the_timeout(tmp_path):
+    pidfile = tmp_path / "cxx.pid"
+    cxx = tmp_path / "cxx"
+    cxx.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 120\n")
+    cxx.chmod(0o755)
+    r = run(tmp_path / "cache", CXX=str(cxx), PAMTORCH_BUILD_TIMEOUT="6")
+    assert r.returncode == 0, r.stderr
+    assert has(r.status["warnings"], "the compile did not finish within PAMTORCH_BUILD_TIMEOUT=6 s")
+    assert r.elapsed < 40
+    pid = int(pidfile.read_text())
+    time.sleep(0.5)
+    try:  # the compiler (a grandchild) was killed with its process group
+        with open(f"/proc/{pid}/stat") as f:
+            assert f.read().split(") ")[1][0] in "ZX"
+    except FileNotFoundError:
+        pass
+    d = tmp_path / "cache" / NAME
+    assert not (d / "lock").exists() and [p for p in d.iterdir() if p.name.startswith("build-")] == []
+
+
+def test_malformed_timeout_is_a_clear_error(tmp_path):
+    r = run(tmp_path, code="from pamtorch.kernels import cpu; cpu.load_extension()",
+            PAMTORCH_BUILD_TIMEOUT="soon")
+    assert r.returncode == 1
+    assert "PAMTORCH_BUILD_TIMEOUT must be a positive number of seconds, got 'soon'" in r.stderr
+
+
+def test_check_reports_the_kernel_status(built, tmp_path):
+    code = "from pamtorch.cli import main; main(['check', '-n', '2000'])"
+    r = run(built[0], code=code)
+    assert r.returncode == 0, r.stderr
+    assert "compiled C++" in r.stdout and f"library: {built[2]}" in r.stdout
+    r = run(tmp_path, code=code, PAMTORCH_NO_EXTENSION="1")
+    assert r.returncode == 0, r.stderr
+    assert "pure-torch fallback, because disabled by PAMTORCH_NO_EXTENSION" in r.stdout
+    assert f"cache: {tmp_path / NAME}" in r.stdout
+
+
+def test_kernel_status_lines():
+    lines = kernel_status_lines(dict(backend="scalar", library="/c/x.so", cache_dir="/c", reason=None,
+                                     events=["removed the stale build lock /c/lock (x)"]))
+    assert lines[0].endswith("compiled C++, portable scalar path")
+    assert "/c/x.so" in lines[1] and lines[2] == "  repaired: removed the stale build lock /c/lock (x)"
+    lines = kernel_status_lines(dict(backend="torch", library=None, cache_dir="/c", reason="no g++",
+                                     events=[]))
+    assert lines == ["CPU kernels (matmul and elementwise): pure-torch fallback, because no g++",
+                     "  cache: /c"]
