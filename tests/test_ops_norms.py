@@ -487,3 +487,21 @@ def test_batch_norm_half_precision_under_mode():
         assert bn.running_mean.dtype == dtype and bn.num_batches_tracked.item() == 1
         ref = F.batch_norm(x.detach().double(), None, None, training=True)
         assert err(y, ref)[1] < 0.08
+
+
+def test_raw_functions_and_derivative_kinds_run_no_float_multiplication():
+    x, dy = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    w, b, rm, rv = torch.randn(3), torch.randn(3), torch.zeros(3), torch.ones(3)
+    spy = _Spy()
+    with spy:
+        for training in (True, False):
+            y, sm, si = N.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5)
+            N.batch_norm_backward(dy, x, w, rm, rv, sm, si, training, 1e-5)
+        y, m, r = N.group_norm_forward(x, w, b, 4, 3, 5, 3, 1e-5)
+        N.group_norm_backward(dy, x, m, r, w, 4, 3, 5, 3)
+        for kind in ("approx", "exact"):
+            xg = x.clone().requires_grad_(True)
+            N.batch_norm(xg, rm, rv, w, b, True, derivative=kind).backward(dy)
+            N.group_norm(xg, 3, w, b, derivative=kind).backward(dy)
+            N.instance_norm(xg, derivative=kind).backward(dy)
+    assert not spy.bad, sorted(set(spy.bad))
