@@ -349,7 +349,9 @@ def pa_pow(x: torch.Tensor, p: float) -> torch.Tensor:
     """pow(x, p) = paexp2(palog2(|x|) ·̂ p), carried in float64 and rounded once.
 
     Negative x gives NaN unless p is an integer, then the sign is (-1)^p, as torch.pow.
-    pow(x, 0) = 1 for every x (NaN included), as torch.pow.
+    pow(x, 0) = 1 for every x (NaN included), as torch.pow. The IEEE values where
+    palog2(|x|) ·̂ p is 0 ·̂ inf or NaN: pow(±1, ±inf) = 1 and pow(1, NaN) = 1; and
+    p = ±inf counts as an even integer, so pow(-2, inf) = inf and pow(-0.5, inf) = 0.
     """
     f = fmt(x.dtype)
     p = float(p)
@@ -361,11 +363,13 @@ def pa_pow(x: torch.Tensor, p: float) -> torch.Tensor:
     l64 = torch.where(inf, torch.full_like(l64, math.inf), l64)
     y = pam(l64, torch.full((), p, dtype=torch.float64))
     out = _paexp2_f64(y, f)
-    integer = math.isfinite(p) and p == math.floor(p)
-    if integer:
+    if not math.isfinite(p):
+        one = (l64 == 0) if math.isinf(p) else (l64 == 0) & ~neg
+        out = torch.where(one, torch.ones_like(out), out)
+    if math.isfinite(p) and p == math.floor(p):
         if int(p) % 2 == 1:
             out = torch.where(neg, -out, out)
-    else:
+    elif math.isfinite(p):
         out = torch.where(neg & ~zero, torch.full_like(out, math.nan), out)
         out = torch.where(neg & zero, out.abs(), out)
     return torch.where(nan, torch.full_like(out, math.nan), out)

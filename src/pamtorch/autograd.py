@@ -15,6 +15,7 @@ Neither "approx" nor "exact" runs a float multiplication. Pick the kind per call
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import threading
 
@@ -278,8 +279,16 @@ _APPROX = {
     "rsqrt": lambda x, o, g, p: arith.scale_pow2(arith.pad(arith.pam(g, o), x),
                                                  _const(-1, o).to(torch.int32), _const(1, o).bool()),
     "reciprocal": lambda x, o, g, p: -arith.pad(arith.pam(g, o), x),
-    "pow": lambda x, o, g, p: arith.pad(arith.pam(arith.pam(g, o), _const(p, o)), x),
+    "pow": lambda x, o, g, p: _approx_pow(x, g, p),
 }
+
+
+def _approx_pow(x, g, p):
+    """(p ·̂ x^(p-1)) ·̂ dy with x^(p-1) the PA pow: finite at x = 0 for p >= 1 (0 for
+    p > 1, dy for p = 1), where the form (dy ·̂ y ·̂ p) ÷̂ x is 0/0. p = 0 gives 0, as torch."""
+    if p == 0:
+        return torch.zeros_like(g)
+    return arith.pam(arith.pam(_const(p, x), arith.pa_pow(x, p - 1)), g)
 
 _STE = {
     "exp2": lambda x, o, g, p: g * torch.exp2(x) * LN2,
@@ -289,7 +298,7 @@ _STE = {
     "sqrt": lambda x, o, g, p: g * 0.5 * torch.rsqrt(x),
     "rsqrt": lambda x, o, g, p: g * -0.5 * torch.rsqrt(x) / x,
     "reciprocal": lambda x, o, g, p: -g / (x * x),
-    "pow": lambda x, o, g, p: g * p * torch.pow(x, p - 1),
+    "pow": lambda x, o, g, p: torch.zeros_like(g) if p == 0 else g * p * torch.pow(x, p - 1),
 }
 
 
@@ -331,14 +340,15 @@ def _exact_log(x, o, p):
 
 
 def _exact_pow(x, o, p):
+    """For finite nonzero p only; p = 0, inf or NaN takes the approx formula."""
     l64 = arith._palog2_f64(x)[2]
     p64 = torch.tensor(float(p), dtype=torch.float64, device=x.device)
     c = ((arith.mantissa_field(l64) + arith.mantissa_field(p64)) >> 52).to(torch.int32)
     k = _floor_exp(arith.pam(l64, p64)) + arith.exponent(p64) + c - arith.exponent(x)
     neg = torch.full_like(x, p < 0, dtype=torch.bool)
-    if float(p) == int(p) and int(p) % 2 == 0:
+    if math.isfinite(p) and p == math.floor(p) and int(p) % 2 == 0:
         neg = neg ^ torch.signbit(x)
-    return k, neg, _ok(x, o) & (l64 != 0)
+    return k, neg, _ok(x, o) & (l64 != 0) & (math.isfinite(p) and p != 0)
 
 
 _EXACT = {

@@ -240,9 +240,11 @@ def bmm(a: torch.Tensor, b: torch.Tensor, *, derivative: str | None = None) -> t
     return _PamBMM.apply(a, b, kind)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            derivative: str | None = None) -> torch.Tensor:
-    """``x @PAM weight^T + bias`` with ``torch.nn.functional.linear`` semantics."""
+    """``input @PAM weight^T + bias`` with ``torch.nn.functional.linear`` semantics (and its
+    argument names, so ``F.linear(input=..., weight=...)`` routes here unchanged)."""
+    x = input
     _check_pair("linear", x, weight, ("input", "weight"))
     kind = _resolve(derivative)
     if weight.dim() not in (1, 2):
@@ -262,15 +264,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
-def _pair(v, name):
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    if len(v) == 1:
-        return (v[0], v[0])
-    if len(v) != 2:
-        raise ValueError(f"pamtorch.conv2d: '{name}' must be an int or a pair, got {v}")
-    return v
+def _pair(v, name, least):
+    """``v`` as a pair of ints each >= ``least`` (stride and dilation 1, padding 0)."""
+    pair = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    if len(pair) == 1:
+        pair = (pair[0], pair[0])
+    if len(pair) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) for e in pair):
+        raise ValueError(f"pamtorch.conv2d: '{name}' must be an int or a pair of ints, got {v!r}")
+    if min(pair) < least:
+        raise ValueError(f"pamtorch.conv2d: '{name}' must be >= {least}, got {v!r}")
+    return pair
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -300,8 +303,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if cg * groups != c:
         raise RuntimeError(f"pamtorch.conv2d: weight of shape {tuple(weight.shape)} expects "
                            f"{cg * groups} input channels (groups={groups}), got {c}")
-    stride = _pair(stride, "stride")
-    dilation = _pair(dilation, "dilation")
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
     if isinstance(padding, str):
         if padding == "valid":
             padding = (0, 0)
@@ -316,7 +319,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         else:
             raise ValueError(f"pamtorch.conv2d: padding must be an int, a pair, 'valid' or "
                              f"'same', got {padding!r}")
-    padding = _pair(padding, "padding")
+    padding = _pair(padding, "padding", 0)
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if ho <= 0 or wo <= 0:
