@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from .recording import recorded
+
 __all__ = [
     "SUPPORTED_DTYPES",
     "Format",
@@ -148,6 +150,7 @@ def _ext(*ts):
     return _EXT or None
 
 
+@recorded("pam", "other")
 def pam(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """PAM: pattern P_a + P_b - B with sign S_a xor S_b (IEEE rules for the specials)."""
     ext = _ext(a, b)
@@ -170,6 +173,7 @@ def pam(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _join((na ^ nb) & ~nan, r, f)
 
 
+@recorded("pad", "other")
 def pad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """PAD: pattern P_a - P_b + B with sign S_a xor S_b (IEEE rules for the specials)."""
     ext = _ext(a, b)
@@ -222,6 +226,7 @@ def is_finite_nonzero(x: torch.Tensor) -> torch.Tensor:
     return (m >= f.min_normal) & (m < f.inf)
 
 
+@recorded("scale_pow2", "other")
 def scale_pow2(x: torch.Tensor, k: torch.Tensor, negate: torch.Tensor | None = None) -> torch.Tensor:
     """x · 2^k (· -1 where ``negate``) by adding k to the exponent field of x.
 
@@ -257,6 +262,7 @@ def _ldexp_f64(v: torch.Tensor, k) -> torch.Tensor:
     return _join(n, torch.where(m == 0, m, m + (k << 52)), f)
 
 
+@recorded("palog2", "other")
 def palog2(x: torch.Tensor) -> torch.Tensor:
     """palog2(x) = E + M for x > 0; -inf for zero/subnormal, NaN for x < 0, inf for inf."""
     f = fmt(x.dtype)
@@ -278,12 +284,14 @@ def _paexp2_f64(y: torch.Tensor, f: Format) -> torch.Tensor:
     return _join(torch.zeros_like(r, dtype=torch.bool), r, f)
 
 
+@recorded("paexp2", "other")
 def paexp2(y: torch.Tensor) -> torch.Tensor:
     """paexp2(y) = 2^floor(y) (1 + y - floor(y)); overflows to inf, underflows to 0."""
     f = fmt(y.dtype)
     return _paexp2_f64(y.to(torch.float64), f)
 
 
+@recorded("pa_exp", "other")
 def pa_exp(x: torch.Tensor) -> torch.Tensor:
     """exp(x) = paexp2(x ·̂ log2 e), the PAM carried in float64."""
     ext = _ext(x)
@@ -294,6 +302,7 @@ def pa_exp(x: torch.Tensor) -> torch.Tensor:
     return _paexp2_f64(y, f)
 
 
+@recorded("pa_log", "other")
 def pa_log(x: torch.Tensor) -> torch.Tensor:
     """log(x) = palog2(x) ÷̂ log2 e, carried in float64 and rounded once."""
     ext = _ext(x)
@@ -328,23 +337,27 @@ def _sqrt_like(x: torch.Tensor, sign: int) -> torch.Tensor:
     return _join(neg & zero, r, f)
 
 
+@recorded("pa_sqrt", "other")
 def pa_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt(x) = paexp2(palog2(x) / 2): pattern round((P - B)/2) + B. sqrt(-0) = -0."""
     ext = _ext(x)
     return ext.ew_sqrt(x) if ext is not None else _sqrt_like(x, 1)
 
 
+@recorded("pa_rsqrt", "other")
 def pa_rsqrt(x: torch.Tensor) -> torch.Tensor:
     """rsqrt(x) = paexp2(-palog2(x) / 2): pattern round((B - P)/2) + B. rsqrt(-0) = -inf."""
     ext = _ext(x)
     return ext.ew_rsqrt(x) if ext is not None else _sqrt_like(x, -1)
 
 
+@recorded("pa_reciprocal", "other")
 def pa_reciprocal(x: torch.Tensor) -> torch.Tensor:
     """1 ÷̂ x (PAD): pattern 2B - P."""
     return pad(torch.ones_like(x), x)
 
 
+@recorded("pa_pow", "other")
 def pa_pow(x: torch.Tensor, p: float) -> torch.Tensor:
     """pow(x, p) = paexp2(palog2(|x|) ·̂ p), carried in float64 and rounded once.
 

@@ -11,10 +11,24 @@
   for op kinds whose config asks for ``derivative="exact"`` or ``"ste"``, routes the
   matrix products to pamtorch's autograd functions, whose backward is that kind.
 
-Every floating-point aten op is one of: routed (in ``OP_TABLE``), known to do no
-multiplication (``PASS_THROUGH``: views, copies, additions, comparisons, reductions by
-sum or max, ...), or an error that names it. An op is never silently run exact, except
-where the config says to leave its kind exact. ``pamtorch.audit`` shares these tables.
+Every aten call is classified by :func:`classify`, by overload and by its arguments:
+
+* "free": no floating-point (or complex) arithmetic, or an op known to do no float
+  multiplication with these arguments (``PASS_THROUGH``: views, copies, additions,
+  comparisons, sums, max, ...; ``add`` only with ``alpha=1``, ``scatter`` only without
+  ``reduce="multiply"``, ``round`` only without ``decimals``, see ``FREE_WHEN``);
+* "routable": a multiply-like op in ``OP_TABLE``, run by its PA implementation;
+* "unknown": a float op that may multiply and has no PA implementation: an
+  ``UnsupportedOpError`` that names the op, the module (or autograd node) it ran in and
+  the way out, ``pamtorch.mode(config, leave_exact=[torch.ops.aten.<op>])``.
+
+An integer or boolean op whose result is floating point (``pos / 7.0``,
+``torch.exp(int_tensor)``, ``arange(5) * 1.1``) does float arithmetic: its integer
+operands are converted to that float dtype and the op is routed (or refused) like any
+float op. An in-place op whose float result cannot be cast to its integer ``self``
+raises torch's error. Nothing runs exact behind your back; what runs exact on purpose
+(``leave_exact``, or a kind the config leaves exact) is what the user asked for, and
+``pamtorch.audit`` lists it as such. The audit shares this classification.
 
 Scalars computed in Python (learning-rate schedules, Adam's bias corrections) are exact
 Python floats, as in the paper; applying them to tensors is a PAM.
@@ -22,28 +36,36 @@ Python floats, as in the paper; applying them to tensors is a PAM.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import threading
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import Config, OpConfig
+from .config import KINDS, Config, OpConfig
 from .matmul import bmm as _pa_bmm, linear as _pa_linear, matmul as _pa_matmul
 from .nn import functional as PF
 from .ops import OP_TABLE, PASS_THROUGH, UnsupportedOpError, implements, op_kind
 from .ops.table import ACTIVE as _ACTIVE
+from .recording import RECORDERS, exact_by_request, routing
 
-__all__ = ["OP_TABLE", "PASS_THROUGH", "RECORDERS", "UnsupportedOpError", "classify", "implements",
-           "mode", "PAMode", "op_kind", "is_float_op"]
+__all__ = ["OP_TABLE", "PASS_THROUGH", "FREE_WHEN", "RECORDERS", "UnsupportedOpError", "classify",
+           "implements", "mode", "PAMode", "op_kind", "is_float_op"]
 
 aten = torch.ops.aten
 
 
+def _is_float(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
 def _has_float(x) -> bool:
     if isinstance(x, torch.Tensor):
-        return x.is_floating_point()
+        return _is_float(x)
     if isinstance(x, (list, tuple)):
         return any(_has_float(y) for y in x)
     if isinstance(x, dict):
@@ -52,38 +74,261 @@ def _has_float(x) -> bool:
 
 
 def is_float_op(args, kwargs) -> bool:
-    """Whether any tensor among the (nested list/tuple/dict) arguments is floating point."""
+    """Whether any tensor among the (nested list/tuple/dict) arguments is floating point
+    or complex."""
     return _has_float(args) or _has_float(kwargs)
 
 
-# ---------------------------------------------------------------------------
-# the mode
+def _has_complex(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.is_complex()
+    if isinstance(x, (list, tuple)):
+        return any(_has_complex(y) for y in x)
+    if isinstance(x, dict):
+        return any(_has_complex(y) for y in x.values())
+    return False
 
-_ALPHA_OPS = frozenset([aten.add, aten.add_, aten.sub, aten.sub_, aten._foreach_add,
-                        aten._foreach_add_, aten._foreach_sub, aten._foreach_sub_])
+
+def _float_dtype(x):
+    """The dtype of the first floating-point or complex tensor in ``x`` (nested), or None."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype if _is_float(x) else None
+    if isinstance(x, (list, tuple)):
+        for y in x:
+            d = _float_dtype(y)
+            if d is not None:
+                return d
+    return None
+
+
+# ---------------------------------------------------------------------------
+# classification
+
+_SCHEMA_ARGS: dict = {}
+
+
+def _argument(func, args, kwargs, name, default):
+    """Argument ``name`` of an aten call, positional or keyword (None-valued as given)."""
+    if name in kwargs:
+        return kwargs[name]
+    where = _SCHEMA_ARGS.get(func)
+    if where is None:
+        where = _SCHEMA_ARGS[func] = {a.name: i for i, a in enumerate(func._schema.arguments)
+                                      if not a.kwarg_only}
+    i = where.get(name)
+    return args[i] if i is not None and i < len(args) else default
+
+
+def _alpha(name):
+    def why(func, args, kwargs):
+        s = _argument(func, args, kwargs, name, 1)
+        return None if s is None or s == 1 else f"{name}={s!r} multiplies"
+    return why
+
+
+def _reduce(free, name="reduce"):
+    def why(func, args, kwargs):
+        r = _argument(func, args, kwargs, name, None)
+        return None if r is None or r in free else f"{name}={r!r} multiplies"
+    return why
+
+
+def _decimals(func, args, kwargs):
+    k = _argument(func, args, kwargs, "decimals", 0)
+    return None if k == 0 else f"decimals={k!r} scales by 10^{k!r}"
+
+
+def _by_freq(func, args, kwargs):
+    return "scale_grad_by_freq=True divides by the counts" if \
+        _argument(func, args, kwargs, "scale_grad_by_freq", False) else None
+
+
+# ops that are free of float multiplication only for some arguments: packet -> why(func,
+# args, kwargs), the reason it multiplies, or None when this call is free. A call that is
+# not free is routed when its op is in OP_TABLE, else it is "unknown".
+FREE_WHEN: dict = {}
+for _names, _why in [
+    ("add add_ sub sub_ rsub index_add index_add_ _foreach_add _foreach_add_ _foreach_sub "
+     "_foreach_sub_", _alpha("alpha")),
+    ("scatter scatter_", _reduce(("add",))),
+    ("scatter_reduce scatter_reduce_", _reduce(("sum", "amax", "amin"))),
+    ("index_reduce index_reduce_", _reduce(("amax", "amin"))),
+    ("round round_", _decimals),
+    ("embedding_dense_backward", _by_freq),
+]:
+    FREE_WHEN.update((getattr(aten, n), _why) for n in _names.split() if hasattr(aten, n))
 
 # collectives move or sum tensors (DDP's buffer broadcast, the SUM all-reduce); an AVG
 # reduction divides inside the backend, so pamtorch's DDP hook all-reduces SUM and then
 # divides with PAD
 _COMMUNICATION = frozenset(["c10d", "_c10d_functional"])
 
-# objects with a ``routed(func, args, kwargs, out)`` method, told of every routed op
-RECORDERS: list = []
-# the config of the innermost active PAMode, for implementations that span op kinds
 
-def classify(func, args, kwargs) -> str:
-    """How the mode treats an aten call: "free" (runs as is: no float tensor, or an op
-    known to do no float multiplication), "routable" (a multiply-like op in OP_TABLE), or
-    "unknown" (a float op that may multiply and has no PA implementation)."""
-    if not is_float_op(args, kwargs) or func.namespace in _COMMUNICATION:
-        return "free"
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """How the mode treats one aten call. ``cls``: "free", "routable", "unknown", or
+    "after" (integer inputs and no way to know the result dtype before running: run it,
+    then refuse a float result). ``reason``: why it is not free. ``promote``: the float
+    dtype to convert integer operands to before routing (integer inputs, float result)."""
+
+    cls: str
+    reason: str = ""
+    promote: torch.dtype | None = None
+
+
+_FREE = Decision("free")
+_UNKNOWN_RESULT = object()
+
+
+def _meta(x):
+    if isinstance(x, torch.Tensor):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_meta(y) for y in x)
+    if isinstance(x, dict):
+        return {k: _meta(v) for k, v in x.items()}
+    return x
+
+
+def _signature(x):
+    """What decides the result dtype of a call: tensor dtypes (and 0-d or not), the Python
+    type of numbers, other arguments (dtype=, rounding_mode=, sizes) as they are."""
+    if isinstance(x, torch.Tensor):
+        return (x.dtype, x.dim() == 0)
+    if isinstance(x, (bool, int, float, complex)):
+        return type(x)
+    if isinstance(x, (list, tuple)):
+        return tuple(_signature(y) for y in x)
+    if isinstance(x, dict):
+        return tuple((k, _signature(v)) for k, v in x.items())
+    return x if isinstance(x, (str, torch.dtype, type(None))) else type(x)
+
+
+_RESULT_DTYPES: dict = {}
+
+
+def _float_result(func, args, kwargs):
+    """The float dtype of the result of an op on integer/boolean tensors, found by running
+    it once per argument signature on meta tensors (no data, no arithmetic, no dispatch
+    mode sees it); None for an integer/boolean result; ``_UNKNOWN_RESULT`` when the op
+    has no meta kernel."""
+    key = (func, _signature(args), _signature(kwargs))
+    try:
+        return _RESULT_DTYPES[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable argument: no cache
+        key = None
+    try:
+        with torch._C._DisableTorchDispatch():
+            dtype = _float_dtype(func(*_meta(args), **_meta(kwargs)))
+    except Exception:  # noqa: BLE001 - no meta kernel, or an error the real call will raise
+        dtype = _UNKNOWN_RESULT
+    if key is not None:
+        _RESULT_DTYPES[key] = dtype
+    return dtype
+
+
+def decide(func, args, kwargs, out=_UNKNOWN_RESULT) -> Decision:
+    """The :class:`Decision` for one aten call; ``out``, when given, is its result (the
+    audit classifies after running, so it needs no meta run)."""
+    if func.namespace in _COMMUNICATION:
+        return _FREE
     packet = func.overloadpacket
-    if packet in OP_TABLE:
-        if packet in _ALPHA_OPS and kwargs.get("alpha", 1) == 1:
-            return "free"
-        return "routable"
-    return "free" if packet in PASS_THROUGH else "unknown"
+    promote = None
+    if not is_float_op(args, kwargs):
+        if packet in PASS_THROUGH:
+            return _FREE
+        promote = _float_result(func, args, kwargs) if out is _UNKNOWN_RESULT else _float_dtype(out)
+        if promote is None:
+            return _FREE
+        if promote is _UNKNOWN_RESULT:
+            return Decision("after", "integer inputs, and a result type only known after running it")
+    cond = FREE_WHEN.get(packet)
+    why = None if cond is None else cond(func, args, kwargs)
+    if (why is not None or (cond is None and packet in OP_TABLE)) and \
+            (_has_complex(args) or _has_complex(kwargs) or (promote is not None and promote.is_complex)):
+        return Decision("unknown", "PA arithmetic is defined on real floating-point numbers, and "
+                                   "this multiply-like call has complex operands")
+    if promote is not None:
+        why = f"its integer inputs give a {promote} result"
+    elif why is None:
+        if cond is not None or (packet not in OP_TABLE and packet in PASS_THROUGH):
+            return _FREE
+        if packet not in OP_TABLE:
+            return Decision("unknown", "it is a floating-point op with no piecewise affine "
+                                       "implementation, not known to be free of multiplications")
+    return Decision("routable" if packet in OP_TABLE else "unknown",
+                    why or "a multiply-like op", promote)
 
+
+def classify(func, args, kwargs, out=_UNKNOWN_RESULT) -> str:
+    """How the mode treats an aten call: "free" (runs as is: no float arithmetic, or an
+    op known to do no float multiplication with these arguments), "routable" (a
+    multiply-like call with a PA implementation in OP_TABLE) or "unknown" (float
+    arithmetic that may multiply and has no PA implementation). Decided by overload and
+    arguments: ``alpha``, ``reduce``, ``decimals``, ``scale_grad_by_freq``, and integer
+    inputs with a float result (from ``out`` when given, else a meta-tensor run)."""
+    cls = decide(func, args, kwargs, out).cls
+    return "unknown" if cls == "after" else cls
+
+
+def _check_inplace(func, args, kwargs):
+    """Raise torch's error for an in-place op whose float result cannot be written into
+    its integer/boolean ``self`` (``int_tensor.mul_(float_tensor)``)."""
+    schema = func._schema.arguments
+    if not args or not schema or schema[0].alias_info is None or not schema[0].alias_info.is_write:
+        return
+    selfs = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+    if all(not isinstance(t, torch.Tensor) or _is_float(t) for t in selfs):
+        return
+
+    def empty(x):  # same dtypes and devices, no elements: torch checks the types, computes nothing
+        if isinstance(x, torch.Tensor):
+            return torch.empty((0,) * x.dim(), dtype=x.dtype, device=x.device)
+        if isinstance(x, (list, tuple)):
+            return type(x)(empty(y) for y in x)
+        return x
+    with torch._C._DisableTorchDispatch():
+        func(*empty(args), **{k: empty(v) for k, v in kwargs.items()})
+    raise RuntimeError(f"pamtorch.mode: {func} writes a floating-point result into an integer "
+                       "or boolean tensor in place; torch refuses that cast")
+
+
+def _to_dtype(x, dtype):
+    """Integer/boolean tensors in ``x`` (nested) converted to ``dtype``."""
+    if isinstance(x, torch.Tensor):
+        return x if _is_float(x) else x.to(dtype)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_dtype(y, dtype) for y in x)
+    if isinstance(x, dict):
+        return {k: _to_dtype(v, dtype) for k, v in x.items()}
+    return x
+
+
+# ---------------------------------------------------------------------------
+# leave_exact
+
+def _leave_exact(items):
+    """(packets, overloads, kinds) from ``leave_exact``'s aten ops and op-kind names."""
+    packets, overloads, kinds = set(), set(), set()
+    for item in items:
+        if isinstance(item, torch._ops.OpOverloadPacket):
+            packets.add(item)
+        elif isinstance(item, torch._ops.OpOverload):
+            overloads.add(item)
+        elif isinstance(item, str) and item in KINDS:
+            kinds.add(item)
+        else:
+            raise ValueError(
+                f"pamtorch.mode: leave_exact takes aten ops (torch.ops.aten.cumprod, or one "
+                f"overload such as torch.ops.aten.cumprod.default) or op-kind names {KINDS}; "
+                f"got {item!r}")
+    return frozenset(packets), frozenset(overloads), frozenset(kinds)
+
+
+# ---------------------------------------------------------------------------
+# where an op runs, for error messages
 
 _IN_OPTIMIZER = [0]
 
@@ -96,52 +341,113 @@ def _opt_post(opt, args, kwargs):
     _IN_OPTIMIZER[0] -= 1
 
 
+def _child_name(parent, child) -> str:
+    for name, m in parent.named_modules():
+        if m is child and name:
+            return name
+    return f"({type(child).__name__})"
+
+
+def _module_path(stack) -> str:
+    """'1.0' (Inner) of Sequential: the dotted path of the innermost module from the
+    outermost one entered under the mode."""
+    parts = [_child_name(p, c) for p, c in zip(stack, stack[1:])]
+    inner = type(stack[-1]).__name__
+    if not parts:
+        return f"module {inner}"
+    return f"module '{'.'.join(parts)}' ({inner}) of {type(stack[0]).__name__}"
+
+
 class PAMode(TorchDispatchMode):
-    """Routes floating-point aten ops through ``OP_TABLE`` according to ``config``."""
+    """Routes floating-point aten ops through ``OP_TABLE`` according to ``config``;
+    ``leave_exact`` (aten ops, overloads or op-kind names) run exact on request."""
 
-    def __init__(self, config: Config | None = None):
+    def __init__(self, config: Config | None = None, leave_exact=()):
         super().__init__()
-        self.config = config or Config.paper()
+        self.leave_packets, self.leave_overloads, self.leave_kinds = _leave_exact(leave_exact)
+        config = config or Config.paper()
+        self.config = config.replace(**{k: dataclasses.replace(config.kind(k), pa=False)
+                                        for k in self.leave_kinds})
+        self.modules: list = []   # modules entered under the mode, this thread (mode() tracks them)
+        self.thread = threading.get_ident()
 
-    def kind_config(self, kind: str) -> OpConfig:
+    def kind_config(self, kind: str) -> tuple[str, OpConfig]:
+        """(the config field that applies, its OpConfig) for an op of ``kind``."""
         if kind in ("elementwise", "optimizer") and _IN_OPTIMIZER[0]:
-            return self.config.optimizer
-        if kind == "optimizer":
-            return self.config.elementwise
-        return self.config.kind(kind)
+            kind = "optimizer"
+        elif kind == "optimizer":
+            kind = "elementwise"
+        return kind, self.config.kind(kind)
+
+    def where(self) -> str:
+        """Where the current op runs: module path, autograd node or optimizer step."""
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            return f"in backward (autograd node {node.name()})"
+        if _IN_OPTIMIZER[0]:
+            return "in the optimizer step"
+        if self.modules:
+            return f"in the forward of {_module_path(self.modules)}"
+        return "outside any module"
+
+    def unsupported(self, func, reason: str) -> UnsupportedOpError:
+        err = UnsupportedOpError(
+            f"pamtorch.mode: {func} ran {self.where()}: {reason}, so it was not run exact "
+            f"behind your back. To run it exact on purpose, pass "
+            f"pamtorch.mode(config, leave_exact=[torch.ops.{func.namespace}.{func.overloadpacket.__name__}]) "
+            "(pamtorch.audit then lists it as left exact by request and does not call the "
+            "step multiplication-free); or leave its module out of pamtorch.convert with "
+            "module_filter_fn; or report the op to the pamtorch maintainers so it can be "
+            "added to the op table (pamtorch.ops).")
+        err.pamtorch_context = True
+        return err
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        cls = classify(func, args, kwargs)
-        if cls == "free":
+        d = decide(func, args, kwargs)
+        if d.cls == "free":
             return func(*args, **kwargs)
-        if cls == "unknown":
-            raise UnsupportedOpError(
-                f"pamtorch.mode: {func} is a floating-point op with no piecewise affine "
-                "implementation, and it is not known to be free of multiplications, so it was "
-                "not run exact behind your back. Route around it, leave its module out with "
-                "pamtorch.convert's module_filter_fn, or report the op name to the pamtorch "
-                "maintainers so it can be added to pamtorch.mode.OP_TABLE.")
-        entry = OP_TABLE[func.overloadpacket]
-        opcfg = self.kind_config(entry.kind)
+        entry = OP_TABLE.get(func.overloadpacket) if d.cls == "routable" else None
+        if func in self.leave_overloads or func.overloadpacket in self.leave_packets or \
+                (entry is not None and self.kind_config(entry.kind)[0] in self.leave_kinds):
+            with exact_by_request():
+                return func(*args, **kwargs)
+        if d.cls == "after":
+            out = func(*args, **kwargs)
+            dtype = _float_dtype(out if isinstance(out, (list, tuple)) else [out])
+            if dtype is None:
+                return out
+            raise self.unsupported(func, f"its integer inputs gave a {dtype} result, computed "
+                                         "with float arithmetic that has no PA implementation")
+        _check_inplace(func, args, kwargs)
+        if d.cls == "unknown":
+            raise self.unsupported(func, d.reason)
+        _, opcfg = self.kind_config(entry.kind)
         if not opcfg.pa:  # the config leaves this kind exact
             return func(*args, **kwargs)
+        if d.promote is not None:
+            args, kwargs = _to_dtype(args, d.promote), _to_dtype(kwargs, d.promote)
         _ACTIVE.append(self.config)
         try:
-            out = entry.impl(func, args, kwargs, opcfg)
+            with routing():
+                out = entry.impl(func, args, kwargs, opcfg)
+        except UnsupportedOpError as e:
+            if getattr(e, "pamtorch_context", False):
+                raise
+            raise self.unsupported(func, str(e).removeprefix("pamtorch.mode: ")) from e
         finally:
             _ACTIVE.pop()
-        for rec in RECORDERS:
+        for rec in list(RECORDERS):
             rec.routed(func, args, kwargs, out)
         return out
 
 
-def _softmax_route(input, dim=None, _stacklevel=3, dtype=None, *, derivative):
-    return PF.softmax(input if dtype is None else input.to(dtype), dim, derivative=derivative)
+def _softmax_route(x, dim=None, _stacklevel=3, dtype=None, *, derivative):
+    return PF.softmax(x if dtype is None else x.to(dtype), dim, derivative=derivative)
 
 
-def _log_softmax_route(input, dim=None, _stacklevel=3, dtype=None, *, derivative):
-    return PF.log_softmax(input if dtype is None else input.to(dtype), dim, derivative=derivative)
+def _log_softmax_route(x, dim=None, _stacklevel=3, dtype=None, *, derivative):
+    return PF.log_softmax(x if dtype is None else x.to(dtype), dim, derivative=derivative)
 
 
 def _cross_entropy_route(input, target, weight=None, size_average=None, ignore_index=-100,
@@ -160,30 +466,50 @@ _FUNCTION_ROUTES = {
     torch.softmax: _softmax_route,
     torch.Tensor.softmax: _softmax_route,
     F.log_softmax: _log_softmax_route,
-    F.layer_norm: lambda input, normalized_shape, weight=None, bias=None, eps=1e-5, *, derivative:
-        PF.layer_norm(input, normalized_shape, weight, bias, eps, derivative=derivative),
-    F.gelu: lambda input, approximate="none", *, derivative: PF.gelu(input, approximate, derivative=derivative),
+    F.layer_norm: lambda x, shape, weight=None, bias=None, eps=1e-5, *, derivative:
+        PF.layer_norm(x, shape, weight, bias, eps, derivative=derivative),
+    F.gelu: lambda x, approximate="none", *, derivative: PF.gelu(x, approximate, derivative=derivative),
     F.cross_entropy: _cross_entropy_route,
     F.mse_loss: _mse_route,
 }
 _FUNCTION_KINDS = {F.softmax: "softmax", torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
                    F.log_softmax: "softmax", F.layer_norm: "norm", F.gelu: "nonlinear",
                    F.cross_entropy: "loss", F.mse_loss: "loss"}
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
+_BMMS = (torch.bmm, torch.Tensor.bmm)
+
+# the aten ops each function-level route stands for: leave_exact naming one of them
+# leaves the function to the dispatch level, where the request applies
+_SOFTMAX_OPS = ("_softmax", "_softmax_backward_data", "_safe_softmax")
+_FUNCTION_OPS = {
+    **{f: _SOFTMAX_OPS for f in (F.softmax, torch.softmax, torch.Tensor.softmax)},
+    F.log_softmax: ("_log_softmax", "_log_softmax_backward_data"),
+    F.layer_norm: ("native_layer_norm", "native_layer_norm_backward"),
+    F.gelu: ("gelu", "gelu_backward"),
+    F.cross_entropy: ("_log_softmax", "_log_softmax_backward_data", "nll_loss_forward",
+                      "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward"),
+    F.mse_loss: ("mse_loss", "mse_loss_backward"),
+    **{f: ("mm", "bmm") for f in _MATMULS + _BMMS},
+    F.linear: ("addmm", "mm"),
+    F.scaled_dot_product_attention: ("bmm", "mul", *_SOFTMAX_OPS,
+                                     "_scaled_dot_product_flash_attention_for_cpu",
+                                     "_scaled_dot_product_flash_attention_for_cpu_backward"),
+}
 
 
 class _PAFunctionMode(TorchFunctionMode):
     """Above autograd: decompose fused ops, and give matrix products the exact or
     straight-through derivative where the config asks for it."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, leave_exact=()):
         super().__init__()
         self.config = config
+        packets, overloads, _ = _leave_exact(leave_exact)
+        self.leave = {p.__name__ for p in packets} | {o.overloadpacket.__name__ for o in overloads}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if kwargs.get("out") is not None:
-            # out= has no autograd, so the derivative kind is moot: the dispatch level
-            # routes the op and writes out (ops.table.implements)
+        if self.leave and self.leave.intersection(_FUNCTION_OPS.get(func, ())):
             return func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
             # the fused aten op has no PA backward: use the PA attention of pamtorch.nn,
@@ -196,10 +522,9 @@ class _PAFunctionMode(TorchFunctionMode):
                 return _FUNCTION_ROUTES[func](*args, **kwargs, derivative=op.derivative)
         mm = self.config.matmul
         if mm.pa and mm.derivative != "approx" and mm.offset is None:
-            if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
-                        torch.Tensor.mm):
+            if func in _MATMULS:
                 return _pa_matmul(args[0], args[1], derivative=mm.derivative)
-            if func in (torch.bmm, torch.Tensor.bmm):
+            if func in _BMMS:
                 return _pa_bmm(args[0], args[1], derivative=mm.derivative)
             if func is F.linear:
                 return _pa_linear(*args, **kwargs, derivative=mm.derivative)
@@ -207,18 +532,36 @@ class _PAFunctionMode(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def mode(config: Config | None = None):
+def mode(config: Config | None = None, leave_exact=()):
     """Run everything inside multiplication-free (see the module docstring).
 
     ``config`` (default ``Config.paper()``) says which op kinds are PA and with which
-    derivative. Stock ``torch.optim`` optimizers run PA inside, foreach included."""
+    derivative. Stock ``torch.optim`` optimizers run PA inside, foreach included.
+
+    ``leave_exact``: aten ops (``torch.ops.aten.cumprod``), single overloads
+    (``torch.ops.aten.round.decimals``) or op-kind names (``"optimizer"``) that run with
+    torch's own float arithmetic, on request. ``pamtorch.audit`` lists them as "left
+    exact by request", and its verdict is then not multiplication-free."""
     config = config or Config.paper()
-    pre = register_optimizer_step_pre_hook(_opt_pre)
-    post = register_optimizer_step_post_hook(_opt_post)
+    if not isinstance(config, Config):
+        raise TypeError(f"pamtorch.mode: config must be a pamtorch Config, got {type(config).__name__}")
+    leave_exact = tuple(leave_exact)
+    dispatch = PAMode(config, leave_exact)
+    stack, thread = dispatch.modules, dispatch.thread
+
+    def enter(module, args):
+        if threading.get_ident() == thread:
+            stack.append(module)
+
+    def leave(module, args, out):
+        if threading.get_ident() == thread and stack and stack[-1] is module:
+            stack.pop()
+
+    hooks = [register_optimizer_step_pre_hook(_opt_pre), register_optimizer_step_post_hook(_opt_post),
+             register_module_forward_pre_hook(enter), register_module_forward_hook(leave, always_call=True)]
     try:
-        with _PAFunctionMode(config), PAMode(config):
+        with _PAFunctionMode(dispatch.config, leave_exact), dispatch:
             yield
     finally:
-        pre.remove()
-        post.remove()
-
+        for h in hooks:
+            h.remove()

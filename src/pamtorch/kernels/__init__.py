@@ -23,6 +23,8 @@ import importlib
 
 import torch
 
+from ..recording import product_count, recorded
+
 __all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b",
            "pam_bmm", "pam_bmm_exact_grad_a", "pam_bmm_exact_grad_b",
            "backend_name", "get_backend"]
@@ -103,12 +105,14 @@ def _check_ab(op, a, b, ndim=2):
                          f"{tuple(b.shape)}")
 
 
+@recorded("pam_mm", "matmul", product_count)
 def pam_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a[M,K] @PAM b[K,N]`` -> float32 ``[M,N]``."""
     _check_ab("pam_mm", a, b)
     return get_backend(a.device).pam_mm(a, b)
 
 
+@recorded("pam_mm_exact_grad_a", "matmul", product_count)
 def pam_mm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
     """Exact derivative of ``a @PAM b`` w.r.t. ``a`` for upstream ``dc[M,N]`` -> ``[M,K]``."""
     op = "pam_mm_exact_grad_a"
@@ -117,6 +121,7 @@ def pam_mm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> t
     return get_backend(a.device).pam_mm_exact_grad_a(a, b, dc)
 
 
+@recorded("pam_mm_exact_grad_b", "matmul", product_count)
 def pam_mm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
     """Exact derivative of ``a @PAM b`` w.r.t. ``b`` for upstream ``dc[M,N]`` -> ``[K,N]``."""
     op = "pam_mm_exact_grad_b"
@@ -132,6 +137,7 @@ def _per_batch(fn, out_shape, device, *ts):
     return out
 
 
+@recorded("pam_bmm", "matmul", product_count)
 def pam_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched ``a[B,M,K] @PAM b[B,K,N]`` -> float32 ``[B,M,N]`` (any strides)."""
     _check_ab("pam_bmm", a, b, 3)
@@ -141,6 +147,7 @@ def pam_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _per_batch(be.pam_mm, (a.shape[0], a.shape[1], b.shape[2]), a.device, a, b)
 
 
+@recorded("pam_bmm_exact_grad_a", "matmul", product_count)
 def pam_bmm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
     """Batched exact derivative w.r.t. ``a`` -> ``[B,M,K]``."""
     op = "pam_bmm_exact_grad_a"
@@ -152,6 +159,7 @@ def pam_bmm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> 
     return _per_batch(be.pam_mm_exact_grad_a, a.shape, a.device, a, b, dc)
 
 
+@recorded("pam_bmm_exact_grad_b", "matmul", product_count)
 def pam_bmm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
     """Batched exact derivative w.r.t. ``b`` -> ``[B,K,N]``."""
     op = "pam_bmm_exact_grad_b"
