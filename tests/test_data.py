@@ -1,6 +1,8 @@
 """Loaders of pamtorch.recipes.data on small files written here in each real format."""
 import gzip
+import os
 import pickle
+import stat
 import struct
 
 import numpy as np
@@ -250,3 +252,168 @@ def test_bpe_tokenizer(tmp_path):
     tok.save(tmp_path / "t.json")
     again = load_tokenizer(tmp_path / "t.json")
     assert again.encode(texts[1]) == tok.encode(texts[1]) and again.vocab_size == tok.vocab_size
+
+
+# ----------------------------------------------------------------------------- issue 10 regressions
+
+
+def test_parallel_lines_end_at_newline_only(tmp_path):
+    """str.splitlines() also breaks at U+2028/2029, U+0085, \\x0b, \\x0c, \\x1c-\\x1e: one such
+    character in a source line shifted every later pair by one (or gave a false line-count error)."""
+    breaks = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
+    de = [f"Satz {i}{b}mit Trenner" for i, b in enumerate(breaks)] + ["letzter Satz"]
+    en = [f"sentence {i}" for i in range(len(breaks))] + ["last sentence"]
+    write_parallel(tmp_path)  # valid/test splits
+    (tmp_path / "train.de").write_text("\r\n".join(de) + "\r\n", encoding="utf-8", newline="")
+    (tmp_path / "train.en").write_text("\n".join(en) + "\n", encoding="utf-8", newline="")
+    src, tgt = D.load_parallel(tmp_path)["train"]
+    assert src == de and tgt == en  # aligned, the breaks kept inside, \r\n and \n both end lines
+    # one break on each side: the pairs between them stay aligned
+    (tmp_path / "train.en").write_text("a\u2028b\nc\nd\x0ce\n", encoding="utf-8")
+    (tmp_path / "train.de").write_text("A\u2028B\nC\nD\x1cE\n", encoding="utf-8")
+    assert D.load_parallel(tmp_path)["train"] == (["A\u2028B", "C", "D\x1cE"], ["a\u2028b", "c", "d\x0ce"])
+    assert D.read_lines(tmp_path / "train.de") == ["A\u2028B", "C", "D\x1cE"]
+    (tmp_path / "x.txt").write_bytes(b"\xef\xbb\xbfno final newline\r\nsecond")
+    assert D.read_lines(tmp_path / "x.txt") == ["no final newline", "second"]  # BOM dropped
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["data_batch_1", "test_batch", "batches.meta"])
+def test_cifar10_refuses_a_pickle_that_runs_code(tmp_path, where):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder)
+    marker = tmp_path / "ran"
+    with open(folder / where, "wb") as f:
+        if where == "batches.meta":
+            pickle.dump({b"label_names": [_RunsCode(marker)]}, f)
+        else:
+            pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": _RunsCode(marker)}, f)
+    with pytest.raises(D.DataError, match=rf"{where}: refused to unpickle '(posix|os)\.system'.*numpy arrays"):
+        D.load_cifar10(folder)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_restricted_unpickler_reads_numpy_arrays(tmp_path, protocol):
+    """Real batches (Python 2 protocol 2, bytes via _codecs.encode) and newer protocols load."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    data = {name: rng.integers(0, 256, (3, 3072)).astype(np.uint8) for name in ("data_batch_1", "test_batch")}
+    for name, x in data.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": b"training batch 1 of 5", b"data": x, b"labels": [0, 1, 2],
+                         b"filenames": [b"a.png", b"b.png", b"c.png"]}, f, protocol=protocol)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"x", b"y", b"z"], b"num_vis": 3072}, f, protocol=protocol)
+    d = D.load_cifar10(folder)
+    assert d.classes == ["x", "y", "z"] and d.num_classes == 3
+    raw = torch.from_numpy(data["data_batch_1"]).reshape(3, 3, 32, 32).float() / 255
+    mean, std = raw.mean((0, 2, 3), keepdim=True), raw.std((0, 2, 3), keepdim=True)
+    assert torch.allclose(d.train_x, (raw - mean) / std, atol=1e-5)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((3, 3072), np.int64), b"labels": [0, 1, 2]}, f, protocol=protocol)
+    with pytest.raises(D.DataError, match="test_batch: 'data' is a ndarray of int64 .expected a numpy array of uint8"):
+        D.load_cifar10(folder)
+
+
+def test_empty_idx_files_name_the_file(tmp_path):
+    write_mnist(tmp_path, gz=False)
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    labels.write_bytes(b"")
+    with pytest.raises(D.DataError, match=f"{labels}: empty file"):
+        D.load_mnist(tmp_path)
+    write_idx(labels, np.zeros(0), gz=False)  # a valid header, no items
+    with pytest.raises(D.DataError, match=rf"{labels}: the IDX file holds no items \(shape \(0,\)\)"):
+        D.load_mnist(tmp_path)
+    write_idx(labels, np.arange(12) % 3, gz=False)
+    gz = tmp_path / "t10k-images-idx3-ubyte.gz"  # a gzip file that holds nothing
+    gz.write_bytes(gzip.compress(b""))
+    (tmp_path / "t10k-images-idx3-ubyte").unlink()
+    with pytest.raises(D.DataError, match=f"{gz}: empty file"):
+        D.load_mnist(tmp_path)
+
+
+def test_idx_label_outside_the_classes_is_refused(tmp_path):
+    """One label 255 among the 10 MNIST classes made a 256-class model."""
+    write_mnist(tmp_path, gz=False, n_train=20, n_test=10)
+    y = np.arange(20) % 10
+    y[7] = 255
+    write_idx(tmp_path / "train-labels-idx1-ubyte", y, gz=False)
+    with pytest.raises(D.DataError, match=r"train-labels-idx1-ubyte: labels 255 \(1x\) lie outside the classes 0\.\.9"):
+        D.load_mnist(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(20) % 10, gz=False)
+    yv = np.arange(10) % 10
+    yv[[2, 3]] = 12
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", yv, gz=False)
+    with pytest.raises(D.DataError, match=r"t10k-labels-idx1-ubyte: labels 12 \(2x\) lie outside the 10 training classes"):
+        D.load_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(10) % 10, gz=False)
+    assert D.load_mnist(tmp_path).num_classes == 10
+
+
+def test_cifar10_label_outside_the_classes_is_refused(tmp_path):
+    folder = tmp_path / "c"
+    write_cifar(folder, n=10)
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, -1]}, f)
+    with pytest.raises(D.DataError, match=r"data_batch_2: labels -1 \(1x\) lie outside the classes 0\.\.9"):
+        D.load_cifar10(folder)
+
+
+def test_data_names_are_checked():
+    with pytest.raises(D.DataError, match="--data svhn: unknown image data"):
+        D.load_images("svhn", None)
+    with pytest.raises(D.DataError, match="--data images: unknown text data"):
+        D.load_text("images", None)
+    with pytest.raises(D.DataError, match="--src fr --tgt en: the built-in toy task"):
+        D.toy_parallel(src="fr")
+
+
+def test_atomic_write_respects_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        D.atomic_write(tmp_path / "a.txt", "text")
+        CharTokenizer.train("abc").save(tmp_path / "tok.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "tok.json").stat().st_mode) == 0o640
+    D.atomic_write(tmp_path / "b.bin", b"\x00\x01")
+    assert stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) == 0o666 & ~old
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_atomic_write_failure_names_the_file_and_leaves_no_temp(tmp_path):
+    import errno
+
+    def full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "c.pt").write_bytes(b"old")
+    with pytest.raises(D.UserError, match=rf"{tmp_path / 'c.pt'}: write failed \(No space left on device\)"):
+        D.atomic_write(tmp_path / "c.pt", full)
+    assert os.listdir(tmp_path) == ["c.pt"] and (tmp_path / "c.pt").read_bytes() == b"old"
+    (tmp_path / "c.pt.123.abcd.tmp").write_bytes(b"")
+    (tmp_path / "other.tmp").write_bytes(b"")
+    assert D.stale_temp_files(tmp_path, ["c.pt"]) == [tmp_path / "c.pt.123.abcd.tmp"]
+
+
+def test_corrupt_tokenizer_file_is_a_data_error(tmp_path):
+    (tmp_path / "t.json").write_text('{"kind": "char", "chars": ["a"')
+    with pytest.raises(D.DataError, match=r"t.json: not a readable tokenizer file \(JSONDecodeError"):
+        load_tokenizer(tmp_path / "t.json")
+    (tmp_path / "t.json").write_text('{"kind": "word"}')
+    with pytest.raises(D.DataError, match="t.json: unknown tokenizer file"):
+        load_tokenizer(tmp_path / "t.json")

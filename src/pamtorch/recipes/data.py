@@ -9,20 +9,25 @@ Formats:
 * ``mnist``: MNIST / Fashion-MNIST IDX files (``train-images-idx3-ubyte[.gz]``,
   ``train-labels-idx1-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``),
   gzip or raw. The t10k split is used as the validation split.
-* ``cifar10``: the ``cifar-10-batches-py`` folder (pickled ``data_batch_1..5`` and ``test_batch``).
-  These are Python pickles: only point this at files you trust.
+* ``cifar10``: the ``cifar-10-batches-py`` folder (pickled ``data_batch_1..5`` and ``test_batch``),
+  read with a restricted unpickler that builds only dicts, lists, bytes, str, ints and numpy
+  arrays and refuses any other Python object (a pickle that would run code is an error).
 * ``imagefolder``: ``DIR/train/<class>/*.png`` (+ ``DIR/val|valid|test/<class>/...``), or
   ``DIR/<class>/*`` split 90/10. Needs Pillow (installed with matplotlib).
-* ``parallel``: IWSLT raw layout ``train.SRC``/``train.TGT``, ``valid.*``, optional ``test.*``.
+* ``parallel``: IWSLT raw layout ``train.SRC``/``train.TGT``, ``valid.*``, optional ``test.*``; lines
+  end at ``\n`` only (a trailing ``\r`` is dropped), so U+2028 and other Unicode breaks stay inside.
 * ``text``: a plain UTF-8 text file (or a folder with ``train.txt`` [+ ``valid.txt``] or ``input.txt``).
 
-A missing or malformed file raises :class:`DataError` naming the file and what was expected.
+Class labels must be 0..K-1 with every class present in the training split (K is the number of
+classes). A missing or malformed file raises :class:`DataError` naming the file and what was expected.
 """
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import random
+import secrets
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +37,63 @@ import numpy as np
 import torch
 
 
-class DataError(ValueError):
+class UserError(ValueError):
+    """A mistake in the command line, a data file or the output folder: ``pamtorch`` reports it in
+    one line (``pamtorch: error: ...``) and exits with status 2."""
+
+
+class DataError(UserError):
     """A data file is missing or not in the expected format."""
+
+
+def at_least(cfg, low: int, *names: str) -> None:
+    """Refuse a model config field below ``low`` (a --set mistake) with one clear line."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v < low:
+            raise UserError(f"--set {name}={v}: expected an integer >= {low}")
+
+
+def atomic_write(path, data) -> None:
+    """Write ``data`` (bytes, str, or a function that writes to a binary file) to ``path`` through a
+    temporary file in the same folder, fsync, then ``os.replace``: readers (and a resumed run) see the
+    old or the new file, never a torn one. The file gets the permissions of a plain ``open``
+    (0666 less the umask). A failed write removes the temporary file and raises :class:`UserError`
+    naming ``path``; an interrupted process leaves ``PATH.<pid>.<random>.tmp`` (see ``stale_temp_files``)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror}); choose a writable --out") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        # torch.save reports a failed write (e.g. a full disk) as a RuntimeError of its zip writer
+        if isinstance(e, (OSError, RuntimeError)):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+            raise UserError(f"{path}: write failed ({reason}); free disk space or choose another --out") from e
+        raise
+
+
+def stale_temp_files(folder, names) -> List[Path]:
+    """Temporary files ``NAME.*.tmp`` in ``folder`` left by an interrupted ``atomic_write`` of ``names``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.name.endswith(".tmp") and any(p.name.startswith(n + ".") for n in names) and p.is_file())
 
 
 # ----------------------------------------------------------------------------- images
@@ -101,6 +161,8 @@ def read_idx(path) -> torch.Tensor:
             data = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e}); expected an IDX file, gzip or raw") from e
+    if not data:
+        raise DataError(f"{path}: empty file (expected an IDX file, gzip or raw)")
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path}: not an IDX file (expected magic bytes 00 00 <type> <ndim>)")
     dtype_code, ndim = data[2], data[3]
@@ -116,6 +178,8 @@ def read_idx(path) -> torch.Tensor:
     if len(data) - header != n:
         raise DataError(f"{path}: IDX header says shape {tuple(shape)} ({n} bytes) but the file holds "
                         f"{len(data) - header} bytes of data")
+    if n == 0:
+        raise DataError(f"{path}: the IDX file holds no items (shape {tuple(shape)})")
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
 
 
@@ -132,7 +196,7 @@ def load_mnist(directory) -> ImageData:
     d = Path(directory)
     if not d.is_dir():
         raise DataError(f"{d}: not a directory (expected a folder with MNIST-style IDX files)")
-    xs, ys = {}, {}
+    xs, ys, files = {}, {}, {}
     for split, prefix in (("train", "train"), ("valid", "t10k")):
         xp = _find(d, f"{prefix}-images-idx3-ubyte", "MNIST-style IDX images")
         yp = _find(d, f"{prefix}-labels-idx1-ubyte", "MNIST-style IDX labels")
@@ -142,23 +206,83 @@ def load_mnist(directory) -> ImageData:
         if y.dim() != 1 or len(y) != len(x):
             raise DataError(f"{yp}: expected {len(x)} labels to match {xp.name}, got shape {tuple(y.shape)}")
         xs[split], ys[split] = x.unsqueeze(1).float() / 255.0, y.long()
-    num_classes = int(max(ys["train"].max(), ys["valid"].max())) + 1
+        files[split] = yp
+    num_classes = check_labels([(ys["train"], files["train"])], [(ys["valid"], files["valid"])])
     return _finish(xs["train"], ys["train"], xs["valid"], ys["valid"], num_classes, f"mnist:{d.name}")
+
+
+def check_labels(train, valid) -> int:
+    """The number of classes K. ``train`` and ``valid`` are lists of (labels, file): the training
+    labels must be exactly the classes 0..K-1 (each present) and the validation labels must lie
+    among them. Anything else is a DataError naming the file and the offending values (e.g. one
+    label 255 in a 10-class file)."""
+    values = torch.cat([y for y, _ in train]).unique()
+    values = values[values >= 0]
+    k = 0
+    while k < len(values) and int(values[k]) == k:
+        k += 1
+    for i, (y, f) in enumerate(train + valid):
+        bad = y[(y < 0) | (y >= k)]
+        if len(bad):
+            v, c = bad.unique(return_counts=True)
+            counts = _show_counts(dict(zip(v.tolist(), c.tolist())))
+            if i < len(train):
+                raise DataError(f"{f}: labels {counts} lie outside the classes 0..{k - 1} that the training labels "
+                                f"cover without a gap (expected every label in 0..K-1, each class present)")
+            raise DataError(f"{f}: labels {counts} lie outside the {k} training classes 0..{k - 1}")
+    return k
+
+
+def _show_counts(counts: dict, most: int = 8) -> str:
+    items = [f"{v} ({c}x)" for v, c in list(counts.items())[:most]]
+    return ", ".join(items) + (f" and {len(counts) - most} more values" if len(counts) > most else "")
+
+
+class _Refused(Exception):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR-10 batch holds: dicts, lists, bytes, str, ints (pickle opcodes, no
+    globals) and numpy arrays by numpy's reconstruct path. Any other global (a function that a
+    crafted pickle would call, e.g. ``os.system``) is refused before it is looked up."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+        ("_codecs", "encode"),  # how protocol 2 stores bytes: encode(str, "latin1")
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def safe_unpickle(path: Path, what: str):
+    """``pickle.load`` through :class:`_CifarUnpickler` (Python 2 strings read as bytes)."""
+    try:
+        with open(path, "rb") as f:
+            return _CifarUnpickler(f, encoding="bytes").load()
+    except _Refused as e:
+        raise DataError(f"{path}: refused to unpickle '{e}': {what} holds only dicts, lists, bytes, str, ints "
+                        f"and numpy arrays, and this file asks for another Python object (it may run code)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from e
+    except Exception as e:
+        raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e}); expected {what}") from e
 
 
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected a CIFAR-10 python batch)")
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except Exception as e:
-        raise DataError(f"{path}: cannot unpickle ({e}); expected a CIFAR-10 python batch") from e
+    obj = safe_unpickle(path, "a CIFAR-10 python batch")
     if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a dict with b'data' and b'labels'")
+        raise DataError(f"{path}: expected a dict with b'data' and b'labels', got {type(obj).__name__}")
     obj = {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
     if "data" not in obj or "labels" not in obj:
-        raise DataError(f"{path}: expected keys 'data' and 'labels', found {sorted(obj)}")
+        raise DataError(f"{path}: expected keys 'data' and 'labels', found {sorted(map(str, obj))}")
     return obj
 
 
@@ -171,36 +295,40 @@ def load_cifar10(directory) -> ImageData:
         raise DataError(f"{d}: not a directory (expected cifar-10-batches-py)")
 
     def read(names):
-        xs, ys = [], []
+        xs, ys, labelled = [], [], []
         for name in names:
             obj = _unpickle(d / name)
-            try:
-                x = torch.from_numpy(np.ascontiguousarray(obj["data"], dtype=np.uint8)).flatten()
-            except (TypeError, ValueError) as e:
-                raise DataError(f"{d / name}: 'data' is not an array of bytes ({e})") from e
-            labels = list(obj["labels"])
+            data, labels = obj["data"], obj["labels"]
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+                raise DataError(f"{d / name}: 'data' is a {type(data).__name__} of "
+                                f"{getattr(data, 'dtype', '-')} (expected a numpy array of uint8)")
+            x = torch.from_numpy(np.ascontiguousarray(data)).flatten()
+            if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.ndim == 1:
+                labels = labels.tolist()
+            if not isinstance(labels, list) or not all(type(v) is int for v in labels):
+                raise DataError(f"{d / name}: 'labels' must be a list of ints")
             if x.numel() != len(labels) * 3072:
                 raise DataError(f"{d / name}: expected {len(labels)} rows of 3072 bytes (3x32x32), "
                                 f"got {x.numel()} bytes")
             xs.append(x.reshape(-1, 3, 32, 32))
             ys.append(torch.tensor(labels, dtype=torch.long))
-        return torch.cat(xs).float() / 255.0, torch.cat(ys)
+            labelled.append((ys[-1], d / name))
+        return torch.cat(xs).float() / 255.0, torch.cat(ys), labelled
 
     names = sorted(p.name for p in d.glob("data_batch_*"))
     if not names:
         raise DataError(f"{d / 'data_batch_1'}: file not found (expected CIFAR-10 python batches)")
-    tx, ty = read(names)
-    vx, vy = read(["test_batch"])
+    tx, ty, train_labels = read(names)
+    vx, vy, valid_labels = read(["test_batch"])
     classes = None
     meta = d / "batches.meta"
     if meta.is_file():
-        try:
-            with open(meta, "rb") as f:
-                m = pickle.load(f, encoding="bytes")
-            classes = [c.decode() if isinstance(c, bytes) else str(c) for c in m[b"label_names"]]
-        except Exception:
-            classes = None
-    n = int(max(ty.max(), vy.max())) + 1
+        m = safe_unpickle(meta, "CIFAR-10 batches.meta")
+        label_names = m.get(b"label_names") if isinstance(m, dict) else None
+        if not isinstance(label_names, list) or not all(isinstance(c, (bytes, str)) for c in label_names):
+            raise DataError(f"{meta}: expected a dict with b'label_names', a list of class names")
+        classes = [c.decode() if isinstance(c, bytes) else c for c in label_names]
+    n = check_labels(train_labels, valid_labels)
     return _finish(tx, ty, vx, vy, n, "cifar10", classes if classes and len(classes) == n else None)
 
 
@@ -240,7 +368,12 @@ def load_image_folder(directory, image_size: Optional[int] = None, valid_fractio
         valid_items = None
     if not classes or not train_items:
         raise DataError(f"{d}: no images found (expected class folders holding {sorted(IMG_EXT)} files)")
+    if valid_items is not None and not valid_items:
+        raise DataError(f"{valid_root}: no images found (expected class folders holding {sorted(IMG_EXT)} files)")
     if valid_items is None:  # deterministic split
+        if len(train_items) < 2:
+            raise DataError(f"{d}: {len(train_items)} image found (expected at least 2 to split 90/10 into "
+                            f"training and validation images, or a val/ folder)")
         rng = random.Random(0)
         items = list(train_items)
         rng.shuffle(items)
@@ -264,7 +397,7 @@ def load_image_folder(directory, image_size: Optional[int] = None, valid_fractio
                     if im.size != (size, size):
                         im = im.resize((size, size), Image.BILINEAR)
                     t = torch.tensor(bytearray(im.tobytes()), dtype=torch.uint8)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
                 raise DataError(f"{f}: cannot read image ({e})") from e
             c = 1 if mode == "L" else 3
             out.append(t.reshape(size, size, c).permute(2, 0, 1))
@@ -275,8 +408,13 @@ def load_image_folder(directory, image_size: Optional[int] = None, valid_fractio
     return _finish(tx, ty, vx, vy, len(classes), f"imagefolder:{d.name}", classes)
 
 
+IMAGE_DATA = (None, "digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "auto")
+
+
 def load_images(data: Optional[str], data_dir: Optional[str], image_size: Optional[int] = None) -> ImageData:
     """Dispatch on ``--data`` (digits, mnist, cifar10, imagefolder; guessed from the folder if omitted)."""
+    if data not in IMAGE_DATA:
+        raise DataError(f"--data {data}: unknown image data (expected one of {', '.join(IMAGE_DATA[1:])})")
     if data_dir is None:
         if data not in (None, "digits"):
             raise DataError(f"--data {data} needs --data-dir")
@@ -298,23 +436,31 @@ def load_images(data: Optional[str], data_dir: Optional[str], image_size: Option
         return load_cifar10(d)
     if data == "imagefolder":
         return load_image_folder(d, image_size)
-    if data == "digits":
-        return load_digits()
-    raise DataError(f"unknown image data '{data}' (expected digits, mnist, cifar10 or imagefolder)")
+    return load_digits()
 
 
 # ----------------------------------------------------------------------------- text
 
 
 def read_lines(path) -> List[str]:
+    """The lines of a UTF-8 text file. A line ends at ``\n`` only (a ``\r`` before it is dropped):
+    unlike ``str.splitlines``, U+2028/U+2029, U+0085, ``\x0b``, ``\x0c`` and ``\x1c``-``\x1e``
+    stay inside their line, so line-aligned parallel files stay aligned. A byte-order mark is dropped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 text ({e})") from e
-    return text.splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from e
+    if not text:
+        return []
+    lines = text.split("\n")
+    if lines[-1] == "":  # the newline that ends the last line
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def load_parallel(directory, src: str = "de", tgt: str = "en") -> Dict[str, Tuple[List[str], List[str]]]:
@@ -352,7 +498,8 @@ def toy_parallel(n_train: int = 4000, n_valid: int = 200, seed: int = 0, src: st
     rng = random.Random(seed)
     vocab = {"de": NUMBERS_DE, "en": NUMBERS_EN}
     if src not in vocab or tgt not in vocab:
-        raise DataError("the toy task translates between 'de' and 'en' only")
+        raise DataError(f"--src {src} --tgt {tgt}: the built-in toy task translates between 'de' and 'en' only "
+                        f"(give --data-dir for other languages)")
 
     def make(n):
         s, t = [], []
@@ -380,6 +527,9 @@ def builtin_text() -> str:
 
 def load_text(data: Optional[str], data_dir: Optional[str], valid_fraction: float = 0.1) -> Tuple[str, str]:
     """(train_text, valid_text) from a file, a folder, or the built-in text."""
+    if data not in (None, "sklearn-docs", "builtin", "text"):
+        raise DataError(f"--data {data}: unknown text data (expected sklearn-docs, the built-in text, or text "
+                        f"with --data-dir)")
     if data_dir is None:
         if data not in (None, "sklearn-docs", "builtin"):
             raise DataError(f"--data {data} needs --data-dir")

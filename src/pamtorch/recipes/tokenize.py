@@ -3,10 +3,10 @@ with the ``tokenizers`` library (nothing is downloaded). Both save to / load fro
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, List
+
+from .data import DataError, atomic_write
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]  # ids 0..3 in both tokenizers
@@ -35,7 +35,7 @@ class CharTokenizer:
         return "".join(self.itos[i] for i in ids if i >= len(SPECIALS))
 
     def save(self, path) -> None:
-        _atomic_write(path, json.dumps({"kind": "char", "chars": self.itos[len(SPECIALS):]}))
+        atomic_write(path, json.dumps({"kind": "char", "chars": self.itos[len(SPECIALS):]}))
 
 
 class BPETokenizer:
@@ -70,30 +70,26 @@ class BPETokenizer:
         return self.tok.decode([i for i in ids if i >= len(SPECIALS)]).strip()
 
     def save(self, path) -> None:
-        _atomic_write(path, json.dumps({"kind": "bpe", "tokenizer": json.loads(self.tok.to_str())}))
+        atomic_write(path, json.dumps({"kind": "bpe", "tokenizer": json.loads(self.tok.to_str())}))
 
 
 def load_tokenizer(path):
-    obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    if obj.get("kind") == "char":
-        return CharTokenizer(obj["chars"])
-    if obj.get("kind") == "bpe":
-        from tokenizers import Tokenizer
+    """A tokenizer saved by ``save``; a damaged file is a DataError naming it."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(obj, dict) and obj.get("kind") == "char" and isinstance(obj.get("chars"), list):
+            return CharTokenizer(obj["chars"])
+        if isinstance(obj, dict) and obj.get("kind") == "bpe":
+            from tokenizers import Tokenizer
 
-        return BPETokenizer(Tokenizer.from_str(json.dumps(obj["tokenizer"])))
-    raise ValueError(f"{path}: unknown tokenizer file (expected kind 'char' or 'bpe')")
+            return BPETokenizer(Tokenizer.from_str(json.dumps(obj["tokenizer"])))
+    except Exception as e:  # json, OSError, and the tokenizers library's own exception type
+        raise DataError(f"{path}: not a readable tokenizer file ({type(e).__name__}: {e}); delete it to "
+                        f"train the tokenizer again (with --overwrite)") from e
+    raise DataError(f"{path}: unknown tokenizer file (expected a JSON object of kind 'char' or 'bpe')")
 
 
 def encode_all(tok, texts: List[str]) -> List[List[int]]:
     if hasattr(tok, "encode_batch"):
         return tok.encode_batch(texts)
     return [tok.encode(t) for t in texts]
-
-
-def _atomic_write(path, text: str) -> None:
-    """Write via a temp file and os.replace, so concurrent writers (DDP ranks) never leave a torn file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
