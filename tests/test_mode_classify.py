@@ -49,6 +49,11 @@ def test_integer_results_stay_integer_and_free():
     assert classify(aten.div.Tensor, (i, 7.0), {}) == "routable"
     assert classify(aten.exp.default, (i,), {}) == "routable"
     assert classify(aten.linspace.default, (0, 1, 5), {}) == "unknown"   # start + i·step
+    # factories: no tensor inputs, a float result; eye only copies, linspace multiplies
+    with mode(Config.full()):
+        assert torch.equal(torch.eye(3), torch.diag(torch.ones(3)))
+        with pytest.raises(UnsupportedOpError, match="aten.linspace"):
+            torch.linspace(0, 1, 5)
     # the audit passes the result: the same decision without a meta run
     assert classify(aten.exp.default, (i,), {}, out=torch.exp(i)) == "routable"
 
