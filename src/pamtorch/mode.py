@@ -442,12 +442,12 @@ class PAMode(TorchDispatchMode):
         return out
 
 
-def _softmax_route(x, dim=None, _stacklevel=3, dtype=None, *, derivative):
-    return PF.softmax(x if dtype is None else x.to(dtype), dim, derivative=derivative)
+def _softmax_route(input, dim=None, _stacklevel=3, dtype=None, *, derivative):
+    return PF.softmax(input if dtype is None else input.to(dtype), dim, derivative=derivative)
 
 
-def _log_softmax_route(x, dim=None, _stacklevel=3, dtype=None, *, derivative):
-    return PF.log_softmax(x if dtype is None else x.to(dtype), dim, derivative=derivative)
+def _log_softmax_route(input, dim=None, _stacklevel=3, dtype=None, *, derivative):
+    return PF.log_softmax(input if dtype is None else input.to(dtype), dim, derivative=derivative)
 
 
 def _cross_entropy_route(input, target, weight=None, size_average=None, ignore_index=-100,
@@ -466,9 +466,9 @@ _FUNCTION_ROUTES = {
     torch.softmax: _softmax_route,
     torch.Tensor.softmax: _softmax_route,
     F.log_softmax: _log_softmax_route,
-    F.layer_norm: lambda x, shape, weight=None, bias=None, eps=1e-5, *, derivative:
-        PF.layer_norm(x, shape, weight, bias, eps, derivative=derivative),
-    F.gelu: lambda x, approximate="none", *, derivative: PF.gelu(x, approximate, derivative=derivative),
+    F.layer_norm: lambda input, normalized_shape, weight=None, bias=None, eps=1e-5, *, derivative:
+        PF.layer_norm(input, normalized_shape, weight, bias, eps, derivative=derivative),
+    F.gelu: lambda input, approximate="none", *, derivative: PF.gelu(input, approximate, derivative=derivative),
     F.cross_entropy: _cross_entropy_route,
     F.mse_loss: _mse_route,
 }
@@ -509,6 +509,10 @@ class _PAFunctionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if kwargs.get("out") is not None:
+            # out= has no autograd, so the derivative kind is moot: the dispatch level
+            # routes the op and writes out (ops.table.implements)
+            return func(*args, **kwargs)
         if self.leave and self.leave.intersection(_FUNCTION_OPS.get(func, ())):
             return func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
