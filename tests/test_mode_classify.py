@@ -166,3 +166,27 @@ def test_complex_tensors_count_as_floating_point():
         assert torch.equal(a + b, torch.add(a, b))
         with pytest.raises(UnsupportedOpError, match="aten.mul.Tensor.*complex"):
             a * b
+
+
+# -- integer inputs to an op with no meta kernel -----------------------------------------
+
+_LIB = torch.library.Library("pamtorch_classify_test", "DEF")
+_LIB.define("halve(Tensor x) -> Tensor")
+_LIB.define("twice(Tensor x) -> Tensor")
+_LIB.impl("halve", lambda x: x.to(F32) / 2, "CPU")
+_LIB.impl("twice", lambda x: x + x, "CPU")
+
+
+def test_an_op_without_meta_kernel_is_judged_by_its_result():
+    """No meta run can tell the result dtype: the op runs, and a float result from integer
+    inputs is refused rather than returned."""
+    i = torch.arange(4)
+    ops = torch.ops.pamtorch_classify_test
+    assert classify(ops.halve.default, (i,), {}) == "unknown"
+    assert classify(ops.halve.default, (i,), {}, out=i.to(F32) / 2) == "unknown"
+    with mode(Config.full()):
+        assert torch.equal(ops.twice(i), 2 * torch.arange(4))
+        with pytest.raises(UnsupportedOpError, match="halve.*gave a torch.float32 result"):
+            ops.halve(i)
+    with mode(Config.full(), leave_exact=[ops.halve]):
+        assert torch.equal(ops.halve(i), torch.arange(4) / 2)

@@ -273,11 +273,18 @@ def classify(func, args, kwargs, out=_UNKNOWN_RESULT) -> str:
     return "unknown" if cls == "after" else cls
 
 
+_WRITES_SELF: dict = {}
+
+
 def _check_inplace(func, args, kwargs):
     """Raise torch's error for an in-place op whose float result cannot be written into
     its integer/boolean ``self`` (``int_tensor.mul_(float_tensor)``)."""
-    schema = func._schema.arguments
-    if not args or not schema or schema[0].alias_info is None or not schema[0].alias_info.is_write:
+    writes = _WRITES_SELF.get(func)
+    if writes is None:
+        schema = func._schema.arguments
+        writes = _WRITES_SELF[func] = bool(schema) and schema[0].alias_info is not None and \
+            schema[0].alias_info.is_write
+    if not writes or not args:
         return
     selfs = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
     if all(not isinstance(t, torch.Tensor) or _is_float(t) for t in selfs):
