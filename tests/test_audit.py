@@ -189,17 +189,16 @@ def test_leave_exact_rejects_what_it_does_not_know():
 def test_unsupported_error_names_op_module_path_and_way_out():
     model = _cumprod_model()
     before = len(torch.nn.modules.module._global_forward_pre_hooks)
-    with pytest.raises(UnsupportedOpError) as e:
-        with mode(Config.full()):
+    with mode(Config.full()):
+        with pytest.raises(UnsupportedOpError) as e:
             model(torch.randn(3, 4))
+        with pytest.raises(UnsupportedOpError, match="outside any module"):
+            torch.cumprod(torch.randn(3), 0)      # the failed forward left the module stack clean
     msg = str(e.value)
     assert "aten.cumprod.default" in msg
     assert "module '1.0' (Inner) of Sequential" in msg
     assert "leave_exact=[torch.ops.aten.cumprod]" in msg
     assert len(torch.nn.modules.module._global_forward_pre_hooks) == before
-    with pytest.raises(UnsupportedOpError, match="outside any module"):
-        with mode(Config.full()):
-            torch.cumprod(torch.randn(3), 0)      # the stack was left clean
 
 
 class _CumprodGrad(torch.autograd.Function):
