@@ -341,3 +341,37 @@ def test_the_spy_sees_an_optimizer_left_exact():
     with spy, pamtorch.mode(cfg):
         opt.step()
     assert {"aten._foreach_lerp_.Scalar", "aten._foreach_addcdiv_.ScalarList"} <= set(spy.exact)
+
+
+@pytest.mark.parametrize("path", ["single", "foreach", "fused"])
+def test_grad_scaler_under_mode_gives_the_unscaled_step(path):
+    """GradScaler's scales are powers of two: scaling the loss, unscaling the gradients
+    (``_amp_foreach_non_finite_check_and_unscale_``, or the fused kernels' grad_scale) and
+    updating the scale are exact in PA, so its steps equal the steps without a scaler."""
+    def train(scaler, steps):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        kw = {"fused": True} if path == "fused" else {"foreach": path == "foreach"}
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, **kw)
+        x = torch.randn(8, 4)
+        spy = Spy()
+        for step in range(steps):
+            with spy, pamtorch.mode(FULL):
+                opt.zero_grad()
+                loss = model(x).pow(2).mean()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                    continue
+                scaler.scale(loss).backward()
+                if step == 1:   # an overflowed step: skipped, and the scale backs off
+                    model.bias.grad[0] = float("inf")
+                scaler.step(opt)
+                scaler.update()
+        assert spy.exact == [], spy.exact
+        return model
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    scaled = train(scaler, 3)
+    plain = train(None, 2)   # steps 0 and 2 of the scaled run
+    assert torch.equal(scaled.weight, plain.weight) and torch.equal(scaled.bias, plain.bias)
+    assert scaler.get_scale() == 1024.0 * 2 * 0.5 * 2   # grow, back off, grow

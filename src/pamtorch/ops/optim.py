@@ -204,3 +204,39 @@ def _pa_fused_adagrad(func, args, kwargs, cfg):
         std = arith.pa_sqrt(s) + eps
         p.copy_(p + pad(pam(g, -lr / (1 + (step.item() - 1) * lr_decay), cfg), std))
     return None
+
+
+# GradScaler: fused optimizers take grad_scale/found_inf (above); every path first unscales
+@implements([aten._amp_foreach_non_finite_check_and_unscale_], "optimizer")
+def _pa_amp_unscale(func, args, kwargs, cfg):
+    """``GradScaler.unscale_``: ``found_inf ← 1`` if any gradient holds inf or NaN, and every
+    gradient ``⊙̂ inv_scale`` (left alone when it is 1). GradScaler's scales are powers of
+    two, so the PAM is an exact exponent shift."""
+    grads, found_inf, inv_scale = args[:3]
+    inv = inv_scale.reshape(())
+    for g in grads:
+        if not bool(torch.isfinite(g).all()):
+            found_inf.fill_(1.0)
+        if inv.item() != 1.0:
+            g.copy_(pam(g, inv, cfg))
+    return None
+
+
+@implements([aten._amp_update_scale_], "optimizer")
+def _pa_amp_update_scale(func, args, kwargs, cfg):
+    """``GradScaler.update``: ``scale ⊙̂ backoff`` after an inf/NaN (tracker reset), else
+    ``scale ⊙̂ growth`` once ``growth_interval`` clean steps are counted (kept when that is
+    not finite), as torch's kernel."""
+    scale_, tracker, found_inf, growth, backoff, interval = args[:6]
+    if found_inf.item():
+        scale_.copy_(pam(scale_, backoff, cfg))
+        tracker.zero_()
+        return scale_
+    clean = int(tracker.item()) + 1
+    if clean == interval:
+        grown = pam(scale_, growth, cfg)
+        if bool(torch.isfinite(grown).all()):
+            scale_.copy_(grown)
+        clean = 0
+    tracker.fill_(clean)
+    return scale_
