@@ -406,3 +406,25 @@ def test_modules_train_a_step_under_the_mode():
     assert not spy.unknown, sorted(spy.unknown)
     assert (y - exact).abs().max() < 0.2 and not torch.equal(y, exact)
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_function_routes_take_torchs_arguments_and_inplace():
+    """The routes the mode calls for a non-approx kind: torch's argument names, and an
+    in-place call that writes back and still backpropagates."""
+    x0 = torch.randn(4, 6, generator=torch.Generator().manual_seed(8)) * 2
+    routes = A.FUNCTION_ROUTES
+    x = x0.clone().requires_grad_()
+    y = routes[F.softplus](input=x, beta=2.0, threshold=5.0, derivative="exact")
+    assert torch.equal(y, A.softplus_forward(x0, 2.0, 5.0))
+    assert torch.equal(routes[F.leaky_relu](x0, negative_slope=0.2, derivative="exact"),
+                       A.leaky_relu_forward(x0, 0.2))
+    assert torch.equal(routes[torch.Tensor.sigmoid](x0, derivative="exact"), A.sigmoid_forward(x0))
+    x = x0.clone().requires_grad_()
+    t = x * 1
+    out = routes[F.silu](t, inplace=True, derivative="exact")
+    assert out is t and torch.equal(t, A.silu_forward(x0))
+    out.sum().backward()
+    ref = x0.clone().requires_grad_()
+    A.silu(ref, derivative="exact").sum().backward()
+    assert torch.equal(x.grad, ref.grad)
+    assert set(A.FUNCTION_OPS) == set(routes)

@@ -496,11 +496,12 @@ def prelu(input: torch.Tensor, weight: torch.Tensor, *, derivative: str | None =
 # below), and the aten ops each stands for (``leave_exact`` naming one skips the route)
 
 def _inplace_route(fn):
-    """A route for ``F.f(input, *params, inplace=False)``: with inplace=True the result is
-    copied into the input (copy_ carries the gradient)."""
+    """A route for ``F.f(input, *params, inplace=False)``: with inplace=True the result of
+    a copy (which the backward may save) is written back into the input."""
     def route(input, *params, inplace=False, derivative, **kw):
-        y = fn(input, *params, **kw, derivative=derivative)
-        return input.copy_(y) if inplace else y
+        if not inplace:
+            return fn(input, *params, **kw, derivative=derivative)
+        return input.copy_(fn(input.clone(), *params, **kw, derivative=derivative))
     return route
 
 
