@@ -132,3 +132,29 @@ def test_converted_model_and_mode_give_the_same_gradients(cfg_name):
     # gradients differs (autograd's formulas against pamtorch's), an ulp at most
     for (name, p), q in zip(stock.named_parameters(), converted.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), name
+
+
+def test_nested_tensor_encoder_with_padding_mask_runs_the_routed_math_path():
+    """nn.TransformerEncoder(enable_nested_tensor=True) in eval with a padding mask would
+    take torch's fused fast path (nested tensors, _transformer_encoder_layer_fwd); under
+    the mode the fast path is off, so the stock math path runs, routed op by op."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x = torch.randn(3, 5, 16)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    fast = torch.backends.mha.get_fastpath_enabled()
+    out = []
+    with torch.no_grad():
+        ref = enc(x, src_key_padding_mask=mask)
+
+        def run():
+            with pamtorch.mode(pamtorch.Config.full()):
+                out.append(enc(x, src_key_padding_mask=mask))
+        report = pamtorch.audit(run, model=enc)
+    assert torch.backends.mha.get_fastpath_enabled() == fast      # restored
+    report.assert_multiplication_free()
+    got, keep = out[-1], ~mask
+    rel = ((got - ref)[keep].norm() / ref[keep].norm()).item()
+    assert 0 < rel < 0.15, rel

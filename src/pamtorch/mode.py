@@ -459,11 +459,24 @@ def _log_softmax_route(input, dim=None, _stacklevel=3, dtype=None, *, derivative
 
 def _cross_entropy_route(input, target, weight=None, size_average=None, ignore_index=-100,
                          reduce=None, reduction="mean", label_smoothing=0.0, *, derivative):
+    if size_average is not None or reduce is not None:  # F's deprecated arguments, read as torch does
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     return PF.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                             derivative=derivative)
 
 
+def _nll_loss_route(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                    reduction="mean", *, derivative):
+    # with F.log_softmax's route (both "loss" kind) a log_softmax + nll_loss model gets the
+    # derivative of the composition that PF.cross_entropy gives
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    return PF.nll_loss(input, target, weight, ignore_index, reduction, derivative=derivative)
+
+
 def _mse_route(input, target, size_average=None, reduce=None, reduction="mean", weight=None, *, derivative):
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     return PF.mse_loss(input, target, reduction, derivative=derivative)
 
 
@@ -477,11 +490,13 @@ _FUNCTION_ROUTES = {
         PF.layer_norm(input, normalized_shape, weight, bias, eps, derivative=derivative),
     F.gelu: lambda input, approximate="none", *, derivative: PF.gelu(input, approximate, derivative=derivative),
     F.cross_entropy: _cross_entropy_route,
+    F.nll_loss: _nll_loss_route,
     F.mse_loss: _mse_route,
 }
+# log-softmax is a "loss" op, as aten._log_softmax is in the op table (Config's docstring)
 _FUNCTION_KINDS = {F.softmax: "softmax", torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
-                   F.log_softmax: "softmax", F.layer_norm: "norm", F.gelu: "nonlinear",
-                   F.cross_entropy: "loss", F.mse_loss: "loss"}
+                   F.log_softmax: "loss", F.layer_norm: "norm", F.gelu: "nonlinear",
+                   F.cross_entropy: "loss", F.nll_loss: "loss", F.mse_loss: "loss"}
 _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
 _BMMS = (torch.bmm, torch.Tensor.bmm)
 
@@ -570,9 +585,15 @@ def mode(config: Config | None = None, leave_exact=()):
 
     hooks = [register_optimizer_step_pre_hook(_opt_pre), register_optimizer_step_post_hook(_opt_post),
              register_module_forward_pre_hook(enter), register_module_forward_hook(leave, always_call=True)]
+    # the fused fast paths of nn.MultiheadAttention and nn.TransformerEncoder (nested
+    # tensors from a padding mask, torch._transformer_encoder_layer_fwd) bypass the
+    # modules' math; with them off the stock math path runs, and is routed op by op
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with _PAFunctionMode(dispatch.config, leave_exact), dispatch:
             yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in hooks:
             h.remove()

@@ -8,6 +8,7 @@ forward and backward and registers them here with ``@implements``; the dispatch 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,7 +17,9 @@ import torch
 from .. import arith
 from ..config import Config, OpConfig
 
-__all__ = ["OP_TABLE", "PASS_THROUGH", "UnsupportedOpError", "implements", "passes_through", "op_kind"]
+__all__ = ["OP_TABLE", "PASS_THROUGH", "UnsupportedOpError", "implements", "passes_through", "op_kind",
+           "out_names", "write_out",
+           "scalar_type_name", "cpp_type_name"]
 
 aten = torch.ops.aten
 
@@ -36,12 +39,107 @@ OP_TABLE: dict = {}
 
 def implements(ops, kind: str):
     """Register ``impl(func, args, kwargs, opcfg)`` as the PA version of aten ``ops``
-    (overload packets); ``kind`` is the config field that decides whether it runs PA."""
+    (overload packets); ``kind`` is the config field that decides whether it runs PA.
+
+    ``impl`` computes the functional result; the ``.out`` overloads (``torch.mul(a, b,
+    out=c)``) are handled here for every op: ``impl`` runs without the out arguments and
+    its result is written into them (see :func:`write_out`)."""
     def deco(fn):
+        entry = _Entry(kind, _with_out(fn, kind))
         for op in ops:
-            OP_TABLE[op] = _Entry(kind, fn)
+            OP_TABLE[op] = entry
         return fn
     return deco
+
+
+_OUT_NAMES: dict = {}
+
+
+def out_names(func) -> tuple:
+    """Names of the out arguments of aten overload ``func`` (``("out",)`` for ``mul.out``,
+    ``()`` for ``mul.Tensor``)."""
+    names = _OUT_NAMES.get(func)
+    if names is None:
+        names = _OUT_NAMES[func] = tuple(a.name for a in func._schema.arguments if a.is_out)
+    return names
+
+
+_FUNCTIONAL: dict = {}
+
+
+def functional_overload(func):
+    """The overload of ``func``'s packet that takes the same arguments without the out
+    ones (``mul.Tensor`` for ``mul.out``); ``func`` itself when there is none."""
+    g = _FUNCTIONAL.get(func)
+    if g is None:
+        sig = [(a.name, str(a.type)) for a in func._schema.arguments if not a.is_out]
+        packet = func.overloadpacket
+        cands = [getattr(packet, n) for n in packet.overloads()]
+        g = _FUNCTIONAL[func] = next(
+            (c for c in cands if not out_names(c) and [(a.name, str(a.type)) for a in c._schema.arguments] == sig),
+            func)
+    return g
+
+
+def _with_out(fn, kind):
+    def impl(func, args, kwargs, opcfg):
+        names = out_names(func)
+        if not names or not any(n in kwargs for n in names):
+            return fn(func, args, kwargs, opcfg)
+        outs = [kwargs[n] for n in names]
+        # the implementation sees the functional overload, as if out= had not been given
+        result = fn(functional_overload(func), args, {k: v for k, v in kwargs.items() if k not in names}, opcfg)
+        listed = isinstance(outs[0], (list, tuple))  # Tensor[] out (_foreach_*.List_out): returns ()
+        if listed:
+            outs = list(outs[0])
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        if len(results) != len(outs):
+            raise RuntimeError(f"{func}: expected {len(results)} out tensors, got {len(outs)}")
+        for o, r in zip(outs, results):
+            if r is not None:  # an output the op was asked not to compute (output_mask)
+                write_out(o, r, same_dtype=kind == "matmul")
+        if listed:
+            return None
+        return outs[0] if len(outs) == 1 else tuple(outs)
+    impl.__wrapped__ = fn
+    return impl
+
+
+def write_out(out: torch.Tensor, result: torch.Tensor, same_dtype: bool = False) -> torch.Tensor:
+    """Write ``result`` into the ``out=`` tensor as torch does: the same errors for an
+    unsafe cast (or, for matrix products, any other dtype) and another device; ``out`` is
+    resized when its shape differs, with torch's warning when it was not empty."""
+    if same_dtype and out.dtype != result.dtype:
+        raise RuntimeError(f"Expected out tensor to have dtype {cpp_type_name(result.dtype)}, but got "
+                           f"{cpp_type_name(out.dtype)} instead")
+    if not torch.can_cast(result.dtype, out.dtype):
+        raise RuntimeError(f"result type {scalar_type_name(result.dtype)} can't be cast to the desired "
+                           f"output type {scalar_type_name(out.dtype)}")
+    if out.device != result.device:
+        raise RuntimeError(f"Expected out tensor to be on {result.device}, but got {out.device} instead")
+    if out.shape != result.shape:
+        if out.numel() != 0:
+            warnings.warn(
+                f"An output with one or more elements was resized since it had shape {list(out.shape)}, "
+                f"which does not match the required output shape {list(result.shape)}. This behavior is "
+                "deprecated, and in a future PyTorch release outputs will not be resized unless they have "
+                "zero elements. You can explicitly reuse an out tensor t by resizing it, inplace, to zero "
+                "elements with t.resize_(0).", UserWarning, stacklevel=2)
+        out.resize_(result.shape)
+    return out.copy_(result)
+
+
+def scalar_type_name(dtype: torch.dtype) -> str:
+    """The ScalarType name torch's error messages use (Float, BFloat16, Long, ...)."""
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+            torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+            torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}.get(dtype, str(dtype))
+
+
+def cpp_type_name(dtype: torch.dtype) -> str:
+    """The C++ type name of the matrix products' dtype errors (float, c10::BFloat16, ...)."""
+    return {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half",
+            torch.bfloat16: "c10::BFloat16"}.get(dtype, str(dtype))
 
 
 def op_kind(func) -> str | None:
@@ -84,6 +182,7 @@ passes_through("""
     diagonal diag_embed movedim _pin_memory pin_memory
     upsample_nearest2d to result_type lift_fresh_copy view_as type_as item select_backward
     slice_backward diagonal_backward as_strided_scatter _unsafe_view_copy repeat_interleave
+    flatten unflatten
     eye empty_permuted
 """)
 
@@ -114,11 +213,8 @@ def promote(a, b):
 
 
 def pam(a, b, opcfg: OpConfig | None = None):
-    """PAM of tensors or Python numbers, with ``opcfg``'s offset if it has one."""
-    if isinstance(b, (int, float)) and b == 1:
-        return a
-    if isinstance(a, (int, float)) and a == 1:
-        return b
+    """PAM of tensors or Python numbers, with ``opcfg``'s offset if it has one. Always a
+    new tensor: ``x * 1`` is PAM(x, 1) (x with subnormals flushed), never x itself."""
     a, b = promote(a, b)
     out = arith.pam(a, b)
     if opcfg is not None and opcfg.offset is not None:
@@ -127,20 +223,29 @@ def pam(a, b, opcfg: OpConfig | None = None):
 
 
 def pad(a, b):
-    """PAD of tensors or Python numbers."""
-    if isinstance(b, (int, float)) and b == 1:
-        return a
+    """PAD of tensors or Python numbers; always a new tensor, like :func:`pam`."""
     a, b = promote(a, b)
     return arith.pad(a, b)
 
 
 def inplace(func, args, out):
-    """Write ``out`` into the first argument for in-place overloads (name ends in ``_``)."""
-    if func.overloadpacket.__name__.endswith("_"):
-        return args[0].copy_(out)
-    return out
+    """Write ``out`` into the first argument for in-place overloads (name ends in ``_``),
+    with torch's errors where it does not fit: a broadcast shape larger than the first
+    argument's, or a result dtype that cannot be cast to it (``int_tensor.mul_(0.5)``)."""
+    if not func.overloadpacket.__name__.endswith("_"):
+        return out
+    self = args[0]
+    if out.shape != self.shape:
+        raise RuntimeError(f"output with shape {list(self.shape)} doesn't match the broadcast shape "
+                           f"{list(out.shape)}")
+    if not torch.can_cast(out.dtype, self.dtype):
+        raise RuntimeError(f"result type {scalar_type_name(out.dtype)} can't be cast to the desired "
+                           f"output type {scalar_type_name(self.dtype)}")
+    return self.copy_(out)
 
 
 def scale(x, s):
-    """alpha/beta style scalar factor: x itself when s == 1."""
+    """alpha/beta style scalar factor x ·̂ s; x itself when s == 1 (no multiplication), so a
+    caller must combine the result into a new tensor (``a + scale(b, alpha)``), never
+    return it as is."""
     return x if s == 1 else pam(x, s)
