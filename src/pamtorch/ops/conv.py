@@ -23,7 +23,6 @@ import itertools
 import math
 from typing import NamedTuple
 
-import torch
 import torch.nn.functional as F
 
 from .. import kernels
