@@ -7,7 +7,7 @@ import torch
 
 from .. import arith
 from ..nn import functional as PF
-from .table import UnsupportedOpError, implements, aten, arg, inplace, pam, pad, scale
+from .table import UnsupportedOpError, implements, aten, arg, inplace, pam, pad, promote, scale
 
 
 # elementwise arithmetic
@@ -76,9 +76,45 @@ def _pa_pow(func, args, kwargs, cfg):
         else:
             raise UnsupportedOpError("pamtorch.mode: aten.pow with a tensor exponent has no PA "
                                      "implementation; use a Python number exponent")
-    if not isinstance(x, torch.Tensor):  # scalar base: base^p = paexp2(p ·̂ log2 base)
-        return arith.paexp2(pam(p, math.log2(float(x))))
+    if not isinstance(x, torch.Tensor):
+        return scalar_pow(x, p)
     return inplace(func, args, arith.pa_pow(x, float(p)))
+
+
+def _odd_integer(p):
+    """(p is a finite integer, p is an odd integer) for a float tensor p; floats of 2^53
+    and above are even, so clamping there keeps the parity."""
+    integer = (p == torch.trunc(p)) & torch.isfinite(p)
+    n = torch.where(integer, p, torch.zeros_like(p)).to(torch.float64).clamp(-2.0 ** 53, 2.0 ** 53)
+    return integer, integer & ((n.to(torch.int64) & 1) == 1)
+
+
+def scalar_pow(s, p: torch.Tensor) -> torch.Tensor:
+    """s ** p for a Python number s and a float tensor p, with torch.pow's rules:
+    paexp2(p ·̂ log2|s|) for finite nonzero s (log2|s| an exact Python float, like every
+    Python-side scalar); for s < 0 the sign (-1)^p where p is an integer and NaN where p
+    is finite and not; 0**p, inf**p, 1**p and nan**p are their IEEE values and x**0 = 1
+    (selects, no multiplication)."""
+    s = float(s)
+    _, p = promote(s, p)
+    integer, odd = _odd_integer(p)
+    negative = math.copysign(1.0, s) < 0
+    if math.isnan(s):
+        out = torch.full_like(p, math.nan)
+    elif abs(s) == 1:  # 1**p = 1 (NaN p too); (-1)**±inf = 1
+        out = torch.ones_like(p)
+        if negative:
+            out = torch.where(torch.isfinite(p) & ~integer | torch.isnan(p), torch.nan, out)
+    elif s == 0 or math.isinf(s):
+        big, small = (math.inf, 0.0) if s != 0 else (0.0, math.inf)
+        out = torch.where(p > 0, big, torch.where(p < 0, small, math.nan)).to(p.dtype)
+    else:
+        out = arith.paexp2(pam(p, math.log2(abs(s))))
+        if negative:
+            out = torch.where(torch.isfinite(p) & ~integer, torch.nan, out)
+    if negative:
+        out = torch.where(odd, -out, out)
+    return torch.where(p == 0, torch.ones_like(out), out)
 
 
 @implements([aten.square], "elementwise")
@@ -99,15 +135,22 @@ def _pa_add_alpha(func, args, kwargs, cfg):
 
 @implements([aten.mean], "elementwise")
 def _pa_mean(func, args, kwargs, cfg):
+    """sum ÷̂ n. With ``dtype`` the input is cast first, as torch does; for float64 the
+    sum is a float64 sum and the PAD runs on float64 patterns."""
     x = args[0]
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    dtype = kwargs.get("dtype")
+    if dtype is not None:
+        x = x.to(dtype)
     if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
         s, n = x.sum(), x.numel()
     else:
         dims = [dim] if isinstance(dim, int) else list(dim)
         s = x.sum(dims, keepdim=keepdim)
         n = math.prod(x.shape[d] for d in dims)
+    if dtype is torch.float64:
+        return arith.pad(s, torch.tensor(float(n), dtype=torch.float64, device=s.device))
     return pad(s, float(n))
 
 

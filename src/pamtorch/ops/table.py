@@ -182,7 +182,6 @@ passes_through("""
     diagonal diag_embed movedim _pin_memory pin_memory
     upsample_nearest2d to result_type lift_fresh_copy view_as type_as item select_backward
     slice_backward diagonal_backward as_strided_scatter _unsafe_view_copy repeat_interleave
-    flatten unflatten
     eye empty_permuted
 """)
 
