@@ -394,14 +394,19 @@ def test_forward_modes_bit_for_bit(ext):
 @pytest.mark.xfail(strict=True, reason="pam_matmul.cpp adds the terms of inf/NaN operands after "
                    "all others: when finite terms overflow the running sum, an earlier "
                    "opposite inf gives -inf in k order but NaN in the vector path")
-def test_forward_inf_operand_before_an_overflowing_sum(ext):
+@pytest.mark.parametrize("which", ["pam_mm", "pam_mm_exact_grad_a"])
+def test_inf_operand_before_an_overflowing_sum(ext, which):
     f = 1.5 * 2.0 ** 127
-    a = torch.tensor([[float("-inf"), f, f]])
-    b = torch.ones(3, 1)
-    want = definition_mm(a, b)
+    if which == "pam_mm":  # terms -inf, f, f
+        args = (torch.tensor([[float("-inf"), f, f]]), torch.ones(3, 1))
+        want = definition_mm(*args)
+    else:  # terms PAM(-inf, 1) = -inf, f·2^0, f·2^0
+        args = (torch.ones(1, 1), torch.tensor([[float("-inf"), 1.0, 1.0]]), torch.tensor([[1.0, f, f]]))
+        want = definition_grad_a(*args)
     assert want[0, 0] == float("-inf")
-    assert_bits(ext.pam_mm(a, b, 0), want)  # the scalar path follows k order
-    assert_bits(ext.pam_mm(a, b, -1), want)
+    fn = getattr(ext, which)
+    assert_bits(fn(*args, 0), want)  # the scalar path follows k order
+    assert_bits(fn(*args, -1), want)
 
 
 def test_exact_grads_bit_for_bit(ext):
