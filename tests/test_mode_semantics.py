@@ -170,7 +170,7 @@ FOREACH = [("mul", lambda xs, ys: (ys,), {}), ("mul", lambda xs, ys: (1.5,), {})
 
 def _foreach():
     xs, ys = [rnd(3, lo=0.25), rnd(2, 2, seed=1, lo=0.25)], [rnd(3, seed=2, lo=0.25), rnd(2, 2, seed=3, lo=0.25)]
-    outs = [torch._foreach_norm(xs)]
+    outs = [torch._foreach_norm(xs), torch._foreach_pow(2.0, xs)]
     for name, extra, kw in FOREACH:
         for suffix in ("", "_"):
             fn = getattr(torch, f"_foreach_{name}{suffix}")
@@ -662,6 +662,15 @@ def test_pow_of_a_scalar_base_follows_torch(base):
     assert torch.equal(torch.signbit(got[num]), torch.signbit(want[num]))
     fin = torch.isfinite(want) & (want != 0)
     assert bool(((got[fin] / want[fin] - 1).abs() < 0.13).all())  # PA pow's error band
+
+
+def test_foreach_pow_of_a_scalar_base_is_pow_of_each():
+    xs = [rnd(3), rnd(2, 2, seed=1)]
+    with mode(CFG):
+        got = torch._foreach_pow(2.0, xs)
+        want = [torch.pow(2.0, x) for x in xs]
+    for g, w in zip(got, want):
+        exact(g, w)
 
 
 def test_keyword_calls_under_exact_derivatives():

@@ -69,16 +69,22 @@ for _ops, _fn in [
 
 @implements([aten.pow, aten.pow_], "elementwise")
 def _pa_pow(func, args, kwargs, cfg):
-    x, p = args[0], args[1]
+    return inplace(func, args, pow_any(args[0], args[1]))
+
+
+def pow_any(x, p):
+    """x ** p for the operands aten.pow takes: a tensor to a Python number or a 0-d
+    tensor (PA pow), a Python number to a tensor (:func:`scalar_pow`); an exponent
+    tensor with values of its own has no PA form."""
     if isinstance(x, torch.Tensor) and isinstance(p, torch.Tensor):
-        if p.dim() == 0 and not p.is_floating_point() or (p.dim() == 0 and p.device.type == "cpu"):
+        if p.dim() == 0 and (not p.is_floating_point() or p.device.type == "cpu"):
             p = p.item()
         else:
             raise UnsupportedOpError("pamtorch.mode: aten.pow with a tensor exponent has no PA "
                                      "implementation; use a Python number exponent")
     if not isinstance(x, torch.Tensor):
         return scalar_pow(x, p)
-    return inplace(func, args, arith.pa_pow(x, float(p)))
+    return arith.pa_pow(x, float(p))
 
 
 def _odd_integer(p):

@@ -5,7 +5,7 @@ import torch
 
 from .. import arith
 from .table import implements, aten, pam, pad, passes_through, scale
-from .elementwise import check_ord, norm2
+from .elementwise import check_ord, norm2, pow_any
 
 
 @implements([aten._foreach_norm], "optimizer")
@@ -58,7 +58,7 @@ for _names, _fn in [
     (("_foreach_lerp", "_foreach_lerp_"), lambda p, kw, c: p[0] + pam(p[1] - p[0], p[2], c)),
     (("_foreach_sqrt", "_foreach_sqrt_"), lambda p, kw, c: arith.pa_sqrt(p[0])),
     (("_foreach_reciprocal", "_foreach_reciprocal_"), lambda p, kw, c: arith.pa_reciprocal(p[0])),
-    (("_foreach_pow", "_foreach_pow_"), lambda p, kw, c: arith.pa_pow(p[0], float(p[1]))),
+    (("_foreach_pow", "_foreach_pow_"), lambda p, kw, c: pow_any(p[0], p[1])),
 ]:
     implements([getattr(aten, n) for n in _names if hasattr(aten, n)], "optimizer")(_foreach(_fn))
 
