@@ -3,16 +3,17 @@ bilinear, bicubic and trilinear upsampling and ``_embedding_bag``, PA; max pooli
 nearest upsampling and pixel shuffles, which only compare, copy and add, pass through.
 
 Pooling sums each window with ordinary additions and divides the sum by the window count
-with one PAD: ``avg = PAD(sum, count)``. Interpolation multiplies each tap by its weight
-with PAM and adds the taps: ``y = sum_t PAM(w_t, x_t)``. The taps and weights depend on the
-sizes alone, so they are computed in Python, like the learning-rate scalars. Window sums
+with one PAD: ``avg = PAD(sum, count)``. Interpolation weights multiply by PAM, in the
+lerp form ``y = x_base + sum_t PAM(w_t, x_t - x_base)`` (see :class:`Taps`). The taps and
+weights depend on the sizes alone, so they are computed in Python, like the learning-rate
+scalars. Window sums
 and interpolations are separable, so every op runs as 1-D gathers along one spatial
 dimension after another (the last one first); the backward is the transpose, the same
 taps scattered back with index_add in the reverse order of the dimensions. Half-precision
 inputs are computed in float32 and rounded once, as the matrix products are.
 
 Derivatives: the aten backward ops evaluate the exact function's derivative with PA ops
-("approx": ``PAD(dy, count)`` and ``PAM(w_t, dy)``). For the pooling backward ops, which
+("approx": ``PAD(dy, count)``, ``PAM(w_t, dy)``). For the pooling backward ops, which
 are given the input, ``derivative="exact"`` gives the exact piecewise-constant derivative
 of ``PAD(sum, count)`` (a power of two); the upsampling and embedding-bag backward ops are
 not given their input, so they give the approx derivative under either kind.
