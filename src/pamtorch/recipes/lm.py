@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data import DataError, UserError, at_least
+
 
 @dataclass(frozen=True)
 class LMConfig:
@@ -20,6 +22,16 @@ class LMConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.2
+
+    def check(self):
+        """Refuse a config no GPT can be built from (a --preset/--set mistake) with one clear line."""
+        at_least(self, 0, "vocab_size")
+        at_least(self, 1, "block_size", "n_layer", "n_head", "n_embd")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--set dropout={self.dropout}: expected 0 <= dropout < 1")
+        if self.n_embd % self.n_head:
+            raise UserError(f"--set n_embd={self.n_embd} n_head={self.n_head}: n_embd must be divisible by n_head")
+        return self
 
 
 PRESETS = {
@@ -96,7 +108,7 @@ class Task:
         if tok_path.is_file() and getattr(args, "resume", False):
             tok = load_tokenizer(tok_path)
         elif (getattr(args, "tokenizer", None) or "char") == "bpe":
-            tok = BPETokenizer.train(train_text.splitlines(), vocab_size=getattr(args, "vocab_size", None) or 2000)
+            tok = BPETokenizer.train(train_text.split("\n"), vocab_size=getattr(args, "vocab_size", None) or 2000)
         else:
             tok = CharTokenizer.train(train_text)
         if out_dir is not None:
@@ -104,9 +116,13 @@ class Task:
         self.tok = tok
         self.train_ids = torch.tensor(_encode(tok, train_text), dtype=torch.long)
         self.valid_ids = torch.tensor(_encode(tok, valid_text), dtype=torch.long)
-        cfg = replace(hp.model_config, vocab_size=hp.model_config.vocab_size or tok.vocab_size)
-        if len(self.valid_ids) <= cfg.block_size or len(self.train_ids) <= cfg.block_size:
-            raise ValueError(f"the text is too short for block_size {cfg.block_size}")
+        cfg = replace(hp.model_config, vocab_size=hp.model_config.vocab_size or tok.vocab_size).check()
+        if cfg.vocab_size < tok.vocab_size:
+            raise UserError(f"--set vocab_size={cfg.vocab_size}: the tokenizer has {tok.vocab_size} tokens")
+        if len(self.valid_ids) <= cfg.block_size + 1 or len(self.train_ids) <= cfg.block_size + 1:
+            raise DataError(f"{args.data_dir or 'built-in text'}: {len(self.train_ids)} training and "
+                            f"{len(self.valid_ids)} validation tokens, too few for --set block_size={cfg.block_size} "
+                            f"(expected more than block_size + 1 of each)")
         self.cfg, self.device = cfg, device
         self.label_smoothing = hp.label_smoothing
         self.train_size = len(self.train_ids) // cfg.block_size  # windows per "epoch"

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data import DataError, UserError, at_least
+
 PAD, BOS, EOS = 0, 1, 2  # ids fixed by tokenize.SPECIALS
 
 
@@ -28,6 +30,18 @@ class TranslateConfig:
     dropout: float = 0.3
     max_len: int = 256    # longest sentence in tokens (longer training pairs are dropped)
     norm_first: bool = False
+
+    def check(self):
+        """Refuse a config no Transformer can be built from (a --preset/--set mistake) with one clear line."""
+        at_least(self, 0, "vocab_size")
+        at_least(self, 1, "d_model", "enc_layers", "dec_layers", "heads", "ffn")
+        at_least(self, 2, "max_len")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--set dropout={self.dropout}: expected 0 <= dropout < 1")
+        if self.d_model % self.heads or self.d_model % 2:
+            raise UserError(f"--set d_model={self.d_model} heads={self.heads}: d_model must be even (sinusoidal "
+                            f"positions) and divisible by heads")
+        return self
 
 
 PRESETS = {
@@ -212,8 +226,11 @@ class Task:
         src, tgt = getattr(args, "src", None) or "de", getattr(args, "tgt", None) or "en"
         if args.data_dir is None:
             if args.data not in (None, "toy"):
-                raise ValueError(f"--data {args.data} needs --data-dir (a folder with train.{src}, train.{tgt}, ...)")
+                raise DataError(f"--data {args.data} needs --data-dir (a folder with train.{src}, train.{tgt}, ...)")
             splits = toy_parallel(seed=0, src=src, tgt=tgt)
+        elif args.data not in (None, "parallel"):
+            raise DataError(f"--data {args.data} with --data-dir: expected --data parallel (or no --data); "
+                            f"the built-in toy task takes no --data-dir")
         else:
             splits = load_parallel(args.data_dir, src, tgt)
         tok_path = Path(out_dir) / "tokenizer.json" if out_dir is not None else None
@@ -224,7 +241,9 @@ class Task:
             tok = BPETokenizer.train(splits["train"][0] + splits["train"][1], vocab_size=vocab)
         if tok_path is not None:
             tok.save(tok_path)
-        cfg = replace(hp.model_config, vocab_size=hp.model_config.vocab_size or tok.vocab_size)
+        cfg = replace(hp.model_config, vocab_size=hp.model_config.vocab_size or tok.vocab_size).check()
+        if cfg.vocab_size < tok.vocab_size:
+            raise UserError(f"--set vocab_size={cfg.vocab_size}: the tokenizer has {tok.vocab_size} tokens")
         L = cfg.max_len
         self.tok, self.cfg, self.device, self.splits = tok, cfg, device, splits
         self.label_smoothing = hp.label_smoothing
@@ -235,7 +254,8 @@ class Task:
         self.train_pairs = [(s + [EOS], [BOS] + t + [EOS]) for s, t in zip(*enc["train"])
                             if 0 < len(s) < L and 0 < len(t) < L]
         if not self.train_pairs:
-            raise ValueError(f"no training pair is shorter than max_len={L} tokens")
+            raise DataError(f"{args.data_dir or 'toy data'}: no training pair is shorter than --set max_len={L} "
+                            f"tokens (raise max_len)")
         self.eval_pairs = {k: [(s[:L - 1] + [EOS], [BOS] + t[:L - 1] + [EOS]) for s, t in zip(*enc[k])]
                            for k in enc if k != "train"}
         self.train_size = len(self.train_pairs)

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data import UserError, at_least
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -24,6 +26,18 @@ class ViTConfig:
     heads: int = 3
     mlp_dim: int = 768
     dropout: float = 0.0
+
+    def check(self):
+        """Refuse a config no ViT can be built from (a --preset/--set mistake) with one clear line."""
+        at_least(self, 0, "img_size", "patch_size", "in_chans", "num_classes")
+        at_least(self, 1, "dim", "depth", "heads", "mlp_dim")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--set dropout={self.dropout}: expected 0 <= dropout < 1")
+        if self.dim % self.heads:
+            raise UserError(f"--set dim={self.dim} heads={self.heads}: dim must be divisible by heads")
+        if self.img_size and self.patch_size and self.img_size % self.patch_size:
+            raise UserError(f"--set patch_size={self.patch_size}: it must divide img_size={self.img_size}")
+        return self
 
 
 PRESETS = {
@@ -108,7 +122,11 @@ class Task:
         c, h, w = data.image_shape
         img = cfg.img_size or h
         cfg = replace(cfg, img_size=img, patch_size=cfg.patch_size or max(1, img // 4),
-                      in_chans=cfg.in_chans or c, num_classes=cfg.num_classes or data.num_classes)
+                      in_chans=cfg.in_chans or c, num_classes=cfg.num_classes or data.num_classes).check()
+        if cfg.in_chans != c:
+            raise UserError(f"--set in_chans={cfg.in_chans}: the images have {c} channels")
+        if cfg.num_classes < data.num_classes:
+            raise UserError(f"--set num_classes={cfg.num_classes}: the data has {data.num_classes} classes")
         if (h, w) != (img, img):  # e.g. the deit-tiny preset on small images
             data.train_x = F.interpolate(data.train_x, size=(img, img), mode="bilinear", align_corners=False)
             data.valid_x = F.interpolate(data.valid_x, size=(img, img), mode="bilinear", align_corners=False)
