@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,12 @@ import torch
 from pamtorch.recipes import train as T
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-VIT = ["vit", "--set", "dim=32", "--set", "depth=2", "--set", "mlp_dim=64", "--no-progress"]
+VIT = ["vit", "--set", "dim=32", "--set", "depth=2", "--set", "mlp_dim=64", "--no-progress", "--threads", "1"]
+
+
+def train(argv):
+    """One in-process ``pamtorch train`` run; --debug: an error raises with its traceback."""
+    assert T.main(list(argv) + ["--debug"]) == 0
 
 
 def losses(out):
@@ -31,7 +37,7 @@ def test_cli_hook_registers_train():
 
 def test_vit_run_writes_everything(tmp_path):
     out = tmp_path / "run"
-    T.main(VIT + ["--steps", "12", "--eval-every", "6", "--batch-size", "32", "--out", str(out)])
+    train(VIT + ["--steps", "12", "--eval-every", "6", "--batch-size", "32", "--out", str(out)])
     m = json.loads((out / "metrics.json").read_text())
     assert m["completed"] and m["steps"] == 12 and 0 <= m["accuracy"] <= 1 and m["valid_loss"] > 0
     assert m["macs_per_step"] > 0 and m["energy_mj_per_step_estimate"] > 0 and "ESTIMATE" in m["energy_note"]
@@ -46,27 +52,27 @@ def test_vit_run_writes_everything(tmp_path):
 
 def test_same_seed_same_run(tmp_path):
     run = VIT + ["--steps", "5", "--eval-every", "5", "--batch-size", "16"]
-    T.main(run + ["--out", str(tmp_path / "a")])
-    T.main(run + ["--out", str(tmp_path / "b")])
-    T.main(run + ["--seed", "1", "--out", str(tmp_path / "c")])
+    train(run + ["--out", str(tmp_path / "a")])
+    train(run + ["--out", str(tmp_path / "b")])
+    train(run + ["--seed", "1", "--out", str(tmp_path / "c")])
     assert losses(tmp_path / "a") == losses(tmp_path / "b") != losses(tmp_path / "c")
 
 
 TINY = {
     "vit": VIT,
-    "lm": ["lm", "--set", "block_size=32", "--no-progress"],
+    "lm": ["lm", "--set", "block_size=32", "--no-progress", "--threads", "1"],
     "translate": ["translate", "--set", "d_model=32", "--set", "enc_layers=1", "--set", "dec_layers=1",
-                  "--beam", "2", "--eval-sentences", "8", "--no-progress"],
+                  "--beam", "2", "--eval-sentences", "8", "--no-progress", "--threads", "1"],
 }
 
 
 @pytest.mark.parametrize("recipe", ["vit", "lm", "translate"])
 def test_resume_is_exact(tmp_path, recipe):
     base = TINY[recipe] + ["--steps", "16", "--eval-every", "5", "--batch-size", "16", "--dropout", "0.1"]
-    T.main(base + ["--out", str(tmp_path / "full")])
-    T.main(base + ["--out", str(tmp_path / "part"), "--stop-at", "8"])  # "interrupted" after step 8
+    train(base + ["--out", str(tmp_path / "full")])
+    train(base + ["--out", str(tmp_path / "part"), "--stop-at", "8"])  # "interrupted" after step 8
     assert len(losses(tmp_path / "part")) == 8
-    T.main(base + ["--out", str(tmp_path / "part"), "--resume"])
+    train(base + ["--out", str(tmp_path / "part"), "--resume"])
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "part"))
     assert a["valid_loss"] == b["valid_loss"]
@@ -76,10 +82,10 @@ def test_resume_of_a_finished_run_redoes_the_final_evaluation(tmp_path):
     """The final checkpoint is written before the final evaluation, so an interrupted final
     evaluation (a long beam search) costs no training: --resume only evaluates again."""
     run = TINY["translate"] + ["--steps", "4", "--eval-every", "2", "--batch-size", "8", "--out", str(tmp_path)]
-    T.main(run)
+    train(run)
     first = json.loads((tmp_path / "metrics.json").read_text())
     (tmp_path / "metrics.json").unlink()
-    T.main(run + ["--resume"])
+    train(run + ["--resume"])
     again = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["step"] for r in T.read_jsonl(tmp_path / "eval_log.jsonl")] == [2, 4]
     assert len(losses(tmp_path)) == 4
@@ -87,23 +93,29 @@ def test_resume_of_a_finished_run_redoes_the_final_evaluation(tmp_path):
         assert again[key] == first[key]
 
 
-def test_resume_refuses_other_config(tmp_path):
-    T.main(VIT + ["--steps", "3", "--eval-every", "3", "--batch-size", "16", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="model_config"):
-        T.main(VIT + ["--steps", "6", "--batch-size", "16", "--set", "heads=2", "--out", str(tmp_path), "--resume"])
+def test_resume_refuses_other_config(tmp_path, capsys):
+    train(VIT + ["--steps", "3", "--eval-every", "3", "--batch-size", "16", "--out", str(tmp_path)])
+    capsys.readouterr()
+    assert T.main(VIT + ["--steps", "3", "--batch-size", "16", "--set", "heads=2", "--out", str(tmp_path),
+                         "--resume", "--allow-changes"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pamtorch: error: --resume:") and "model_config" in err
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    with pytest.raises(SystemExit, match=r"non-finite loss \(nan\) at step 7.*last good checkpoint"):
-        T.main(VIT + ["--steps", "12", "--eval-every", "5", "--batch-size", "16", "--out", str(tmp_path),
-                      "--debug-nan-at", "7"])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    assert T.main(VIT + ["--steps", "12", "--eval-every", "5", "--batch-size", "16", "--out", str(tmp_path),
+                         "--debug-nan-at", "7"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert re.match(r"pamtorch: error: training diverged \(fp32\): non-finite loss \(nan\) at step 7; stopping\. "
+                    r"The last good checkpoint is .*checkpoint.pt \(step 5\)$", err.strip()), err
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert len(losses(tmp_path)) == 6
 
 
 def test_compare(tmp_path):
-    T.main(VIT + ["--steps", "4", "--eval-every", "4", "--batch-size", "16", "--compare", "fp32,pam-matmul",
+    train(VIT + ["--steps", "4", "--eval-every", "4", "--batch-size", "16", "--compare", "fp32,pam-matmul",
                   "--out", str(tmp_path)])
     res = json.loads((tmp_path / "compare.json").read_text())
     assert set(res) == {"fp32", "pam-matmul"} and "valid_loss" in res["fp32"]
@@ -141,7 +153,7 @@ def test_translate_on_iwslt_layout(tmp_path):
         (data / f"{split}.de").write_text("\n".join(de) + "\n")
         (data / f"{split}.en").write_text("\n".join(en) + "\n")
     out = tmp_path / "run"
-    T.main(["translate", "--data-dir", str(data), "--src", "de", "--tgt", "en", "--steps", "6", "--eval-every", "6",
+    train(["translate", "--data-dir", str(data), "--src", "de", "--tgt", "en", "--steps", "6", "--eval-every", "6",
             "--batch-size", "16", "--beam", "2", "--vocab-size", "300", "--no-progress", "--out", str(out)])
     m = json.loads((out / "metrics.json").read_text())
     assert {"valid_loss", "accuracy", "bleu", "test_bleu"} <= set(m) and 0 <= m["bleu"] <= 100
@@ -152,17 +164,16 @@ def test_translate_on_iwslt_layout(tmp_path):
 def test_lm_on_text_file(tmp_path):
     f = tmp_path / "input.txt"
     f.write_text("to be or not to be, that is the question. " * 100)
-    T.main(["lm", "--data-dir", str(f), "--set", "block_size=32", "--steps", "5", "--eval-every", "5", "--batch-size", "8",
+    train(["lm", "--data-dir", str(f), "--set", "block_size=32", "--steps", "5", "--eval-every", "5", "--batch-size", "8",
             "--no-progress", "--out", str(tmp_path / "run")])
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["valid_loss"] > 0 and 0 <= m["accuracy"] <= 1
 
 
-def test_missing_data_dir_is_a_clear_error(tmp_path):
-    from pamtorch.recipes.data import DataError
-
-    with pytest.raises(DataError, match="train.de: file not found"):
-        T.main(["translate", "--data-dir", str(tmp_path), "--steps", "1", "--out", str(tmp_path / "o")])
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
+    assert T.main(["translate", "--data-dir", str(tmp_path), "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"pamtorch: error: {tmp_path / 'train.de'}: file not found")
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):

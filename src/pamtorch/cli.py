@@ -1,4 +1,7 @@
-"""The ``pamtorch`` command: ``check``, ``bench`` and ``train``."""
+"""The ``pamtorch`` command: ``check``, ``bench`` and ``train``.
+
+A user error (a bad argument, data file, checkpoint or output folder) prints one line,
+``pamtorch: error: ...``, and exits with status 2; ``--debug`` shows the traceback instead."""
 from __future__ import annotations
 
 import argparse
@@ -56,12 +59,16 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pamtorch", description="Multiplication-free training with "
-                                "piecewise affine arithmetic.")
+    from .recipes.train import POSITIVE_INT, ArgumentParser, add_debug_argument, add_train_parser
+
+    p = ArgumentParser(prog="pamtorch", description="Multiplication-free training with "
+                       "piecewise affine arithmetic.")
+    add_debug_argument(p, default=False)
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("check", help="print the measured error of every PA op and self-test the kernels")
-    c.add_argument("-n", type=int, default=200_000, help="random inputs per op and dtype")
+    c.add_argument("-n", type=POSITIVE_INT, default=200_000, help="random inputs per op and dtype")
+    add_debug_argument(c)
     c.set_defaults(func=_check)
 
     b = sub.add_parser("bench", help="time the kernels against PyTorch and append to BENCHMARKS.md")
@@ -73,26 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="step: everything after this goes to the recipe as pamtorch train options "
                         "(e.g. --train-args --data-dir ../shared/data/de-en)")
-    b.add_argument("--sizes", type=int, nargs="+", default=None,
+    b.add_argument("--sizes", type=POSITIVE_INT, nargs="+", default=None,
                    help="matmul: n of n x n x n (default 512 1024 2048); elementwise: number of "
                         "elements (default 65536 1048576 4194304)")
-    b.add_argument("--reps", type=int, default=5)
-    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--reps", type=POSITIVE_INT, default=5)
+    b.add_argument("--threads", type=POSITIVE_INT, default=None)
     b.add_argument("--no-append", action="store_true", help="print only, don't append to BENCHMARKS.md")
     b.add_argument("--output", default="BENCHMARKS.md", help="the file the table is appended to")
+    add_debug_argument(b)
     b.set_defaults(func=_bench)
-
-    from .recipes.train import add_train_parser
 
     add_train_parser(sub)
     return p
 
 
 def main(argv=None) -> int:
+    from .recipes.train import report_errors
+
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return int(args.func(args) or 0)
+    return report_errors(args.func, args)
 
 
 if __name__ == "__main__":

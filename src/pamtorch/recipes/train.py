@@ -5,6 +5,14 @@ progress bar; per-step JSONL logs, ``metrics.json``, plots and atomic checkpoint
 exact ``--resume``; ``--compare`` of arithmetic variants; DistributedDataParallel under torchrun
 with a multiplication-free gradient average (all-reduce SUM, then ``pamtorch.div`` by world size).
 
+A run's folder is kept: training into an ``--out`` that holds a run needs ``--resume`` (continue it)
+or ``--overwrite`` (replace it). ``--resume`` refuses settings that differ from the checkpoint's
+unless ``--allow-changes``, which records each change in ``changes.jsonl``. A checkpoint is written
+only when every tensor of the model and the optimizer is finite; a non-finite loss, gradient norm,
+parameter or optimizer state stops the run with one line naming the last good checkpoint (exit
+status 1). A mistake in an argument, a data file or ``--out`` is one line ``pamtorch: error: ...``
+and exit status 2; ``--debug`` shows the traceback instead.
+
 The arithmetic: ``--arith fp32`` runs stock PyTorch; any other name is a ``pamtorch.Config`` preset
 (``pam-matmul``, ``pam-full``, ``paper``) and each training step (forward, loss, backward, clipping
 and the AdamW step) and each evaluation runs inside ``pamtorch.mode(config)``.
@@ -26,22 +34,85 @@ from types import SimpleNamespace
 
 import torch
 
+from .data import UserError, atomic_write, stale_temp_files
+
 RECIPES = ("vit", "translate", "lm")
 DEFAULT_COMPARE = "fp32,pam-matmul,pam-full"
 # Horowitz (ISSCC 2014), 45 nm, as in the paper's Table 4: energy per operation in pJ
 ENERGY_PJ = {"fp32_mul": 3.7, "fp32_add": 0.9, "int32_add": 0.1}
+# what a run writes into --out; "holds a run" = one of the first four exists
+RUN_FILES = ("checkpoint.pt", "train_log.jsonl", "eval_log.jsonl", "metrics.json", "changes.jsonl",
+             "tokenizer.json", "curves.png")
+COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """Training diverged (a non-finite loss, gradient norm, parameter or optimizer state): the run
+    stops with one line naming the last good checkpoint, exit status 1."""
 
 
 def get_recipe(name):
     import importlib
 
     if name not in RECIPES:
-        raise SystemExit(f"unknown recipe '{name}' (expected one of {', '.join(RECIPES)})")
+        raise UserError(f"unknown recipe '{name}' (expected one of {', '.join(RECIPES)})")
     return importlib.import_module(f"{__package__ or 'pamtorch.recipes'}.{name}")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``pamtorch: error: MESSAGE (see 'PROG --help')``,
+    exit status 2 (subparsers inherit the class)."""
+
+    def error(self, message):
+        self.exit(2, f"pamtorch: error: {message} (see '{self.prog} --help')\n")
+
+
+def report_errors(func, args) -> int:
+    """Run ``func(args)``; a user error (a bad argument, data file, checkpoint or --out, a failed
+    write) prints one line ``pamtorch: error: ...`` and returns 2, divergence (:class:`NonFiniteLoss`)
+    prints one line and returns 1. With ``args.debug`` the exception propagates with its traceback."""
+    try:
+        return int(func(args) or 0)
+    except (UserError, NonFiniteLoss, OSError) as e:
+        if getattr(args, "debug", False):
+            raise
+        if isinstance(e, OSError) and e.filename is not None:
+            msg = f"{e.filename}: {e.strerror or e}"
+        else:
+            msg = str(e)
+        print(f"pamtorch: error: {' '.join(msg.split())}", file=sys.stderr)
+        return 1 if isinstance(e, NonFiniteLoss) else 2
+
+
+def _number(kind, low, low_ok, high=None, high_ok=False, what=None):
+    """An argparse ``type``: a finite ``kind`` (int or float) above ``low`` (or equal if ``low_ok``)
+    and below ``high`` (or equal if ``high_ok``), else an error that says what is expected."""
+    lo = f"{'>=' if low_ok else '>'} {low}"
+    hi = "" if high is None else f" and {'<=' if high_ok else '<'} {high}"
+    expected = what or f"{'an integer' if kind is int else 'a number'} {lo}{hi}"
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(v) and (v >= low if low_ok else v > low)
+                and (high is None or (v <= high if high_ok else v < high))):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, 0, False, what="a positive integer")
+POSITIVE = _number(float, 0, False, what="a positive number")
+NON_NEGATIVE = _number(float, 0, True, what="a number >= 0")
+PROBABILITY = _number(float, 0, True, 1, False)
+SEED = _number(int, 0, True, 2 ** 32, False)
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -65,7 +136,7 @@ def arith_context(arith: str, derivative=None):
         try:
             mode_cfg = pamtorch.Config.from_name(arith, derivative)
         except ValueError as e:
-            raise SystemExit(f"--arith {arith}: {e} (or fp32)") from None
+            raise UserError(f"--arith {arith}: {e} (or fp32)") from None
 
     @contextlib.contextmanager
     def ctx():
@@ -169,33 +240,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="vit: digits (built-in), mnist, cifar10, imagefolder; translate: toy (built-in) or "
                         "parallel; lm: sklearn-docs (built-in) or text. Guessed from --data-dir if omitted")
     p.add_argument("--data-dir", default=None, help="folder (or file for lm) with the data")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the training data")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (all processes together)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
-    p.add_argument("--warmup", type=float, default=None, help="warmup steps (< 1: fraction of the steps)")
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--label-smoothing", type=float, default=None)
-    p.add_argument("--clip", type=float, default=None, help="max gradient norm (0: no clipping)")
-    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=POSITIVE, default=None, help="passes over the training data")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=None,
+                   help="global batch size (all processes together)")
+    p.add_argument("--lr", type=POSITIVE, default=None, help="peak learning rate")
+    p.add_argument("--min-lr", type=NON_NEGATIVE, default=0.0, help="learning rate at the end of the cosine")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=None, help="warmup steps (< 1: fraction of the steps)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=None)
+    p.add_argument("--label-smoothing", type=PROBABILITY, default=None)
+    p.add_argument("--clip", type=NON_NEGATIVE, default=None, help="max gradient norm (0: no clipping)")
+    p.add_argument("--dropout", type=PROBABILITY, default=None, help="override the preset's dropout")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/RECIPE-ARITH)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: 10 per run)")
-    p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (default: --eval-every)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="--resume with settings that differ from the checkpoint's (recorded in changes.jsonl)")
+    p.add_argument("--eval-every", type=POSITIVE_INT, default=None,
+                   help="steps between evaluations (default: 10 per run)")
+    p.add_argument("--ckpt-every", type=POSITIVE_INT, default=None,
+                   help="steps between checkpoints (default: --eval-every)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--src", default="de", help="translate: source language suffix")
     p.add_argument("--tgt", default="en", help="translate: target language suffix")
-    p.add_argument("--beam", type=int, default=5, help="translate: beam size for BLEU")
-    p.add_argument("--eval-sentences", type=int, default=500, help="translate: sentences translated for BLEU")
-    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
+    p.add_argument("--beam", type=POSITIVE_INT, default=5, help="translate: beam size for BLEU")
+    p.add_argument("--eval-sentences", type=POSITIVE_INT, default=500,
+                   help="translate: sentences translated for BLEU")
+    p.add_argument("--vocab-size", type=POSITIVE_INT, default=None, help="BPE vocabulary size")
     p.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="lm: characters or BPE")
+    add_debug_argument(p)
     # for tests: stop as if interrupted after this step / inject a NaN loss at this step
-    p.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--debug-nan-at", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-at", type=POSITIVE_INT, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-nan-at", type=POSITIVE_INT, default=None, help=argparse.SUPPRESS)
+
+
+def add_debug_argument(p, default=argparse.SUPPRESS):
+    """``--debug``: a full traceback instead of the one-line error. A subcommand's flag defaults to
+    SUPPRESS so that it does not undo ``pamtorch --debug COMMAND``."""
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="show the full traceback of an error instead of one line")
 
 
 def add_train_parser(subparsers):
@@ -207,13 +293,23 @@ def add_train_parser(subparsers):
     return p
 
 
-def _parse_value(text, current):
+def _parse_value(key, text, current):
+    """``--set KEY=TEXT`` as the type of the field's current value."""
     if isinstance(current, bool):
-        return text.lower() in ("1", "true", "yes")
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
+        if text.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return text.lower() in ("1", "true", "yes")
+        raise UserError(f"--set {key}={text}: expected true or false")
+    try:
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            v = float(text)
+            if math.isfinite(v):
+                return v
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--set {key}={text}: expected {'an integer' if isinstance(current, int) else 'a number'}") \
+            from None
     return text
 
 
@@ -221,17 +317,22 @@ def resolve_hparams(args, recipe):
     d = recipe.DEFAULTS
     preset = args.preset or d["preset"]
     if preset not in recipe.PRESETS:
-        raise SystemExit(f"unknown preset '{preset}' for {args.recipe} (expected one of {', '.join(recipe.PRESETS)})")
+        raise UserError(f"--preset {preset}: unknown preset for {args.recipe} (expected one of "
+                        f"{', '.join(recipe.PRESETS)})")
     cfg = recipe.PRESETS[preset]
+    fields = [f.name for f in dataclasses.fields(cfg)]
     overrides = {}
     for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in {f.name for f in dataclasses.fields(cfg)}:
-            raise SystemExit(f"--set {item}: {type(cfg).__name__} has no field '{key}'")
-        overrides[key] = _parse_value(value, getattr(cfg, key))
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UserError(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        if key not in fields:
+            raise UserError(f"--set {item}: {type(cfg).__name__} has no field '{key}' (expected one of "
+                            f"{', '.join(fields)})")
+        overrides[key] = _parse_value(key, value, getattr(cfg, key))
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
-    cfg = dataclasses.replace(cfg, **overrides)
+    cfg = dataclasses.replace(cfg, **overrides).check()
 
     def pick(name):
         v = getattr(args, name)
@@ -255,38 +356,81 @@ def lr_at(step, total, base, warmup, min_lr=0.0):
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace (never a partial file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """torch.save through ``atomic_write`` (never a partial file; a failed write is one clear line)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, text)
+
+
+def read_jsonl(path: Path, torn: list = None):
+    """The rows of a JSONL log. A last line that is not valid JSON (a write cut short by a crash,
+    power loss or a full disk) is left out and appended to ``torn`` if given; any other bad line
+    is a UserError naming the file and line."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path):
-    if not Path(path).is_file():
+    if not path.is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from e
+    while lines and not lines[-1].strip():
+        lines.pop()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                if torn is not None:
+                    torn.append(line)
+                break
+            raise UserError(f"{path}: line {i + 1} is not a log row ({e}); delete the damaged lines or use "
+                            f"--overwrite") from None
+        rows.append(row)
+    return rows
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
-    rows = [r for r in read_jsonl(path) if r["step"] <= last_step]
+    """Keep the rows up to ``last_step`` (the checkpoint's) and drop a torn last line, saying so."""
+    torn = []
+    rows = [r for r in read_jsonl(path, torn) if r["step"] <= last_step]
+    if torn:
+        print(f"{path}: dropped a torn last line ({torn[0][:60]!r}...)", file=sys.stderr)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _append_line(f, path: Path, row: dict) -> None:
+    try:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+    except OSError as e:
+        raise UserError(f"{path}: write failed ({e.strerror}); free disk space or choose another --out") from e
+
+
+def non_finite(named_tensors):
+    """The name of the first floating tensor with a NaN or infinity, or None (one sync for all)."""
+    named = [(n, t) for n, t in named_tensors if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    if not named or bool(torch.stack([t.detach().isfinite().all() for _, t in named]).all()):
+        return None
+    return next(n for n, t in named if not bool(t.detach().isfinite().all()))
+
+
+def _optimizer_tensors(model, optimizer):
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            yield f"optimizer {k} of {names.get(id(p), '?')}", v
+
+
+def _model_and_optimizer_tensors(model, optimizer):
+    yield from model.state_dict().items()
+    yield from _optimizer_tensors(model, optimizer)
 
 
 def _jsonable(obj):
@@ -339,6 +483,135 @@ def _dist_info():
     return 0, 1
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} available); "
+                        f"use --device cpu or auto")
+    return device
+
+
+def _make_out(out: Path) -> None:
+    """Create ``out`` and make sure a file can be written there (one clear line if not)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder") from e
+
+
+def _remove_stale_temp_files(out: Path, names) -> None:
+    for p in stale_temp_files(out, names):
+        p.unlink(missing_ok=True)
+        print(f"removed {p}, left by an interrupted write", file=sys.stderr)
+
+
+def _refuse_held_run(args, out: Path) -> None:
+    held = [n for n in RUN_FILES[:4] if (out / n).exists()]
+    if held and not args.resume and not args.overwrite:
+        raise UserError(f"--out {out} holds a run ({', '.join(held)}): add --resume to continue it, --overwrite "
+                        f"to replace it, or choose another --out")
+
+
+def prepare_out(args, out: Path, rank: int, world: int) -> bool:
+    """Make ``out`` ready for this run and say whether it resumes. Stale temporary files are removed;
+    an ``out`` that holds a run needs --resume (continue) or --overwrite (its files are removed)."""
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: continue the run in --out or replace it")
+    _make_out(out)
+    _refuse_held_run(args, out)
+    ckpt_path = out / "checkpoint.pt"
+    resume = bool(args.resume and ckpt_path.is_file())
+    if rank == 0:
+        _remove_stale_temp_files(out, RUN_FILES)
+        if args.resume and not resume:
+            print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch", file=sys.stderr)
+        if not resume:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+    if world > 1:  # no rank writes into out before rank 0 has cleaned it
+        import torch.distributed as dist
+
+        dist.barrier()
+    return resume
+
+
+def _settings(args, arith, hp, task, total, warmup) -> dict:
+    """What a run was trained with; --resume compares them with the checkpoint's."""
+    derivatives = None
+    if arith != "fp32":
+        from pamtorch.config import KINDS, Config
+
+        cfg = Config.from_name(arith, args.derivative)
+        derivatives = {k: cfg.kind(k).derivative for k in KINDS if cfg.kind(k).pa}
+    s = {"recipe": args.recipe, "preset": hp.preset, "model_config": dataclasses.asdict(task.cfg),
+         "arith": arith, "derivatives": derivatives, "seed": args.seed, "batch_size": hp.batch_size,
+         "data": args.data, "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
+         "steps": total, "lr": hp.lr, "min_lr": args.min_lr, "warmup_steps": warmup,
+         "weight_decay": hp.weight_decay, "label_smoothing": hp.label_smoothing, "clip": hp.clip,
+         "betas": list(hp.betas)}
+    if args.recipe == "translate":
+        s.update(src=args.src, tgt=args.tgt, vocab_size=args.vocab_size)
+    if args.recipe == "lm":
+        s.update(tokenizer=args.tokenizer, vocab_size=args.vocab_size)
+    return s
+
+
+# settings the checkpoint itself fixes: the model it holds and the tokenizer.json kept with it
+FIXED_SETTINGS = ("recipe", "preset", "model_config", "tokenizer", "vocab_size")
+CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "step": int, "rng_cpu": torch.Tensor, "meta": dict}
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path``, checked: a truncated or foreign file, a missing key or a
+    non-finite tensor is a UserError naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a damaged file: all mean "unreadable"
+        raise UserError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'empty'}); it may be truncated. "
+                        f"Use --overwrite to start the run again") from e
+    if not isinstance(ckpt, dict):
+        raise UserError(f"--resume: {path} holds a {type(ckpt).__name__}, not a pamtorch train checkpoint")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    wrong = [k for k, t in CHECKPOINT_KEYS.items() if k in ckpt and not isinstance(ckpt[k], t)]
+    if missing or wrong:
+        raise UserError(f"--resume: {path} is not a pamtorch train checkpoint (missing keys: {missing or 'none'}; "
+                        f"wrong types: {wrong or 'none'}; expected {', '.join(CHECKPOINT_KEYS)})")
+    bad = non_finite(list(ckpt["model"].items()))
+    if bad is not None:
+        raise UserError(f"--resume: {path} holds non-finite values in {bad}; use --overwrite to start again")
+    return ckpt
+
+
+def _compare_settings(ckpt_path: Path, stored: dict, settings: dict, allow: bool) -> dict:
+    """The settings that differ from the checkpoint's, as {key: [old, new]}; refuse them unless
+    ``allow`` (never those the checkpoint fixes). Keys an older checkpoint did not store are skipped."""
+    changed = {k: [stored[k], v] for k, v in settings.items() if k in stored and _jsonable(stored[k]) != _jsonable(v)}
+    fixed = {k: v for k, v in changed.items() if k in FIXED_SETTINGS}
+    if fixed:
+        k, (old, new) = next(iter(fixed.items()))
+        raise UserError(f"--resume: {ckpt_path} was written with {k}={old!r}, this run has {k}={new!r}; the "
+                        f"checkpoint fixes {k} (use another --out, or --overwrite to start again)")
+    if changed and not allow:
+        raise UserError(f"--resume: this run changes {_show_changes(changed)} from the settings {ckpt_path} was "
+                        f"written with; resume with the same settings, or add --allow-changes to continue with "
+                        f"the new ones (recorded in changes.jsonl)")
+    return changed
+
+
+def _show_changes(changed: dict) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+
+
 def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
     """Train one arithmetic variant into ``out``; returns the final metrics (also in metrics.json)."""
     import torch.distributed as dist
@@ -347,17 +620,13 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
     recipe = get_recipe(args.recipe)
     hp = resolve_hparams(args, recipe)
     if hp.batch_size % world:
-        raise SystemExit(f"--batch-size {hp.batch_size} must be divisible by the {world} processes")
-    if args.device == "auto":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+        raise UserError(f"--batch-size {hp.batch_size} must be divisible by the {world} processes")
+    if args.min_lr > hp.lr:
+        raise UserError(f"--min-lr {args.min_lr} is above the peak learning rate {hp.lr} (--lr)")
+    device = resolve_device(args.device)
     ctx = arith_context(arith, args.derivative)  # fails early if the arithmetic is unavailable
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    resume = bool(args.resume and ckpt_path.is_file())
-    if args.resume and not resume and rank == 0:
-        print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch", file=sys.stderr)
+    resume = prepare_out(args, out, rank, world)
 
     torch.manual_seed(args.seed)
     task = recipe.Task(args, hp, out, device)
@@ -382,29 +651,34 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=hp.betas)
 
-    meta = {"recipe": args.recipe, "preset": hp.preset, "arith": arith, "derivative": args.derivative,
-            "model_config": dataclasses.asdict(task.cfg), "seed": args.seed, "batch_size": hp.batch_size}
-    start = 0
+    settings = _settings(args, arith, hp, task, total, warmup)
+    meta = {**settings, "derivative": args.derivative}
+    start, ckpt_step = 0, None
     if resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        for key in ("recipe", "arith", "model_config", "seed", "batch_size"):
-            if ckpt["meta"].get(key) != meta[key]:
-                raise SystemExit(f"--resume: {ckpt_path} was written with {key}={ckpt['meta'].get(key)!r}, "
-                                 f"this run has {key}={meta[key]!r}")
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt["step"])
-        torch.set_rng_state(ckpt["rng_cpu"])
+        ckpt = load_checkpoint(ckpt_path)
+        changed = _compare_settings(ckpt_path, ckpt["meta"], settings, args.allow_changes)
+        try:
+            raw_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng_cpu"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--resume: {ckpt_path} does not fit this model ({' '.join(str(e).split())[:300]}); "
+                            f"use --overwrite to start again") from e
+        start = ckpt_step = ckpt["step"]
+        if start > total:
+            raise UserError(f"--resume: {ckpt_path} is at step {start}, past this run's {total} steps (--steps)")
         if torch.cuda.is_available() and ckpt.get("rng_cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         if rank == 0:
             _truncate_jsonl(out / "train_log.jsonl", start)
             # a finished run's final evaluation is redone on resume (it may have been interrupted)
             _truncate_jsonl(out / "eval_log.jsonl", start - 1 if start == total else start)
+            if changed:
+                with open(out / "changes.jsonl", "a") as f:
+                    _append_line(f, out / "changes.jsonl", {"step": start, "changes": _jsonable(changed)})
+                print(f"--allow-changes: continuing at step {start} with {_show_changes(changed)} "
+                      f"(recorded in {out / 'changes.jsonl'})", file=sys.stderr)
             print(f"resumed from {ckpt_path} at step {start}", file=sys.stderr)
-    elif rank == 0:
-        for name in ("train_log.jsonl", "eval_log.jsonl"):
-            (out / name).unlink(missing_ok=True)
 
     macs = count_macs(task, raw_model, task.batch(0, hp.batch_size, args.seed)) if rank == 0 else 0
     if world > 1:
@@ -413,8 +687,11 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         model.register_comm_hook(None, make_allreduce_hook(arith))
 
-
     def save_checkpoint(step):
+        nonlocal ckpt_step
+        bad = non_finite(_model_and_optimizer_tensors(raw_model, optimizer))
+        if bad is not None:  # never replace the last good checkpoint with a diverged state
+            raise NonFiniteLoss(f"non-finite values in {bad} at step {step}")
         if rank == 0:
             atomic_torch_save({
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -422,6 +699,7 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "meta": meta,
             }, ckpt_path)
+        ckpt_step = step
         if world > 1:
             dist.barrier()
 
@@ -431,7 +709,7 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
         m = {"step": step, **m}
         if rank == 0:
             with open(out / "eval_log.jsonl", "a") as f:
-                f.write(json.dumps({k: v for k, v in m.items() if k != "examples"}) + "\n")
+                _append_line(f, out / "eval_log.jsonl", {k: v for k, v in m.items() if k != "examples"})
         return m
 
     bar = None
@@ -474,7 +752,17 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
                 gnorm = float(gnorm)
                 if not math.isfinite(gnorm):
                     raise NonFiniteLoss(f"non-finite gradient norm ({gnorm}) at step {step + 1}")
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as e:  # AdamW's step size lr / (1 - beta1^t) overflows the dtype
+                    if "overflow" not in str(e):
+                        raise
+                    raise NonFiniteLoss(f"the optimizer step overflowed at step {step + 1} (learning rate {lr:g}: "
+                                        f"{' '.join(str(e).split())})") from e
+            bad = non_finite([(n, p) for n, p in raw_model.named_parameters()])
+            if bad is not None:
+                raise NonFiniteLoss(f"non-finite parameter {bad} after the optimizer step at step {step + 1} "
+                                    f"(learning rate {lr:g})")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -482,8 +770,7 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
             row = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": gnorm, "step_time": dt,
                    f"{task.unit}_per_s": n_items * world / dt}
             if log is not None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                _append_line(log, out / "train_log.jsonl", row)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", **{f"{task.unit}/s": f"{n_items * world / dt:.0f}"})
@@ -502,11 +789,9 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
         if start == total and total > 0:  # --resume of a finished run: (re)do the final evaluation
             last = evaluate(total, final=True)
     except NonFiniteLoss as e:
-        msg = (f"{e}; stopping. The last good checkpoint is {ckpt_path}" if ckpt_path.is_file()
-               else f"{e}; stopping (no checkpoint was written yet)")
-        if bar is not None:
-            bar.close()
-        raise SystemExit(f"pamtorch train: {msg}") from None
+        raise NonFiniteLoss(f"training diverged ({arith}): {e}; stopping. " + (
+            f"The last good checkpoint is {ckpt_path} (step {ckpt_step})" if ckpt_step is not None
+            else "No checkpoint was written")) from None
     finally:
         if bar is not None:
             bar.close()
@@ -519,10 +804,12 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
         last = eval_rows[-1] if eval_rows else {}
     times = step_times[3:] if len(step_times) > 6 else step_times
     tail = [r["loss"] for r in train_rows[-max(1, min(50, len(train_rows) // 10)):]]
+    changes = read_jsonl(out / "changes.jsonl")
     metrics = {
         **meta, "steps": total, "steps_done": train_rows[-1]["step"] if train_rows else start,
         "completed": bool(train_rows) and train_rows[-1]["step"] == total,
         "params": n_params, "world_size": world, "device": str(device),
+        **({"setting_changes": changes} if changes else {}),
         **{k: v for k, v in last.items() if k != "step"},
         "train_loss": sum(tail) / len(tail) if tail else None,
         "step_time_s": statistics.median(times) if times else None,
@@ -597,16 +884,26 @@ def plot_compare(out: Path, names, metric: str) -> None:
 
 
 def run_compare(args, out: Path) -> dict:
-    rank, _ = _dist_info()
+    rank, world = _dist_info()
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
+    if not names or len(set(names)) != len(names):
+        raise UserError(f"--compare {args.compare}: expected distinct arithmetic names separated by commas "
+                        f"(e.g. {DEFAULT_COMPARE})")
+    for name in names:  # every mistake is found before the first variant trains
+        try:
+            arith_context(name, args.derivative)
+        except (RuntimeError, ImportError, AttributeError):
+            pass  # the arithmetic is unavailable in this install: that variant's row says so
+        _refuse_held_run(args, out / name)
+    _make_out(out)
+    if rank == 0:
+        _remove_stale_temp_files(out, COMPARE_FILES)
     results = {}
     for name in names:
         try:
             results[name] = train_one(args, name, out / name)
-        except (RuntimeError, SystemExit, ImportError, AttributeError, ValueError) as e:
-            if isinstance(e, SystemExit) and "non-finite" not in str(e):
-                raise
-            results[name] = {"error": str(e).splitlines()[0][:200]}
+        except (NonFiniteLoss, RuntimeError, ImportError, AttributeError) as e:
+            results[name] = {"error": str(e).splitlines()[0][:300]}
             if rank == 0:
                 print(f"{name}: {results[name]['error']}", file=sys.stderr)
     metric = get_recipe(args.recipe).Task.metric
@@ -655,10 +952,13 @@ def run_train(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pamtorch.recipes.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m pamtorch.recipes.train``: ``pamtorch train`` with the same one-line errors."""
+    p = ArgumentParser(prog="python -m pamtorch.recipes.train", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    return run_train(p.parse_args(argv))
+    args = p.parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    return report_errors(run_train, args)
 
 
 if __name__ == "__main__":
