@@ -22,13 +22,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pamtorch
 import reference as R
 from pam_checks import check_close, mm_reference
 from pamtorch import arith
 from pamtorch.config import Config
 from pamtorch.mode import RECORDERS, mode
-from pamtorch.ops import OP_TABLE, UnsupportedOpError
+from pamtorch.ops import OP_TABLE
 from pamtorch.ops.table import out_names
 
 aten = torch.ops.aten
@@ -314,10 +313,6 @@ def run(func, args, kwargs, under_mode=True):
         return func(*args, **kwargs)
 
 
-def storages(x):
-    return {t.untyped_storage().data_ptr() for t in tensors(x) if t.numel()}
-
-
 def aliases(out, args, kwargs):
     """For each output tensor, the set of input tensor positions it shares memory with."""
     ins = [t.untyped_storage().data_ptr() if t.numel() else None for t in tensors((args, kwargs))]
@@ -344,19 +339,18 @@ def inplace_overload(func):
     return getattr(packet, func._overloadname, None)
 
 
-def check_call(func, args, kwargs):
+def check_call(func, args, kwargs) -> bool:
+    """Check one recorded call against torch's semantics; False when eager CPU torch
+    cannot run it (there is nothing to compare with)."""
     what = str(func)
     a, k = fresh(args, kwargs)
     try:
         want = run(func, a, k, under_mode=False)
-    except Exception as e:  # an op that only runs on another device, or a recorded call
-        pytest.skip(f"{what} does not run in eager CPU torch: {e}")  # that needs the mode's state
+    except (RuntimeError, NotImplementedError):
+        return False
     eager_alias = aliases(want, a, k)
     a, k = fresh(args, kwargs)
-    try:
-        got = run(func, a, k)
-    except UnsupportedOpError:
-        return  # refused with a message: no silent result to check
+    got = run(func, a, k)
     # torch's structure, shapes and dtypes
     wt, gt = tensors(want), tensors(got)
     assert len(wt) == len(gt), what
@@ -391,6 +385,7 @@ def check_call(func, args, kwargs):
         ret = run(g_in, a, k)
         assert ret is a[0], f"{g_in} must return its first argument"
         same_values(a[0], gt[0], f"{g_in} in place")
+    return True
 
 
 ROUTED = sorted(OP_TABLE, key=str)
@@ -405,8 +400,9 @@ def test_routed_op_follows_torch_semantics(packet):
     calls = [(f, c) for f, cs in recorded()[0].items() if f.overloadpacket is packet for c in cs]
     if not calls:
         pytest.skip(f"no sample in SAMPLES reaches {packet}")
-    for func, (args, kwargs) in calls:
-        check_call(func, args, kwargs)
+    checked = [check_call(func, args, kwargs) for func, (args, kwargs) in calls]
+    if not any(checked):
+        pytest.skip(f"eager CPU torch does not run the recorded calls of {packet}")
 
 
 def test_every_op_routed_before_issue_10_is_reached_by_a_sample():
