@@ -17,7 +17,6 @@ import reference as R
 from pamtorch.audit import audit
 from pamtorch.config import Config, OpConfig
 from pamtorch.nn.functional import _GradOps
-from pamtorch.ops import OP_TABLE
 from pamtorch.ops import losses as L
 from pamtorch.ops import reductions as RD
 
@@ -37,7 +36,11 @@ def _inputs(seed=0, shape=(16, 12)):
 
 
 X, P, T, W, Q = _inputs()
-PW = torch.rand(12, generator=torch.Generator().manual_seed(3)) + 0.5
+_g = torch.Generator().manual_seed(3)
+PW = torch.rand(12, generator=_g) + 0.5
+CW = torch.rand(12, generator=_g) + 0.5
+SIGNS = (torch.randint(0, 2, (16, 12), generator=_g) * 2 - 1).float()
+LABELS = torch.randint(0, 12, (16,), generator=_g)
 
 # name -> (function of (a, b) with a the differentiated input, a, b, bound on the forward's
 # max error relative to max |exact|, bound on the gradient's, or None for no gradient check)
@@ -71,12 +74,29 @@ CASES = {
     "kl_none": (lambda a, b: F.kl_div(F.log_softmax(a, 1), b, reduction="none"), X, Q, 0.12, 0.1),
     "kl_sum_log_target": (lambda a, b: F.kl_div(F.log_softmax(a, 1), b, reduction="sum", log_target=True),
                           X, Q.log(), 0.4, 0.4),
+    "pairwise_distance": (lambda a, b: F.pairwise_distance(a, b), X, T, 0.05, 0.1),
+    "pairwise_distance_p1": (lambda a, b: F.pairwise_distance(a, b, p=1.0), X, T, 1e-6, 1e-6),
+    # pa_pow(|x|, 3) alone is off by up to ~25% (palog2, the PAM by 3, paexp2); the
+    # backward divides by result.pow(2), which doubles that
+    "pairwise_distance_p3": (lambda a, b: F.pairwise_distance(a, b, p=3.0), X, T, 0.25, 0.6),
+    # the gradient is a difference of two unit vectors (a-p)/|a-p| - (a-n)/|a-n|
+    "triplet_margin": (lambda a, b: F.triplet_margin_loss(a, b, b.flip(0)), X, T, 0.1, 0.3),
+    "soft_margin_mean": (lambda a, b: F.soft_margin_loss(a, b), X, SIGNS, 0.12, 0.2),
+    "soft_margin_none": (lambda a, b: F.soft_margin_loss(a, b, reduction="none"), X, SIGNS, 0.08, 0.12),
+    "multi_margin_p1_mean": (lambda a, b: F.multi_margin_loss(a, b), X, LABELS, 0.12, 1e-6),
+    "multi_margin_p2_none_weight": (lambda a, b: F.multi_margin_loss(
+        a, b, p=2, margin=0.5, weight=CW.to(a.dtype), reduction="none"), X, LABELS, 0.08, 0.15),
+    "multi_margin_1d_sum": (lambda a, b: F.multi_margin_loss(a[0], b[0], reduction="sum"), X, LABELS, 0.12, 1e-6),
+    "xlog1py": (lambda a, b: torch.special.xlog1py(a, b), P, T, 0.12, 0.15),
+    "entr": (lambda a, b: torch.special.entr(a), P, None, 0.15, 0.12),
+    "nanmean": (lambda a, b: a.nanmean(1), X, None, 0.12, 0.15),
 }
 
 
 def _run(f, a, b, dtype, cfg):
     a = a.detach().to(dtype).clone().requires_grad_(True)
-    b = None if b is None else b.to(dtype)
+    if b is not None and b.is_floating_point():   # targets: labels stay integers
+        b = b.to(dtype)
     if cfg is None:
         out = f(a, b)
         out.sum().backward()
@@ -87,17 +107,9 @@ def _run(f, a, b, dtype, cfg):
     return out.detach().double(), a.grad.double()
 
 
-def _needs_sigmoid(name):
-    # the backward of binary_cross_entropy_with_logits is torch's decomposition, which
-    # calls aten.sigmoid: that one is ops/activations.py's
-    if name.startswith("bce_logits") and aten.sigmoid not in OP_TABLE:
-        pytest.skip("the backward of BCE-with-logits needs the PA sigmoid of ops/activations.py")
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_pa_loss_is_close_to_exact_and_not_exact(name):
     f, a, b, fwd_bound, grad_bound = CASES[name]
-    _needs_sigmoid(name)
     out, grad = _run(f, a, b, F32, FULL)
     ref, gref = _run(f, a, b, torch.float64, None)
     exact32, gexact32 = _run(f, a, b, F32, None)
@@ -110,10 +122,11 @@ def test_pa_loss_is_close_to_exact_and_not_exact(name):
 
 @pytest.mark.parametrize("name", ["var_dim", "std_mean", "logsumexp", "xlogy", "bce_sum_weight",
                                   "bce_logits_none_weights", "l1_mean", "smooth_l1_mean_beta",
-                                  "huber_sum_delta", "kl_batchmean", "kl_sum_log_target"])
+                                  "huber_sum_delta", "kl_batchmean", "kl_sum_log_target", "pairwise_distance_p3",
+                                  "triplet_margin", "soft_margin_mean", "multi_margin_p2_none_weight",
+                                  "xlog1py", "entr", "nanmean"])
 def test_loss_step_is_multiplication_free(name):
     f, a, b, _, _ = CASES[name]
-    _needs_sigmoid(name)
     a = a.clone().requires_grad_(True)
 
     def step():
@@ -190,6 +203,21 @@ def test_var_equals_the_reference_up_to_summation_order():
     np.testing.assert_array_equal(_np(got_std), _r(R.sqrt(_np(got), F32)))
 
 
+def test_multi_margin_and_soft_margin_equal_the_reference():
+    x, y, w = _np(X), LABELS.numpy(), _np(CW)
+    n, c = x.shape
+    z = _r(_r(0.5 - x[np.arange(n), y][:, None]) + x)
+    keep = (z > 0) & (np.arange(c)[None, :] != y[:, None])
+    h = R.pam(R.pam(z, z, F32), w[y][:, None], F32)
+    per = R.pad(_r(np.where(keep, h, 0.0).sum(1)), float(c), F32)
+    with pamtorch.mode(FULL):
+        got = F.multi_margin_loss(X, LABELS, p=2, margin=0.5, weight=CW, reduction="none")
+        soft = F.soft_margin_loss(X, SIGNS, reduction="none")
+    np.testing.assert_allclose(_np(got), per, rtol=1e-6)
+    e = _r(R.exp(-R.pam(_np(SIGNS), x, F32), F32))
+    np.testing.assert_array_equal(_np(soft), _r(R.log(_r(1 + e), F32)))
+
+
 # ---------------------------------------------------------------------------
 # special values, overloads and errors
 
@@ -201,13 +229,15 @@ def test_var_std_edge_cases_follow_torch():
         empty = torch.var(torch.empty(0))
         scalar = torch.std(torch.tensor(2.0), correction=0)
         v, m = torch.var_mean(x, 1, keepdim=True)
+        out = torch.empty(0)
+        torch.var(x, 1, out=out)
         v1 = torch.var(x, 1)
     assert torch.isnan(one) and torch.isnan(empty) and scalar == 0
     assert big_c[0] == math.inf and torch.isnan(big_c[1])
     # 9 ÷̂ 3 = 2^(3-1) (1 + 0.125 - 0.5) = 3.25 (PAD's error), 6 ÷̂ 3 = 2 exactly
     assert v.shape == m.shape == (2, 1) and torch.equal(m, torch.tensor([[3.25], [2.0]]))
     assert torch.equal(v[1], torch.zeros(1))
-    assert not torch.equal(v1, torch.var(x, 1))
+    assert torch.equal(out, v1) and not torch.equal(v1, torch.var(x, 1))
 
 
 def test_logsumexp_infinities_and_empty():
@@ -229,7 +259,10 @@ def test_xlogy_special_values_and_overloads():
         s_self = torch.xlogy(2.0, torch.tensor([1.0, 4.0]))
         s_other = torch.special.xlogy(torch.tensor([0.0, 4.0]), 2.0)
         inplace = torch.tensor([1.5, 0.0]).xlogy_(torch.tensor([4.0, 9.0]))
+        out = torch.empty(5)
+        torch.xlogy(x, y, out=out)
     assert torch.isnan(got[0]) and got[1] == 0 and got[2] == -math.inf and got[3] == 0 and got[4] == math.inf
+    assert torch.equal(out[1:], got[1:]) and torch.isnan(out[0])
 
     def pa_xlogy(a, b):
         return R.pam(a, _r(R.log(b, F32)), F32)
@@ -259,6 +292,24 @@ def test_bce_rejects_inputs_outside_the_unit_interval():
             torch.ops.aten.smooth_l1_loss(torch.zeros(2), torch.ones(2), 1, -1.0)
         with pytest.raises(ValueError, match="reduction"):
             L.huber_forward(torch.zeros(2), torch.ones(2), "avg")
+
+
+def test_margin_losses_reject_what_torch_rejects():
+    with pamtorch.mode(FULL):
+        with pytest.raises(RuntimeError, match="only p == 1 and p == 2"):
+            torch.ops.aten.multi_margin_loss(X, LABELS, 3)
+        with pytest.raises(RuntimeError, match="target out of range"):
+            F.multi_margin_loss(X, LABELS + 12)
+
+
+def test_entr_and_xlog1py_special_values():
+    x = torch.tensor([0.0, -1.0, math.nan, 1.0, 0.5])
+    with pamtorch.mode(FULL):
+        e = torch.special.entr(x)
+        xl = torch.special.xlog1py(torch.tensor([0.0, 0.0, 2.0]), torch.tensor([-1.0, math.nan, 0.0]))
+    assert e[0] == 0 and e[1] == -math.inf and torch.isnan(e[2]) and e[3] == 0
+    assert e[4] == -R.pam(0.5, _r(R.log(0.5, F32)), F32)
+    assert xl[0] == 0 and torch.isnan(xl[1]) and xl[2] == 0
 
 
 def test_bce_clamps_the_log_at_minus_100_like_torch():

@@ -1,7 +1,8 @@
 """Losses, forward and backward: log-softmax, NLL, MSE (their raw functions live in
 :mod:`pamtorch.nn.functional`), and here binary cross entropy (on probabilities and on
-logits), smooth L1, Huber and ``xlogy`` (which ``kl_div`` reaches), plus ``sgn`` (which the
-backward of ``l1_loss`` reaches).
+logits), smooth L1, Huber, soft margin, multi-class margin, and ``xlogy`` (which ``kl_div``
+reaches), ``special.xlog1py`` and ``special.entr``, plus ``sgn`` (which the backward of
+``l1_loss`` reaches).
 
 ``l1_loss`` and ``kl_div`` have no aten op of their own: they decompose into ``abs``/``sub``/
 ``mean`` and ``xlogy``/``exp``/``mul``/``sum``, which route as "elementwise"; "batchmean" is a
@@ -11,6 +12,8 @@ Python division by the batch size, a routed ``div``. The backward of
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import arith
@@ -19,7 +22,8 @@ from ..nn.functional import _RAW, _c, _reduction
 from .table import UnsupportedOpError, implements, aten, arg, inplace, promote
 
 __all__ = ["bce_forward", "bce_backward", "bce_with_logits_forward", "smooth_l1_forward",
-           "smooth_l1_backward", "huber_forward", "huber_backward", "xlogy_forward"]
+           "smooth_l1_backward", "huber_forward", "huber_backward", "soft_margin_forward",
+           "soft_margin_backward", "multi_margin_forward", "multi_margin_backward", "xlogy_forward"]
 
 
 @implements([aten._log_softmax], "loss")
@@ -169,6 +173,70 @@ def huber_backward(dy: torch.Tensor, x: torch.Tensor, t: torch.Tensor, reduction
     return _grad_scale(arith.pam(d, dy.to(x.dtype)), red, x.numel())
 
 
+def soft_margin_forward(x: torch.Tensor, y: torch.Tensor, reduction=1, *, _ops=_RAW):
+    """Soft margin, as ``aten.soft_margin_loss``: ``pa_log(1 + pa_exp(-(y ⊙̂ x)))``, reduced."""
+    return _reduce(_ops.log(1 + _ops.exp(-_ops.mul(y.to(x.dtype), x))), _reduction(reduction), _ops)
+
+
+def soft_margin_backward(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, reduction=1):
+    """Approx soft-margin derivative, in torch's order: ``z = pa_exp(-(y ⊙̂ x))``,
+    ``-(y ⊙̂ z)`` (÷̂ numel for mean) ``÷̂ (1 + z) ⊙̂ dy``."""
+    y = y.to(x.dtype)
+    z = arith.pa_exp(-arith.pam(y, x))
+    g = _grad_scale(-arith.pam(y, z), _reduction(reduction), x.numel())
+    return arith.pam(arith.pad(g, 1 + z), dy.to(x.dtype))
+
+
+def _margins(x: torch.Tensor, target: torch.Tensor, margin: float):
+    """(2-D input, its margins ``margin - x[y] + x``, and where they count: ``> 0`` off the
+    target class), for 1-D or 2-D ``x`` of multi_margin_loss."""
+    x2 = x.reshape(1, -1) if x.dim() <= 1 else x
+    t = target.reshape(-1, 1)
+    if bool(((t < 0) | (t >= x2.shape[1])).any()):
+        raise RuntimeError(f"pamtorch: multi_margin_loss: target out of range [0, {x2.shape[1]})")
+    z = margin - x2.gather(1, t) + x2
+    off = torch.arange(x2.shape[1], device=x.device) != t
+    return x2, t, z, (z > 0) & off
+
+
+def multi_margin_forward(x: torch.Tensor, target: torch.Tensor, p=1, margin=1.0, weight=None,
+                         reduction=1, *, _ops=_RAW):
+    """Multi-class margin, as ``aten.multi_margin_loss``: per sample
+    ``Σ_{i≠y, z_i>0} h_i ÷̂ C`` with ``z_i = margin - x_y + x_i``, ``h = z`` (p = 1) or
+    ``z ⊙̂ z`` (p = 2), ``⊙̂ w[y]``; mean is ``Σ ÷̂ N``."""
+    red = _reduction(reduction)
+    if p not in (1, 2):
+        raise RuntimeError(f"pamtorch: multi_margin_loss: only p == 1 and p == 2 supported, got {p}")
+    x2, t, z, keep = _margins(x, target, float(margin))
+    h = z if p == 1 else _ops.mul(z, z)
+    if weight is not None:
+        h = _ops.mul(h, weight.to(x.dtype)[t])
+    per = _ops.div(torch.where(keep, h, torch.zeros_like(h)).sum(1), _c(x2.shape[1], x))
+    if red == 0:
+        return per if target.dim() > 0 else per.reshape(())
+    s = per.sum()
+    return s if red == 2 else _ops.div(s, _c(x2.shape[0], s))
+
+
+def multi_margin_backward(dy: torch.Tensor, x: torch.Tensor, target: torch.Tensor, p=1, margin=1.0,
+                          weight=None, reduction=1):
+    """Approx multi-margin derivative, as torch's kernel: with ``g = 1/C`` (``1/(N C)`` for
+    mean, a Python constant), ``h = g`` (p = 1) or ``z ⊙̂ 2g`` (p = 2), ``⊙̂ w[y]``, at the
+    counted classes, ``-Σ h`` at the target, all ``⊙̂ dy``."""
+    red = _reduction(reduction)
+    x2, t, z, keep = _margins(x, target, float(margin))
+    n, c = x2.shape
+    g = 1.0 / (n * c) if red == 1 else 1.0 / c
+    h = torch.full_like(z, g) if p == 1 else arith.pam(z, _c(2 * g, z))
+    if weight is not None:
+        h = arith.pam(h, weight.to(x.dtype)[t])
+    h = torch.where(keep, h, torch.zeros_like(h))
+    h = h.scatter(1, t, -h.sum(1, keepdim=True))
+    d = dy.to(x.dtype)
+    d = d.reshape(-1, 1) if red == 0 and d.dim() > 0 else d
+    return arith.pam(h, d).reshape(x.shape)
+
+
 def xlogy_forward(x: torch.Tensor, y: torch.Tensor, *, _ops=_RAW):
     """``x ⊙̂ pa_log(y)``, 0 where ``x == 0`` unless ``y`` is NaN (as ``torch.xlogy``)."""
     out = _ops.mul(x, _ops.log(y))
@@ -215,6 +283,30 @@ def _pa_huber_backward(func, args, kwargs, cfg):
     return huber_backward(dy, x, t, arg(args, kwargs, 3, "reduction"), arg(args, kwargs, 4, "delta"))
 
 
+@implements([aten.soft_margin_loss], "loss")
+def _pa_soft_margin(func, args, kwargs, cfg):
+    return soft_margin_forward(args[0], args[1], arg(args, kwargs, 2, "reduction", 1))
+
+
+@implements([aten.soft_margin_loss_backward], "loss")
+def _pa_soft_margin_backward(func, args, kwargs, cfg):
+    dy, x, y = args[:3]
+    return soft_margin_backward(dy, x, y, arg(args, kwargs, 3, "reduction"))
+
+
+@implements([aten.multi_margin_loss], "loss")
+def _pa_multi_margin(func, args, kwargs, cfg):
+    return multi_margin_forward(args[0], args[1], arg(args, kwargs, 2, "p", 1), arg(args, kwargs, 3, "margin", 1.0),
+                                arg(args, kwargs, 4, "weight"), arg(args, kwargs, 5, "reduction", 1))
+
+
+@implements([aten.multi_margin_loss_backward], "loss")
+def _pa_multi_margin_backward(func, args, kwargs, cfg):
+    dy, x, t = args[:3]
+    return multi_margin_backward(dy, x, t, arg(args, kwargs, 3, "p"), arg(args, kwargs, 4, "margin"),
+                                 arg(args, kwargs, 5, "weight"), arg(args, kwargs, 6, "reduction", 1))
+
+
 @implements([aten.xlogy, aten.xlogy_], "elementwise")
 def _pa_xlogy(func, args, kwargs, cfg):
     """xlogy, its Scalar_Self/Scalar_Other, in-place and out= overloads. Kind "elementwise":
@@ -232,3 +324,19 @@ def _pa_sgn(func, args, kwargs, cfg):
         raise UnsupportedOpError(f"pamtorch.mode: {func} of a complex tensor divides (z / |z|); "
                                  "only real tensors are supported")
     return inplace(func, args, torch.sign(x))
+
+
+@implements([aten.special_xlog1py], "elementwise")
+def _pa_xlog1py(func, args, kwargs, cfg):
+    """``special.xlog1py``: ``x ⊙̂ pa_log(1 + y)`` (the ``1 + y`` a float addition, so tiny
+    ``y`` lose their relative precision), 0 where ``x == 0`` unless ``y`` is NaN."""
+    x, y = promote(args[0], args[1])
+    return xlogy_forward(x, 1 + y)
+
+
+@implements([aten.special_entr], "elementwise")
+def _pa_entr(func, args, kwargs, cfg):
+    """``special.entr``: ``-(x ⊙̂ pa_log x)`` for x > 0, 0 at 0, -inf for x < 0, NaN at NaN."""
+    x = args[0]
+    out = -xlogy_forward(x, x)
+    return torch.where(x < 0, torch.full_like(out, -math.inf), out)

@@ -1,9 +1,10 @@
 """Reductions that multiply: variance and standard deviation (``var``, ``std``, ``var_mean``,
-``std_mean``) and ``logsumexp``, forward only.
+``std_mean``), ``logsumexp`` and the p-norm ``norm``, forward only; ``nansum`` passes.
 
 Their backward formulas are torch's (``var_backward``, ``std_backward``,
-``logsumexp_backward``), written in aten ``mul``/``div``/``exp``/``sub``/``mean`` calls that
-the mode routes on their own, so the approx derivative comes for free.
+``logsumexp_backward``, ``norm_backward``), written in aten ``mul``/``div``/``exp``/``pow``/
+``sub``/``mean`` calls that the mode routes on their own, so the approx derivative comes
+for free.
 """
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import torch
 
 from .. import arith
 from ..nn.functional import _RAW, _c
-from .table import implements, aten, arg
+from .elementwise import norm2
+from .table import implements, aten, arg, passes_through
 
-__all__ = ["var_forward", "logsumexp_forward"]
+__all__ = ["var_forward", "logsumexp_forward", "norm_forward"]
+
+passes_through("nansum")   # a sum that skips NaN; nanmean is nansum ÷̂ count, a routed div
 
 
 def _dims(x: torch.Tensor, dim) -> tuple:
@@ -53,6 +57,25 @@ def logsumexp_forward(x: torch.Tensor, dim, keepdim: bool = False, *, _ops=_RAW)
     return s if keepdim else s.squeeze(dims)
 
 
+def norm_forward(x: torch.Tensor, p=2.0, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """The p-norm along ``dim``: ``pa_sqrt(Σ x ⊙̂ x)`` for p = 2; for p = 1, ±inf and 0 the
+    sum, max, min and count of ``|x|`` (no product); else ``pa_pow(Σ pa_pow(|x|, p), 1/p)``."""
+    dims = _dims(x, dim)
+    p = 2.0 if p is None else float(p)
+    a = x.abs()
+    if p == 2:
+        return norm2(x, dims, keepdim)
+    if p == 1:
+        return a.sum(dims, keepdim=keepdim)
+    if p == math.inf:
+        return a.amax(dims, keepdim=keepdim)
+    if p == -math.inf:
+        return a.amin(dims, keepdim=keepdim)
+    if p == 0:
+        return (x != 0).sum(dims, keepdim=keepdim).to(x.dtype)
+    return arith.pa_pow(arith.pa_pow(a, p).sum(dims, keepdim=keepdim), 1.0 / p)
+
+
 def _float_input(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_floating_point() else x.to(torch.get_default_dtype())
 
@@ -75,3 +98,15 @@ def _pa_logsumexp(func, args, kwargs, cfg):
     so one config switch leaves both exact or both PA."""
     x = _float_input(args[0])
     return logsumexp_forward(x, arg(args, kwargs, 1, "dim"), arg(args, kwargs, 2, "keepdim", False))
+
+
+@implements([aten.norm], "elementwise")
+def _pa_norm(func, args, kwargs, cfg):
+    """``torch.norm`` and ``F.pairwise_distance`` / ``triplet_margin_loss`` (which reach it),
+    every ``Scalar``/``ScalarOpt`` overload; ``dtype`` casts the input first, as torch."""
+    x = _float_input(args[0])
+    dtype = kwargs.get("dtype")
+    if dtype is not None:
+        x = x.to(dtype)
+    return norm_forward(x, arg(args, kwargs, 1, "p", 2.0), arg(args, kwargs, 2, "dim"),
+                        arg(args, kwargs, 3, "keepdim", False))
