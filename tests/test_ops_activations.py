@@ -428,3 +428,78 @@ def test_function_routes_take_torchs_arguments_and_inplace():
     A.silu(ref, derivative="exact").sum().backward()
     assert torch.equal(x.grad, ref.grad)
     assert set(A.FUNCTION_OPS) == set(routes)
+
+
+EXACT_UNDER_MODE = {
+    "tanh": (torch.tanh, A.tanh),
+    "sigmoid_method": (lambda t: t.sigmoid(), A.sigmoid),
+    "silu": (F.silu, A.silu),
+    "silu_inplace": (lambda t: F.silu(t * 1, inplace=True), A.silu),
+    "softplus": (lambda t: F.softplus(t, beta=2.0), lambda t, derivative: A.softplus(t, 2.0, derivative=derivative)),
+    "leaky_relu": (lambda t: F.leaky_relu(t, 0.2), lambda t, derivative: A.leaky_relu(t, 0.2, derivative=derivative)),
+    "elu": (F.elu, A.elu), "selu": (F.selu, A.selu), "mish": (F.mish, A.mish),
+    "glu": (F.glu, A.glu), "logsigmoid": (F.logsigmoid, A.logsigmoid), "erf": (torch.erf, A.erf),
+    "sin": (torch.sin, A.sin), "cos": (lambda t: t.cos(), A.cos),
+    "prelu": (lambda t: F.prelu(t, torch.tensor([0.3])),
+              lambda t, derivative: A.prelu(t, torch.tensor([0.3]), derivative=derivative)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_UNDER_MODE))
+def test_exact_kind_under_the_mode_takes_the_function_route(name):
+    """Config(nonlinear=exact): the mode's function-level route gives the exact derivative
+    of the PA function, not the approx one of the aten backward op."""
+    call, functional = EXACT_UNDER_MODE[name]
+    x0 = torch.randn(4, 6, generator=torch.Generator().manual_seed(9)) * 2
+    x = x0.clone().requires_grad_()
+    spy = _Spy()
+    with spy, pamtorch.mode(Config.full().replace(nonlinear=OpConfig(derivative="exact"))):
+        call(x).sum().backward()
+    assert not spy.unknown, sorted(spy.unknown)
+    grads = {}
+    for kind in ("exact", "approx"):
+        xr = x0.clone().requires_grad_()
+        functional(xr, derivative=kind).sum().backward()
+        grads[kind] = xr.grad
+    assert torch.equal(x.grad, grads["exact"]) and not torch.equal(x.grad, grads["approx"])
+
+
+def test_leave_exact_skips_the_route():
+    x0 = torch.randn(20)
+    x = x0.clone().requires_grad_()
+    cfg = Config.full().replace(nonlinear=OpConfig(derivative="exact"))
+    with pamtorch.mode(cfg, leave_exact=[torch.ops.aten.tanh_backward]):
+        torch.tanh(x).sum().backward()
+    # forward PA at the dispatch level, its backward exact by request
+    assert torch.equal(x.grad, torch.ops.aten.tanh_backward(torch.ones(20), A.tanh_forward(x0)))
+
+
+OUT_FORMS = {
+    "tanh": (lambda x, o: torch.tanh(x, out=o), A.tanh_forward),
+    "sigmoid": (lambda x, o: torch.sigmoid(x, out=o), A.sigmoid_forward),
+    "erf": (lambda x, o: torch.erf(x, out=o), A.erf_forward),
+    "sin": (lambda x, o: torch.sin(x, out=o), A.sin_forward),
+    "cos": (lambda x, o: torch.cos(x, out=o), A.cos_forward),
+    "silu": (lambda x, o: torch.ops.aten.silu.out(x, out=o), A.silu_forward),
+    "mish": (lambda x, o: torch.ops.aten.mish.out(x, out=o), A.mish_forward),
+    "softplus": (lambda x, o: torch._C._nn.softplus(x, 2.0, 5.0, out=o), CASES["softplus_b2_t5"][1]),
+    "glu": (lambda x, o: torch._C._nn.glu(x, 1, out=o), lambda x: A.glu_forward(x, 1)),
+    "elu": (lambda x, o: torch._C._nn.elu(x, 1.5, out=o), lambda x: A.elu_forward(x, 1.5)),
+    "leaky_relu": (lambda x, o: torch._C._nn.leaky_relu(x, 0.2, out=o), lambda x: A.leaky_relu_forward(x, 0.2)),
+    "hardswish": (lambda x, o: torch._C._nn.hardswish(x, out=o), A.hardswish_forward),
+    "hardsigmoid": (lambda x, o: torch._C._nn.hardsigmoid(x, out=o), A.hardsigmoid_forward),
+    "log_sigmoid": (lambda x, o: torch.ops.aten.log_sigmoid_forward.output(x, output=o, buffer=torch.empty(0))[0],
+                    lambda x: A.log_sigmoid_forward(x)[0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OUT_FORMS))
+def test_out_forms_under_the_mode(name):
+    call, fwd = OUT_FORMS[name]
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10)) * 3
+    out = torch.empty(0)
+    spy = _Spy()
+    with spy, pamtorch.mode(Config.full()):
+        res = call(x, out)
+    assert res is out and torch.equal(out, fwd(x))
+    assert not spy.unknown, sorted(spy.unknown)

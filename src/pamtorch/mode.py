@@ -50,6 +50,7 @@ from .config import KINDS, Config, OpConfig
 from .matmul import bmm as _pa_bmm, linear as _pa_linear, matmul as _pa_matmul
 from .nn import functional as PF
 from .ops import OP_TABLE, PASS_THROUGH, UnsupportedOpError, implements, op_kind
+from .ops import activations as _activations
 from .ops.table import ACTIVE as _ACTIVE
 from .recording import RECORDERS, exact_by_request, routing
 
@@ -517,6 +518,10 @@ _FUNCTION_OPS = {
                                      "_scaled_dot_product_flash_attention_for_cpu",
                                      "_scaled_dot_product_flash_attention_for_cpu_backward"),
 }
+# the activations (tanh, sigmoid, silu, ..., erf, sin, cos) route the same way, kind "nonlinear"
+_FUNCTION_ROUTES.update(_activations.FUNCTION_ROUTES)
+_FUNCTION_KINDS.update(dict.fromkeys(_activations.FUNCTION_ROUTES, "nonlinear"))
+_FUNCTION_OPS.update(_activations.FUNCTION_OPS)
 
 
 class _PAFunctionMode(TorchFunctionMode):
