@@ -429,3 +429,45 @@ def test_exact_grads_bit_for_bit(ext):
             assert_bits(out, want)
             assert_bits(fn(a, b, dc, 1), want)  # unfused
             assert_bits(fn(a, b, dc, 0), want)  # scalar
+
+
+def test_float_multiplies_are_only_the_documented_ones(built):
+    """Disassemble the built library: in the pamtorch kernels, float multiplies and FMAs
+    occur only in the forward modes FB/FA/FAB/FG (FMA by 0, ±1) and the exact-gradient
+    kernels (FMA when fused, vmulps otherwise, by ±2^k); F0 and the elementwise kernels
+    have none; nothing divides or takes a square root (docs/numerics.md)."""
+    import re
+
+    import platform
+
+    objdump = shutil.which("objdump")
+    if objdump is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs objdump and an x86-64 build (the AVX2 kernels)")
+    asm = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", str(built[2])],
+                         capture_output=True, text=True, check=True).stdout
+    arith = re.compile(r"v?(mul|div|sqrt|rcp|rsqrt)(ps|pd|ss|sd)$|vf(n?m)(add|sub)")
+    found = {}
+    fn = None
+    for line in asm.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            fn = m.group(1)
+            continue
+        fields = line.split("\t")
+        if fn is None or len(fields) < 2 or not fields[1].split():
+            continue
+        ins = fields[1].split()[0]
+        if arith.match(ins) and ("pa_ew::" in fn or "(anonymous namespace)::" in fn):
+            found.setdefault(fn, set()).add(ins)
+    assert found, "no FMA found at all: is this the AVX2 build?"
+    for fn, ins in found.items():
+        assert not any(re.match(r"v?(div|sqrt|rcp|rsqrt)", i) for i in ins), (fn, ins)
+        assert "pa_ew::" not in fn, (fn, ins)
+        if re.search(r"\bfwd_\w+<[1-4],", fn):
+            assert all(i.startswith("vfmadd") for i in ins), (fn, ins)
+        elif re.search(r"\beg_\w+<true,", fn):
+            assert all(i.startswith("vfmadd") for i in ins), (fn, ins)
+        elif re.search(r"\beg_\w+<false,", fn):
+            assert ins == {"vmulps"}, (fn, ins)
+        else:
+            raise AssertionError(f"undocumented float multiply in {fn}: {sorted(ins)}")
