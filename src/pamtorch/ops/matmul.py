@@ -134,3 +134,18 @@ def _pa_dot(func, args, kwargs, cfg):
         raise RuntimeError(f"dot : expected both vectors to have same dtype, but found "
                            f"{scalar_type_name(a.dtype)} and {scalar_type_name(b.dtype)}")
     return mm(a[None], b[:, None], cfg)[0, 0]
+
+
+@implements([aten._trilinear], "matmul")
+def _pa_trilinear(func, args, kwargs, cfg):
+    """``nn.Bilinear``'s op (and its own backward): Σ over ``sumdim`` of i1 ·̂ i2 ·̂ i3, each
+    input unsqueezed at its ``expand`` dims; PAM products, float sums."""
+    i1, i2, i3, expand1, expand2, expand3, sumdim = args[:7]
+
+    def grow(t, dims):
+        for d in sorted(dims):
+            t = t.unsqueeze(d)
+        return t
+
+    prod = pam(pam(grow(i1, expand1), grow(i2, expand2), cfg), grow(i3, expand3), cfg)
+    return prod.sum(list(sumdim)) if len(sumdim) else prod
