@@ -432,6 +432,10 @@ def _celu_fwd(x, alpha=1.0, *, _ops=_RAW):
     return elu_forward(x, alpha, 1.0, 1.0 / alpha, _ops=_ops)
 
 
+def _logsigmoid_fwd(x, *, _ops=_RAW):
+    return log_sigmoid_forward(x, _ops=_ops)[0]
+
+
 _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
 
@@ -453,8 +457,7 @@ celu = _functional("celu", _celu_fwd,
 selu = _functional("selu", _selu_fwd,
                    lambda dy, x, y: elu_backward(dy, _SELU_ALPHA, _SELU_SCALE, 1.0, False, x))
 glu = _functional("glu", glu_forward, lambda dy, x, y, dim=-1: glu_backward(dy, x, dim))
-logsigmoid = _functional("logsigmoid", lambda x, *, _ops=_RAW: log_sigmoid_forward(x, _ops=_ops)[0],
-                         lambda dy, x, y: log_sigmoid_backward(dy, x))
+logsigmoid = _functional("logsigmoid", _logsigmoid_fwd, lambda dy, x, y: log_sigmoid_backward(dy, x))
 erf = _functional("erf", erf_forward, _erf_backward)
 sin = _functional("sin", sin_forward, lambda dy, x, y: arith.pam(dy, cos_forward(x)))
 cos = _functional("cos", cos_forward, lambda dy, x, y: -arith.pam(dy, sin_forward(x)))
