@@ -103,6 +103,10 @@ def test_recipe_setting_mistakes(capsys, tmp_path):
         capsys, LM + ["--data-dir", str(text), "--set", "vocab_size=3", "--out", str(tmp_path / "c")])
     assert "--data parallel" in one_line_error(capsys, ["train", "translate", "--data", "toy", "--data-dir",
                                                         str(tmp_path), "--out", str(tmp_path / "d")])
+    assert "--src en --tgt en: the source and target languages must differ" in one_line_error(
+        capsys, ["train", "translate", "--src", "en", "--tgt", "en", "--out", str(tmp_path / "e")])
+    assert "toy data: no training pair of non-empty sentences is shorter than --set max_len=2 tokens" in \
+        one_line_error(capsys, ["train", "translate", "--set", "max_len=2", "--out", str(tmp_path / "f")])
 
 
 # ----------------------------------------------------------------------------- item 12: files

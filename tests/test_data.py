@@ -153,6 +153,17 @@ def test_image_folder_errors(tmp_path):
         D.load_image_folder(tmp_path)
 
 
+def test_image_folder_too_few_images(tmp_path):
+    _write_pngs(tmp_path / "train", n=1, classes=("cat",))
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    with pytest.raises(D.DataError, match=rf"{tmp_path / 'val'}: no images found"):
+        D.load_image_folder(tmp_path)
+    (tmp_path / "val" / "cat").rmdir()
+    (tmp_path / "val").rmdir()
+    with pytest.raises(D.DataError, match=rf"{tmp_path}: 1 image found \(expected at least 2"):
+        D.load_image_folder(tmp_path)
+
+
 def test_load_images_unknown(tmp_path):
     with pytest.raises(D.DataError, match="needs --data-dir"):
         D.load_images("mnist", None)

@@ -224,6 +224,8 @@ class Task:
         from .tokenize import BPETokenizer, encode_all, load_tokenizer
 
         src, tgt = getattr(args, "src", None) or "de", getattr(args, "tgt", None) or "en"
+        if src == tgt:
+            raise DataError(f"--src {src} --tgt {tgt}: the source and target languages must differ")
         if args.data_dir is None:
             if args.data not in (None, "toy"):
                 raise DataError(f"--data {args.data} needs --data-dir (a folder with train.{src}, train.{tgt}, ...)")
@@ -254,8 +256,8 @@ class Task:
         self.train_pairs = [(s + [EOS], [BOS] + t + [EOS]) for s, t in zip(*enc["train"])
                             if 0 < len(s) < L and 0 < len(t) < L]
         if not self.train_pairs:
-            raise DataError(f"{args.data_dir or 'toy data'}: no training pair is shorter than --set max_len={L} "
-                            f"tokens (raise max_len)")
+            raise DataError(f"{args.data_dir or 'toy data'}: no training pair of non-empty sentences is shorter "
+                            f"than --set max_len={L} tokens")
         self.eval_pairs = {k: [(s[:L - 1] + [EOS], [BOS] + t[:L - 1] + [EOS]) for s, t in zip(*enc[k])]
                            for k in enc if k != "train"}
         self.train_size = len(self.train_pairs)
