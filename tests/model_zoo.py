@@ -189,7 +189,7 @@ CASES = [
     Case("gru", "nn.GRU", lambda: _Seq("gru"), _seq_batch, _ce),
     Case("rnn", "nn.RNN", lambda: _Seq("rnn"), _seq_batch, _ce),
     Case("conv1d", "nn.Conv1d", lambda: _Seq("conv1d"), _seq_batch, _ce),
-    Case("conv3d", "nn.Conv3d", _conv_net("conv3d"), _vol_batch, _ce),
+    Case("conv3d", "nn.Conv3d", _conv_net("conv3d"), _vol_batch, _ce, lr=2e-2),
     Case("convtranspose2d", "nn.ConvTranspose2d", _conv_net("convtranspose2d"), _img2_batch, _ce),
     Case("batchnorm2d", "nn.BatchNorm2d", _conv_net("batchnorm2d"), _img2_batch, _ce),
     Case("groupnorm", "nn.GroupNorm", _conv_net("groupnorm"), _img2_batch, _ce),

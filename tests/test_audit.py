@@ -226,3 +226,22 @@ def test_an_implementation_that_refuses_is_named_too():
             x * 3.0
     with mode(Config.full(), leave_exact=[aten.mul]):
         assert torch.equal(x * 3.0, torch.mul(x.clone(), 3.0))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_convolution_multiplications_count_products_for_each_requested_gradient(transposed):
+    """Forward: one product per (output, C_in/groups·k) for a convolution, per (input,
+    C_out/groups·k) for a transposed one; backward: the same again for each gradient asked."""
+    torch.manual_seed(0)
+    conv = (torch.nn.ConvTranspose1d(4, 6, 3, stride=2) if transposed else torch.nn.Conv1d(4, 6, 3, stride=2))
+    x = torch.randn(2, 4, 9)
+
+    def step():
+        with pamtorch.mode(pamtorch.Config.full()):
+            conv(x).sum().backward()     # x needs no gradient: only the weight's is computed
+
+    report = pamtorch.audit(step, model=conv)
+    out = conv(x)
+    products = x.numel() * 6 * 3 if transposed else out.numel() * 4 * 3
+    assert report.mults_pa["forward"]["matmul"] == products
+    assert report.mults_pa["backward"]["matmul"] == products

@@ -63,6 +63,13 @@ def _numel(x) -> int:
     return 0
 
 
+def _conv_products(x, w, out, transposed) -> int:
+    """Products of a convolution: each output sums C_in/groups·prod(k) of them; a transposed
+    one (weight [C_in, C_out/groups, k...]) spreads each input over C_out/groups·prod(k)."""
+    per = w.shape[1] * math.prod(w.shape[2:])
+    return (_numel(x) if transposed else _numel(out)) * per
+
+
 def multiplications(func, args, out) -> int:
     """Scalar multiplications an aten op performs in exact arithmetic (an estimate for
     elementwise ops: one per output element)."""
@@ -71,12 +78,11 @@ def multiplications(func, args, out) -> int:
         a = args[1] if p in (aten.addmm, aten.baddbmm) else args[0]
         return _numel(out) * a.shape[-1]
     if p is aten.convolution:
-        w = args[1]  # [OC, C/groups, k...]: each output sums C/groups·prod(k) products
-        return _numel(out) * (w.shape[1] * math.prod(w.shape[2:]))
+        return _conv_products(args[0], args[1], out, args[6])
     if p is aten.convolution_backward:
-        w = args[2]
-        per = w.shape[1] * math.prod(w.shape[2:])
-        return 2 * _numel(args[0]) * per
+        # each requested gradient (input, weight) takes as many products as the forward
+        g, x, w, transposed, mask = args[0], args[1], args[2], args[7], args[10]
+        return (int(mask[0]) + int(mask[1])) * _conv_products(x, w, g, transposed)
     if p in (aten._scaled_dot_product_flash_attention_for_cpu,
              aten._scaled_dot_product_flash_attention_for_cpu_backward):
         back = p is aten._scaled_dot_product_flash_attention_for_cpu_backward
