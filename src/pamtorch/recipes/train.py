@@ -104,7 +104,6 @@ def _number(kind, low, low_ok, high=None, high_ok=False, what=None):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return v
 
-    parse.__name__ = kind.__name__
     return parse
 
 
