@@ -396,46 +396,45 @@ def _remove_leftovers(build_dir: str, older_than: float) -> None:
     now = time.time()
     for fn in os.listdir(build_dir):
         p = os.path.join(build_dir, fn)
-        if not (fn.startswith("build-") or ".tmp-" in fn) or now - os.path.getmtime(p) <= older_than:
-            continue
-        if os.path.isdir(p):
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            os.unlink(p)
+        try:
+            if not (fn.startswith("build-") or ".tmp-" in fn) or now - os.path.getmtime(p) <= older_than:
+                continue
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+        except FileNotFoundError:  # removed meanwhile by an orphaned builder
+            pass
 
 
 def _load_locked(name: str, build_dir: str, lib: str, deadline: float):
     """Holding the lock: load a verified library, adopting or repairing the cache."""
-    for attempt in range(2):
-        state, why = _verify(lib)
-        if state == "unrecorded":  # an older cache: prove it loads, in a child
-            try:
-                result = _run_child(["load", name, lib, ""], deadline, "loading it in a child process")
-            except _OutOfTime:
-                raise  # no verdict on the library: leave it for the next run
-            except _BuildError as e:
-                state, why = "broken", str(e)
-            else:
-                _record(lib, result["cpu_path"])
-                state, why = _verify(lib)
-        if state == "broken":
-            _note(f"the cached CPU kernel library {lib} is broken ({why}); removed it, rebuilding")
-        if state in ("broken", "missing"):
-            for p in (lib, lib + ".json"):
-                if os.path.exists(p):
-                    os.unlink(p)
-            _build(name, build_dir, lib, deadline)
+    state, why = _verify(lib)
+    if state == "unrecorded":  # an older cache: prove it loads, in a child
+        try:
+            result = _run_child(["load", name, lib, ""], deadline, "loading it in a child process")
+        except _OutOfTime:
+            raise  # no verdict on the library: leave it for the next run
+        except _BuildError as e:
+            state, why = "broken", str(e)
+        else:
+            _record(lib, result["cpu_path"])
             state, why = _verify(lib)
-            if state != "ok":
-                raise _BuildError(f"the library just built at {lib} does not verify ({why})")
+    if state == "ok":
         try:
             return _import(name, lib)
         except ImportError as e:
-            if attempt:
-                raise
-            os.unlink(lib)
-            _note(f"the cached CPU kernel library {lib} fails to load ({e}); removed it, rebuilding")
-    raise AssertionError("unreachable")
+            state, why = "broken", f"it fails to load: {e}"
+    if state == "broken":
+        _note(f"the cached CPU kernel library {lib} is broken ({why}); removed it, rebuilding")
+    for p in (lib, lib + ".json"):
+        if os.path.exists(p):
+            os.unlink(p)
+    _build(name, build_dir, lib, deadline)
+    state, why = _verify(lib)
+    if state != "ok":
+        raise _BuildError(f"the library just built at {lib} does not verify ({why})")
+    return _import(name, lib)  # loaded in the build's child, so an ImportError here is news
 
 
 def _load(name: str, build_dir: str):
