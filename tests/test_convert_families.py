@@ -81,7 +81,7 @@ def _run(mod, inputs, w, cfg, whole_under_mode):
     return y.detach(), grads
 
 
-@pytest.mark.parametrize("cfg_name", ["full", "paper"])
+@pytest.mark.parametrize("cfg_name", ["full", "paper-exact-loss"])
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_converted_family_equals_stock_under_mode(name, cfg_name):
     torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import torch
 import pamtorch
 from pamtorch import arith
 from pamtorch.audit import MultiplicationFoundError, audit
-from pamtorch.config import Config, OpConfig
+from pamtorch.config import KINDS, Config, OpConfig
 from pamtorch.mode import UnsupportedOpError, mode
 
 
@@ -168,8 +168,12 @@ def test_audit_finds_multiplications_outside_pa():
 
 
 def test_config_presets_and_ablation():
-    assert Config.paper().loss.derivative == "exact" and Config.paper().matmul.derivative == "approx"
-    assert Config.full().loss.derivative == "approx"
+    # paper(): the released fully-PA command, approx everywhere (the kinds of full())
+    assert Config.paper() == Config.full() == Config()
+    assert all(Config.paper().kind(k).derivative == "approx" for k in KINDS)
+    exact_loss = Config.paper_exact_loss()
+    assert exact_loss.loss.derivative == "exact" and exact_loss.matmul.derivative == "approx"
+    assert Config.from_name("paper-exact-loss") == exact_loss
     mo = Config.matmul_only()
     assert mo.matmul.pa and not mo.softmax.pa and not mo.optimizer.pa
     rows = [Config.ablation(*k) for k in (("matmul",), ("matmul", "softmax"), ("matmul", "softmax", "norm"),

@@ -1,8 +1,9 @@
 """Which op kinds are piecewise affine, with which derivative and offset.
 
-``Config`` is frozen; build variants with the presets and ``with_kinds`` / ``replace``:
+``Config`` is frozen; build variants with the presets and ``with_derivative`` / ``replace``:
 
-    Config.paper()                                   # approx everywhere, exact loss
+    Config.paper()                                   # the paper's released fully-PA command
+    Config.paper_exact_loss()                        # the same, exact derivative for the loss
     Config.matmul_only()                             # only matrix products PA
     Config.full()                                    # everything PA, approx derivatives
     Config.ablation("matmul", "softmax", "norm")     # the cumulative rows of Table 3
@@ -40,15 +41,19 @@ _EXACT_ARITH = OpConfig(pa=False)
 @dataclass(frozen=True)
 class Config:
     """Per-kind settings. ``matmul``: mm/bmm/linear/conv/attention products. ``softmax``:
-    softmax and log-softmax. ``norm``: layer and RMS norm. ``loss``: cross entropy, NLL,
-    MSE. ``optimizer``: the optimizer step (including ``_foreach_*`` ops). ``elementwise``:
-    mul, div, pow, sqrt, exp, log and friends anywhere else. ``nonlinear``: GELU, tanh,
-    sigmoid, SiLU."""
+    softmax (attention's included). ``norm``: layer and RMS norm. ``loss``: log-softmax,
+    cross entropy, NLL, MSE (log-softmax is the loss's first half, as in the paper's
+    released code, whose loss config also governs the decoder's log-probabilities; the op
+    table files ``aten._log_softmax`` under "loss" too). ``optimizer``: the optimizer step
+    (including ``_foreach_*`` ops). ``elementwise``: mul, div, pow, sqrt, exp, log and
+    friends anywhere else. ``nonlinear``: GELU, tanh, sigmoid, SiLU.
+
+    The defaults (every kind PA, approx derivatives, no offset) are ``Config.paper()``."""
 
     matmul: OpConfig = field(default_factory=OpConfig)
     softmax: OpConfig = field(default_factory=OpConfig)
     norm: OpConfig = field(default_factory=OpConfig)
-    loss: OpConfig = field(default_factory=lambda: OpConfig(derivative="exact"))
+    loss: OpConfig = field(default_factory=OpConfig)
     optimizer: OpConfig = field(default_factory=OpConfig)
     elementwise: OpConfig = field(default_factory=OpConfig)
     nonlinear: OpConfig = field(default_factory=OpConfig)
@@ -56,22 +61,39 @@ class Config:
     # -- presets ---------------------------------------------------------------
     @classmethod
     def paper(cls) -> "Config":
-        """The paper's best: everything PA, approx derivatives, exact for the loss."""
+        """What the paper's released fully-PA command runs (epfml/pam README, IWSLT14:
+        ``--linear-cfg``, ``--norm-cfg``, ``--functional-cfg`` and ``--loss-functional-cfg``
+        all ``{"type"/"subtype": "pam", "dkwargs": {"approx_bwd": true}}`` plus
+        ``--opt-functional-cfg pam``): every op kind PA with the approx derivative, the
+        loss included. Same kinds and derivatives as :meth:`full`."""
         return cls()
 
     @classmethod
+    def paper_exact_loss(cls) -> "Config":
+        """:meth:`paper` with the exact derivative for the loss kind (log-softmax, cross
+        entropy, NLL, MSE): the true derivative of the PA loss as computed. No released
+        command runs it; it is the derivative variant for the loss, which pamtorch called
+        ``paper`` until issue 11 (RESULTS.md's ``paper-exact-loss`` rows)."""
+        return cls(loss=OpConfig(derivative="exact"))
+
+    @classmethod
     def full(cls) -> "Config":
-        """Everything PA with approx derivatives."""
-        return cls(loss=OpConfig())
+        """pamtorch's name for the whole training step PA: every op kind (matrix products,
+        softmax, norms, loss, optimizer, elementwise, nonlinear) with approx derivatives.
+        The kinds and derivatives of :meth:`paper`."""
+        return cls()
 
     @classmethod
     def matmul_only(cls) -> "Config":
-        """Only the matrix products PA (the paper's first ablation row)."""
+        """Only the matrix products PA, approx derivatives: the first row of the paper's
+        cumulative ablation (Table 3), and what the released DeiT ``pam`` command runs
+        (``linear_cfg``, ``conv_cfg`` and ``bmm_cfg`` pam with ``approx_bwd``)."""
         return cls.ablation("matmul")
 
     @classmethod
     def ablation(cls, *kinds: str, derivative: str = "approx") -> "Config":
-        """PA for exactly ``kinds`` (with ``derivative``), the rest exact arithmetic."""
+        """PA for exactly ``kinds`` (with ``derivative``), the rest exact arithmetic: the
+        cumulative rows of the paper's Table 3 (matmul, +softmax, +norm, +loss, ...)."""
         for k in kinds:
             if k not in KINDS:
                 raise ValueError(f"Config.ablation: unknown op kind {k!r}; kinds are {KINDS}")
@@ -80,10 +102,12 @@ class Config:
 
     @classmethod
     def from_name(cls, name: str, derivative: str | None = None) -> "Config":
-        """A preset by name ("paper", "pam-full"/"full", "pam-matmul"/"matmul-only", or op
-        kinds joined by '+' such as "matmul+softmax+norm" for an ablation row), with every
-        PA kind's derivative overridden by ``derivative`` unless it is None or "paper"."""
-        presets = {"paper": cls.paper, "full": cls.full, "pam-full": cls.full,
+        """A preset by name ("paper", "paper-exact-loss", "pam-full"/"full",
+        "pam-matmul"/"matmul-only", or op kinds joined by '+' such as
+        "matmul+softmax+norm" for an ablation row), with every PA kind's derivative
+        overridden by ``derivative`` unless it is None or "paper" (keep the preset's)."""
+        presets = {"paper": cls.paper, "paper-exact-loss": cls.paper_exact_loss,
+                   "full": cls.full, "pam-full": cls.full,
                    "matmul-only": cls.matmul_only, "pam-matmul": cls.matmul_only}
         if name in presets:
             cfg = presets[name]()
