@@ -36,7 +36,8 @@ of the original (exact-arithmetic) block, computed with PA ops.
 
 **Autograd functionals** (``softmax``, ``log_softmax``, ``layer_norm``, ``rms_norm``,
 ``gelu``, ``cross_entropy``, ``nll_loss``, ``mse_loss``, ``dropout``,
-``scaled_dot_product_attention``, ``linear``, ``conv2d``) take ``derivative=``
+``scaled_dot_product_attention`` (and its ``_math`` form), ``multi_head_attention_forward``,
+``linear``, ``conv2d``) take ``derivative=``
 ("approx", "exact", "ste"; ``None``: the scoped default of ``pamtorch.derivative``):
 
 * ``"approx"``: a ``torch.autograd.Function`` whose forward is the raw forward and whose
@@ -81,7 +82,9 @@ __all__ = [
     "attention_forward",
     # autograd functionals
     "softmax", "log_softmax", "layer_norm", "rms_norm", "gelu", "cross_entropy", "nll_loss",
-    "mse_loss", "dropout", "scaled_dot_product_attention", "linear", "conv2d",
+    "mse_loss", "dropout", "scaled_dot_product_attention",
+    "scaled_dot_product_attention_math", "multi_head_attention_forward",
+    "linear", "conv2d",
 ]
 
 
@@ -667,72 +670,99 @@ def nll_loss(logp: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Te
     return nll_loss_forward(logp, target, weight, red, ignore_index, _ops=_GradOps(kind))[0]
 
 
+_SMOOTHINGS = ("torch", "fairseq")
+
+
+def _smoothing_weights(eps: float, C: int, smoothing: str) -> tuple[float, float]:
+    """(a, b) of ``a ⊙̂ nll + b ⊙̂ smooth``: torch's (1-ε, ε/C) or fairseq's
+    (1-ε-ε/(C-1), ε/(C-1)), as exact Python floats (scalars computed in Python are exact)."""
+    if smoothing not in _SMOOTHINGS:
+        raise ValueError(f"pamtorch.cross_entropy: smoothing must be one of {_SMOOTHINGS}, got {smoothing!r}")
+    if smoothing == "torch":
+        return 1.0 - eps, eps / C
+    if C < 2:
+        raise ValueError(f"pamtorch.cross_entropy: smoothing='fairseq' spreads ε over the C-1 other "
+                         f"classes and needs C >= 2 classes, got C={C}")
+    ei = eps / (C - 1)
+    return 1.0 - eps - ei, ei
+
+
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                  *, derivative: str | None = None) -> torch.Tensor:
-    """PA cross entropy with ``F.cross_entropy`` semantics: PA log-softmax over the class
-    dim (1, or 0 for 1-D input), then NLL; class-index or class-probability targets,
-    ``weight``, ``ignore_index``, ``label_smoothing`` (combined as torch does,
-    ``(1-ε) ⊙̂ nll + (ε/C) ⊙̂ smooth``, with the same normalizations).
+                  *, smoothing: str = "torch", derivative: str | None = None) -> torch.Tensor:
+    """PA cross entropy with ``F.cross_entropy`` semantics, computed as torch 2.13's
+    ``cross_entropy_loss`` composes it (aten ``LossNLL.cpp``), op for op on PA ops, so this
+    function, the dispatch mode (which receives torch's decomposition) and ``convert``
+    give the same value bit for bit. ``ℓ = log_softmax(x)`` over the class dim (1, or 0
+    for 1-D input), ``C`` classes, ``ε = label_smoothing``.
 
-    ``derivative="approx"``: log-softmax and NLL each backpropagate their approx formula
-    (for class-index targets without smoothing the input gradient is
-    ``pa_exp(logp) ⊙̂ Σ g - g`` scattered, i.e. softmax − one-hot in PA form).
-    ``"exact"``: the true derivative of the PA loss as computed (every PA op's exact
-    derivative, chained by autograd), *not* the float ``softmax(x) - onehot``.
+    Class-index targets ``t``: ``nll = nll_loss(ℓ, t, weight, ignore_index, reduction)``
+    and, for ε > 0, ``s_n = -Σ_c ℓ_nc (⊙̂ w_c)``, 0 where ``t_n == ignore_index``; "none"
+    keeps ``s``, "sum" is ``Σ s``, "mean" is ``Σ s ÷̂ Σ_kept w_(t_n)`` (the kept count
+    without ``weight``: the same denominator as the NLL term, as torch). Then
+    ``loss = nll ⊙̂ a + s ⊙̂ b``.
+
+    Probability targets ``p`` (same shape as the input): ``p' = p ⊙̂ a + b`` for ε > 0;
+    ``loss = -Σ ℓ ⊙̂ p' (⊙̂ w_c)`` over the classes ("none"), over everything ("sum"), or
+    that ÷̂ (numel / C) ("mean").
+
+    ``smoothing="torch"``: ``a = 1-ε``, ``b = ε/C`` (ε spread over all C classes).
+    ``smoothing="fairseq"``: ``a = 1-ε-ε/(C-1)``, ``b = ε/(C-1)`` (fairseq's
+    ``label_smoothed_nll_loss``, used by the paper's IWSLT runs: the target class keeps
+    ``1-ε``, each other class gets ``ε/(C-1)``); "sum" is fairseq's criterion value and
+    "mean" divides both terms by the kept targets (fairseq's per-token normalisation).
+
+    ``derivative="approx"``: log-softmax, NLL and each PAM/PAD backpropagate their approx
+    formula (for class-index targets without smoothing the input gradient is
+    ``pa_exp(ℓ) ⊙̂ Σ g - g`` scattered, i.e. softmax − one-hot in PA form). ``"exact"``:
+    the true derivative of the PA loss as computed (every PA op's exact derivative,
+    chained by autograd), *not* the float ``softmax(x) - onehot``.
     """
     _check_float(input, "cross_entropy")
     red = _reduction(reduction)
-    kind = _kind(derivative)
-    ops = None if kind == "approx" else _GradOps(kind)
-    mul = (lambda a, b: _ag.mul(a, b, derivative="approx")) if ops is None else ops.mul
-    div = (lambda a, b: _ag.div(a, b, derivative="approx")) if ops is None else ops.div
-    cdim = 1 if input.dim() >= 2 else 0
-    C = input.shape[cdim]
-    logp = log_softmax(input, cdim, derivative=kind)
     eps = float(label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"pamtorch: label_smoothing must be in [0, 1], got {label_smoothing}")
+    cdim = 1 if input.dim() >= 2 else 0
+    C = input.shape[cdim]
+    a, b = _smoothing_weights(eps, C, smoothing)
+    kind = _kind(derivative)
+    ops = _GradOps(kind)
+    logp = log_softmax(input, cdim, derivative=kind)
+    wshape = [1] * input.dim()
+    wshape[cdim] = C
+    w = None if weight is None else weight.to(input.dtype)
 
     if target.is_floating_point():  # class probabilities
         if target.shape != input.shape:
-            raise ValueError("pamtorch.cross_entropy: probability targets must have the input's shape")
+            raise ValueError(f"pamtorch.cross_entropy: probability targets must have the input's shape "
+                             f"{list(input.shape)}, got {list(target.shape)}")
         t = target.to(input.dtype)
         if eps > 0:
-            t = mul(t, _c(1.0 - eps, t)) + eps / C
-        terms = mul(logp, t)
-        if weight is not None:
-            wshape = [1] * input.dim()
-            wshape[cdim] = C
-            terms = mul(terms, weight.to(input.dtype).reshape(wshape))
-        li = -terms.sum(cdim)
+            t = ops.mul(t, _c(a, t)) + b
+        terms = ops.mul(logp, t)
+        if w is not None:
+            terms = ops.mul(terms, w.view(wshape))
         if red == 0:
-            return li
-        s = li.sum()
-        return s if red == 2 else div(s, _c(li.numel(), li))
+            return -terms.sum(cdim)
+        s = -terms.sum()
+        return s if red == 2 else ops.div(s, _c(input.numel() // C if C else 0, s))
 
     nll = nll_loss(logp, target, weight, ignore_index, red, derivative=kind)
     if eps == 0.0:
         return nll
     ignore = target == ignore_index
-    if weight is not None:
-        wshape = [1] * input.dim()
-        wshape[cdim] = C
-        smooth = -mul(logp, weight.to(input.dtype).reshape(wshape)).sum(cdim)
-    else:
-        smooth = -logp.sum(cdim)
-    smooth = torch.where(ignore, torch.zeros_like(smooth), smooth)
+    smooth = -(logp.sum(cdim) if w is None else ops.mul(logp, w.view(wshape)).sum(cdim))
+    smooth = smooth.masked_fill(ignore, 0.0)
     if red == 1:
-        if weight is not None:
-            den = weight.to(input.dtype)[target[~ignore]].sum()
-        else:
-            den = _c(smooth.numel(), smooth)   # torch: smooth_loss.mean() over all elements
-        ret = div(smooth.sum(), den)
-    elif red == 2:
-        ret = smooth.sum()
+        if w is None:
+            den = (~ignore).sum().to(input.dtype)
+        else:  # torch's order: gather with ignored targets at class 0, zero them, sum
+            den = w.gather(0, target.masked_fill(ignore, 0).flatten()).masked_fill(ignore.flatten(), 0).sum()
+        ret = ops.div(smooth.sum(), den)
     else:
-        ret = smooth
-    return mul(nll, _c(1.0 - eps, nll)) + mul(ret, _c(eps / C, ret))
+        ret = smooth.sum() if red == 2 else smooth
+    return ops.mul(nll, _c(a, nll)) + ops.mul(ret, _c(b, ret))
 
 
 def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean", *,
@@ -846,7 +876,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
                                  is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False, *, config=None,
                                  derivative: str | None = None) -> torch.Tensor:
-    """PA ``F.scaled_dot_product_attention``: PAM products, PAM by the scale, PA softmax.
+    """PA ``F.scaled_dot_product_attention``: ``softmax_safe((q ⊙̂ scale) @PAM kᵀ + mask)
+    @PAM v``, one PAM by the scale (default ``1/√E``) on q, as the paper's code does
+    (torch's math path instead multiplies q and k by ``√scale`` each).
 
     ``attn_mask``: boolean (True = take part) or additive float, broadcastable to
     ``[..., L, S]``; ``is_causal`` masks the upper triangle with ``-inf`` (not together
@@ -854,6 +886,25 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     :class:`pamtorch.Config`) picks per-kind settings; else everything is PA with
     ``derivative``.
     """
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config,
+                 derivative)[0]
+
+
+def scaled_dot_product_attention_math(query, key, value, attn_mask=None, dropout_p: float = 0.0,
+                                      is_causal: bool = False, dropout_mask=None, *,
+                                      scale: float | None = None, enable_gqa: bool = False,
+                                      config=None, derivative: str | None = None):
+    """PA ``aten._scaled_dot_product_attention_math``: ``(out, weights)`` (weights after
+    dropout), computed as :func:`scaled_dot_product_attention` (one PAM by the scale on
+    q), for callers of the aten op itself."""
+    if dropout_mask is not None:
+        raise NotImplementedError("pamtorch.scaled_dot_product_attention_math: an explicit "
+                                  "dropout_mask is not supported; pass dropout_p")
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config,
+                 derivative)
+
+
+def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, derivative):
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_float(t, "scaled_dot_product_attention", name)
     L, S = query.shape[-2], key.shape[-2]
@@ -866,6 +917,163 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
         rep = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(rep, -3)
         value = value.repeat_interleave(rep, -3)
-    out, _ = attention_forward(query, key, value, attn_mask, dropout_p, scale,
-                               config=config, derivative=derivative)
-    return out
+    return attention_forward(query, key, value, attn_mask, dropout_p, scale,
+                             config=config, derivative=derivative)
+
+
+def _mha_mask(mask, dtype, name):
+    """Bool (True = not attended, nn.MultiheadAttention's convention) or additive float
+    mask as an additive float mask of ``dtype`` (``F._canonical_mask``'s rule)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
+    if not torch.is_floating_point(mask):
+        raise AssertionError(f"only bool and floating types of {name} are supported")
+    return mask.to(dtype)
+
+
+def _in_projection_packed(q, k, v, w, b, lin):
+    """torch's ``_in_projection_packed``: one product for self-attention (``q is k is
+    v``), two when ``k is v``, else three, so the gradients sum in torch's order."""
+    E = q.shape[-1]
+    if k is v:
+        if q is k:
+            p = lin(q, w, b).unflatten(-1, (3, E))
+            return p[..., 0, :], p[..., 1, :], p[..., 2, :]
+        w_q, w_kv = w.split([E, 2 * E])
+        b_q, b_kv = (None, None) if b is None else b.split([E, 2 * E])
+        kv = lin(k, w_kv, b_kv).unflatten(-1, (2, E))
+        return lin(q, w_q, b_q), kv[..., 0, :], kv[..., 1, :]
+    b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+    w_q, w_k, w_v = w.chunk(3)
+    return lin(q, w_q, b_q), lin(k, w_k, b_k), lin(v, w_v, b_v)
+
+
+def _static_kv(t, name, NH, D):
+    if t.size(0) != NH:
+        raise AssertionError(f"expecting {name}.size(0) of {NH}, but got {t.size(0)}")
+    if t.size(2) != D:
+        raise AssertionError(f"expecting {name}.size(2) of {D}, but got {t.size(2)}")
+    return t
+
+
+def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num_heads: int,
+                                 in_proj_weight, in_proj_bias, bias_k, bias_v, add_zero_attn: bool,
+                                 dropout_p: float, out_proj_weight, out_proj_bias, training: bool = True,
+                                 key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                                 use_separate_proj_weight: bool = False, q_proj_weight=None,
+                                 k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None,
+                                 average_attn_weights: bool = True, is_causal: bool = False, *,
+                                 config=None, derivative: str | None = None):
+    """PA ``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` calls; the
+    mode routes it here, and ``pamtorch.nn.MultiheadAttention`` calls it too, so the two
+    agree bit for bit): sequence-first ``[L, N, E]`` (or unbatched ``[L, E]``) inputs,
+    torch's arguments and packing of the input projections, then per head
+    ``softmax_safe((q ⊙̂ s) @PAM kᵀ + mask) @PAM v`` with one PAM by ``s = 1/√D`` on q
+    (:func:`attention_forward`), and the output projection.
+
+    As torch: masks are bool (True = not attended) or additive float; ``is_causal``
+    needs ``attn_mask`` and, with no ``key_padding_mask`` and ``need_weights=False``,
+    replaces it by the causal mask; the returned weights are after dropout, averaged over
+    heads (``Σ ÷̂ H``) unless ``average_attn_weights=False``. Unlike torch's
+    ``need_weights`` path, a fully masked row gets zero weights rather than NaN.
+    Kinds from ``config``: matmul (projections, products, the scale), softmax,
+    elementwise (dropout); else everything PA with ``derivative``."""
+    mop, sop, _ = _kinds(config, derivative)
+    if query.dim() not in (2, 3):
+        raise AssertionError(f"query should be unbatched 2D or batched 3D tensor but received "
+                             f"{query.dim()}-D query tensor")
+    batched = query.dim() == 3
+    if not batched:   # as torch: the unsqueezed tensors are new, so no packed projection
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    L, N, E = query.shape
+    H = num_heads
+    if E != embed_dim_to_check:
+        raise AssertionError(f"was expecting embedding dimension of {embed_dim_to_check}, but got {E}")
+    D = E // H
+    if D * H != E:
+        raise AssertionError(f"embed_dim {E} not divisible by num_heads {H}")
+    kpm = _mha_mask(key_padding_mask, query.dtype, "key_padding_mask")
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the "
+                           "Transformer module method `generate_square_subsequent_mask` to create this mask.")
+    causal = is_causal and kpm is None and not need_weights   # torch then hands SDPA is_causal
+    amask = None if causal else _mha_mask(attn_mask, query.dtype, "attn_mask")
+
+    def lin(x, w, b):
+        if not mop.pa:
+            return _F.linear(x, w, b)
+        return linear(x, w, b, derivative=mop.derivative, offset=mop.offset)
+
+    if not use_separate_proj_weight:
+        if in_proj_weight is None:
+            raise AssertionError("use_separate_proj_weight is False but in_proj_weight is None")
+        if key.shape != value.shape:
+            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+        q, k, v = _in_projection_packed(query, key, value, in_proj_weight, in_proj_bias, lin)
+    else:
+        for name, w in (("q", q_proj_weight), ("k", k_proj_weight), ("v", v_proj_weight)):
+            if w is None:
+                raise AssertionError(f"use_separate_proj_weight is True but {name}_proj_weight is None")
+        if key.shape[:2] != value.shape[:2]:
+            raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match "
+                                 f"value's {value.shape[:2]}")
+        b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
+        q, k, v = lin(query, q_proj_weight, b_q), lin(key, k_proj_weight, b_k), lin(value, v_proj_weight, b_v)
+
+    S = key.shape[0]
+    if amask is not None:
+        if amask.dim() == 2:
+            if tuple(amask.shape) != (L, S):
+                raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(amask.shape)}, but should be {(L, S)}.")
+            amask = amask.unsqueeze(0)
+        elif amask.dim() == 3:
+            if tuple(amask.shape) != (N * H, L, S):
+                raise RuntimeError(f"The shape of the 3D attn_mask is {tuple(amask.shape)}, "
+                                   f"but should be {(N * H, L, S)}.")
+        else:
+            raise RuntimeError(f"attn_mask's dimension {amask.dim()} is not supported")
+    if bias_k is not None and bias_v is not None:
+        if static_k is not None or static_v is not None:
+            raise AssertionError("bias cannot be added to static key or value.")
+        k = torch.cat([k, bias_k.repeat(1, N, 1)])
+        v = torch.cat([v, bias_v.repeat(1, N, 1)])
+        amask = None if amask is None else _F.pad(amask, (0, 1))
+        kpm = None if kpm is None else _F.pad(kpm, (0, 1))
+    elif bias_k is not None or bias_v is not None:
+        raise AssertionError("bias_k and bias_v must both be set or both be None")
+
+    q = q.reshape(L, N * H, D).transpose(0, 1)
+    k = k.reshape(k.shape[0], N * H, D).transpose(0, 1) if static_k is None else \
+        _static_kv(static_k, "static_k", N * H, D)
+    v = v.reshape(v.shape[0], N * H, D).transpose(0, 1) if static_v is None else \
+        _static_kv(static_v, "static_v", N * H, D)
+    if add_zero_attn:
+        z = torch.zeros(N * H, 1, D, dtype=k.dtype, device=k.device)
+        k, v = torch.cat([k, z], 1), torch.cat([v, z.to(v.dtype)], 1)
+        amask = None if amask is None else _F.pad(amask, (0, 1))
+        kpm = None if kpm is None else _F.pad(kpm, (0, 1))
+    S = k.shape[1]
+    if kpm is not None:
+        if tuple(kpm.shape) != (N, S):
+            raise AssertionError(f"expecting key_padding_mask shape of {(N, S)}, but got {tuple(kpm.shape)}")
+        kpm = kpm.view(N, 1, 1, S).expand(-1, H, -1, -1).reshape(N * H, 1, S)
+        amask = kpm if amask is None else amask + kpm
+    if causal:
+        amask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+
+    p = dropout_p if training else 0.0
+    out, w = attention_forward(q, k, v, amask, p, None, config=config, derivative=derivative)
+    out = lin(out.transpose(0, 1).reshape(L * N, E), out_proj_weight, out_proj_bias).view(L, N, -1)
+    if not batched:
+        out = out.squeeze(1)
+    if not need_weights:
+        return out, None
+    w = w.view(N, H, L, S)
+    if average_attn_weights:
+        w = w.sum(1)
+        w = _ag.div(w, _c(H, w), derivative=sop.derivative) if sop.pa else w / H
+    return out, (w if batched else w.squeeze(0))

@@ -14,7 +14,6 @@ swapped; the Parameter objects, buffers, hooks and state_dict keys stay), which 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -200,22 +199,32 @@ class Softmax(PAModule, nn.Softmax):
 
 
 class CrossEntropyLoss(PAModule, nn.CrossEntropyLoss):
-    """``nn.CrossEntropyLoss`` as the PA cross entropy (loss kind)."""
+    """``nn.CrossEntropyLoss`` as the PA cross entropy (loss kind): the same value, bit
+    for bit, as ``F.cross_entropy`` under ``pamtorch.mode`` (see
+    :func:`pamtorch.nn.functional.cross_entropy`). ``smoothing="fairseq"`` spreads
+    ``label_smoothing`` ε over the other C-1 classes (``(1-ε-ε/(C-1)) ⊙̂ nll +
+    ε/(C-1) ⊙̂ smooth``) instead of torch's ``(1-ε) ⊙̂ nll + ε/C ⊙̂ smooth``."""
 
     _pa_kind = "loss"
     _torch_base = nn.CrossEntropyLoss
+    smoothing = "torch"   # what a converted stock module has
 
-    def __init__(self, *args, config=None, **kwargs):
+    def __init__(self, *args, config=None, smoothing: str = "torch", **kwargs):
         super().__init__(*args, **kwargs)
+        PF._smoothing_weights(0.0, 2, smoothing)   # a bad name fails here, not at the first step
+        self.smoothing = smoothing
         self._init_config(config)
 
     def forward(self, input, target):
         op = self.op
-        if not op.pa:
+        if not op.pa and self.smoothing == "torch":
             return nn.CrossEntropyLoss.forward(self, input, target)
         self._no_offset()
+        if not op.pa:
+            raise NotImplementedError("pamtorch.nn.CrossEntropyLoss: smoothing='fairseq' is a PA "
+                                      "loss; this config leaves the loss kind exact (pa=False)")
         return PF.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
-                                self.label_smoothing, derivative=op.derivative)
+                                self.label_smoothing, smoothing=self.smoothing, derivative=op.derivative)
 
 
 class MSELoss(PAModule, nn.MSELoss):
@@ -236,21 +245,14 @@ class MSELoss(PAModule, nn.MSELoss):
         return PF.mse_loss(input, target, self.reduction, derivative=op.derivative)
 
 
-def _float_mask(mask, dtype, name):
-    """Bool (True = masked out, nn.MultiheadAttention's convention) or float additive mask
-    as an additive float mask of ``dtype``."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
-    if not torch.is_floating_point(mask):
-        raise AssertionError(f"only bool and floating types of {name} are supported")
-    return mask.to(dtype)
-
-
 class MultiheadAttention(PAModule, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` with PAM projections and attention products (matmul kind)
     and the PA softmax (softmax kind); dropout on the weights by PAM (elementwise kind).
+    Its forward is :func:`pamtorch.nn.functional.multi_head_attention_forward`, the
+    function the mode routes the stock module's ``F.multi_head_attention_forward`` to, so
+    this module, a converted ``nn.MultiheadAttention`` and the stock one under
+    ``pamtorch.mode`` compute the same values and gradients, bit for bit, with one PAM by
+    ``1/√(head dim)`` on the queries.
 
     Same arguments, parameters and ``forward`` signature as torch: ``key_padding_mask``
     and ``attn_mask`` (bool: True = not attended; or additive float; 2-D ``[L, S]`` or 3-D
@@ -274,90 +276,28 @@ class MultiheadAttention(PAModule, nn.MultiheadAttention):
             return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask,
                                                  need_weights, attn_mask, average_attn_weights,
                                                  is_causal)
-        mop = cfg.matmul
         batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        N, L, E = query.shape
-        H, D = self.num_heads, self.head_dim
-        if E != self.embed_dim:
-            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {E}")
-
-        def lin(x, w, b):
-            if not mop.pa:
-                return F.linear(x, w, b)
-            return PF.linear(x, w, b, derivative=mop.derivative, offset=mop.offset)
-
-        if self._qkv_same_embed_dim:
-            wq, wk, wv = self.in_proj_weight.chunk(3)
-        else:
-            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        bq = bk = bv = None
-        if self.in_proj_bias is not None:
-            bq, bk, bv = self.in_proj_bias.chunk(3)
-        q, k, v = lin(query, wq, bq), lin(key, wk, bk), lin(value, wv, bv)
-
-        dtype = q.dtype
         if attn_mask is None and is_causal:
-            S0 = k.shape[1]
-            attn_mask = torch.ones(L, S0, dtype=torch.bool, device=q.device).triu(1)
-        amask = _float_mask(attn_mask, dtype, "attn_mask")
-        kpm = _float_mask(key_padding_mask, dtype, "key_padding_mask")
-
-        if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.reshape(1, 1, E).expand(N, 1, E)], 1)
-            v = torch.cat([v, self.bias_v.reshape(1, 1, E).expand(N, 1, E)], 1)
-            amask = None if amask is None else F.pad(amask, (0, 1))
-            kpm = None if kpm is None else F.pad(kpm, (0, 1))
-        S = k.shape[1]
-        q = q.reshape(N, L, H, D).transpose(1, 2)
-        k = k.reshape(N, S, H, D).transpose(1, 2)
-        v = v.reshape(N, S, H, D).transpose(1, 2)
-        if self.add_zero_attn:
-            z = torch.zeros(N, H, 1, D, dtype=k.dtype, device=k.device)
-            k, v = torch.cat([k, z], 2), torch.cat([v, z], 2)
-            amask = None if amask is None else F.pad(amask, (0, 1))
-            kpm = None if kpm is None else F.pad(kpm, (0, 1))
-            S += 1
-
-        mask = None
-        if amask is not None:
-            if amask.dim() == 2:
-                if tuple(amask.shape) != (L, S):
-                    raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(amask.shape)}, "
-                                       f"but should be {(L, S)}.")
-                mask = amask.reshape(1, 1, L, S)
-            elif amask.dim() == 3:
-                if tuple(amask.shape) != (N * H, L, S):
-                    raise RuntimeError(f"The shape of the 3D attn_mask is {tuple(amask.shape)}, "
-                                       f"but should be {(N * H, L, S)}.")
-                mask = amask.reshape(N, H, L, S)
+            seq = 0 if batched and not self.batch_first else -2
+            attn_mask = torch.ones(query.shape[seq], key.shape[seq], dtype=torch.bool,
+                                   device=query.device).triu(1)
+        if self.batch_first and batched:   # keep torch's identities: they pick the packing
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
             else:
-                raise RuntimeError(f"attn_mask's dimension {amask.dim()} is not supported")
-        if kpm is not None:
-            kpm = kpm.reshape(N, 1, 1, S)
-            mask = kpm if mask is None else mask + kpm
-
-        p = self.dropout if self.training else 0.0
-        out, w = PF.attention_forward(q, k, v, mask, p, None, config=cfg)
-        out = out.transpose(1, 2).reshape(N, L, E)
-        out = lin(out, self.out_proj.weight, self.out_proj.bias)
-        if batched and not self.batch_first:
-            out = out.transpose(0, 1)
-        if not batched:
-            out = out.squeeze(0)
-        weights = None
-        if need_weights:
-            if average_attn_weights:
-                wsum = w.sum(1)
-                weights = (PF._ag.div(wsum, float(H), derivative=cfg.softmax.derivative)
-                           if cfg.softmax.pa else wsum / H)
-            else:
-                weights = w
-            if not batched:
-                weights = weights.squeeze(0)
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        out, weights = PF.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight,
+            self.out_proj.bias, training=self.training, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, attn_mask=attn_mask,
+            use_separate_proj_weight=not self._qkv_same_embed_dim, q_proj_weight=self.q_proj_weight,
+            k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+            average_attn_weights=average_attn_weights, is_causal=is_causal, config=cfg)
+        if self.batch_first and batched:
+            out = out.transpose(1, 0)
         return out, weights
