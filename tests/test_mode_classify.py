@@ -160,12 +160,16 @@ def test_embedding_scale_grad_by_freq_backward_is_pa():
 def test_complex_tensors_count_as_floating_point():
     a = torch.randn(3, dtype=torch.complex64)
     b = torch.randn(3, dtype=torch.complex64)
-    assert classify(aten.mul.Tensor, (a, b), {}) == "unknown"
+    assert classify(aten.div.Tensor, (a, b), {}) == "unknown"
+    assert classify(aten.mul.Tensor, (a, b), {}) == "routable"   # complex PAM: four real PAMs
     assert classify(aten.add.Tensor, (a, b), {}) == "free"
     with mode(Config.full()):
         assert torch.equal(a + b, torch.add(a, b))
-        with pytest.raises(UnsupportedOpError, match="aten.mul.Tensor.*complex"):
-            a * b
+        prod = a * b
+        with pytest.raises(UnsupportedOpError, match="aten.div.Tensor.*complex"):
+            a / b
+    assert prod.dtype == torch.complex64 and not torch.equal(prod, a * b)
+    assert ((prod - a * b).abs().max() / (a * b).abs().max()).item() < 0.25
 
 
 # -- integer inputs to an op with no meta kernel -----------------------------------------

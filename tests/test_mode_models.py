@@ -158,3 +158,35 @@ def test_nested_tensor_encoder_with_padding_mask_runs_the_routed_math_path():
     got, keep = out[-1], ~mask
     rel = ((got - ref)[keep].norm() / ref[keep].norm()).item()
     assert 0 < rel < 0.15, rel
+
+
+def _rotary(x, freqs):
+    """Meta-Llama-style rotary embedding: pairs as complex numbers times unit phasors."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs).flatten(-2)
+
+
+def test_view_as_complex_rotary_embedding_is_pa_forward_and_backward():
+    torch.manual_seed(0)
+    t, d = 6, 8
+    theta = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.polar(torch.ones(t, d // 2), torch.outer(torch.arange(t).float(), theta))
+    x = torch.randn(2, t, d, requires_grad=True)
+    w = torch.randn(2, t, d)
+    (_rotary(x, freqs) * w).sum().backward()
+    ref_y, ref_g = _rotary(x, freqs).detach(), x.grad.clone()
+    x.grad = None
+    out = []
+
+    def step():
+        with pamtorch.mode(Config.full()):
+            y = _rotary(x, freqs)
+            (y * w).sum().backward()
+            out.append(y.detach())
+
+    report = pamtorch.audit(step)
+    report.assert_multiplication_free()
+    assert report.pa["forward"]["mul"] >= 1          # the complex product ran PA
+    y = out[0]
+    assert 0 < ((y - ref_y).norm() / ref_y.norm()).item() < 0.05
+    assert 0 < ((x.grad - ref_g).norm() / ref_g.norm()).item() < 0.15

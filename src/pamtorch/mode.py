@@ -51,7 +51,7 @@ from .matmul import bmm as _pa_bmm, linear as _pa_linear, matmul as _pa_matmul
 from .nn import functional as PF
 from .ops import OP_TABLE, PASS_THROUGH, UnsupportedOpError, implements, op_kind
 from .ops import activations as _activations
-from .ops.table import ACTIVE as _ACTIVE
+from .ops.table import ACTIVE as _ACTIVE, COMPLEX_OK
 from .recording import RECORDERS, exact_by_request, routing
 
 __all__ = ["OP_TABLE", "PASS_THROUGH", "FREE_WHEN", "RECORDERS", "UnsupportedOpError", "classify",
@@ -247,7 +247,7 @@ def decide(func, args, kwargs, out=_UNKNOWN_RESULT) -> Decision:
             return Decision("after", "integer inputs, and a result type only known after running it")
     cond = FREE_WHEN.get(packet)
     why = None if cond is None else cond(func, args, kwargs)
-    if (why is not None or (cond is None and packet in OP_TABLE)) and \
+    if (why is not None or (cond is None and packet in OP_TABLE)) and packet not in COMPLEX_OK and \
             (_has_complex(args) or _has_complex(kwargs) or (promote is not None and promote.is_complex)):
         return Decision("unknown", "PA arithmetic is defined on real floating-point numbers, and "
                                    "this multiply-like call has complex operands")

@@ -7,14 +7,38 @@ import torch
 
 from .. import arith
 from ..nn import functional as PF
-from .table import UnsupportedOpError, implements, aten, arg, inplace, pam, pad, promote, scale
+from .table import (UnsupportedOpError, accepts_complex, implements, aten, arg, inplace, pam, pad,
+                    passes_through, promote, scale)
 
 
 # elementwise arithmetic
 
+def _complex_pam(a, b, cfg):
+    """(ar + i·ai)·̂(br + i·bi) = (ar·̂br − ai·̂bi) + i·(ar·̂bi + ai·̂br): four PAMs (rotary
+    embeddings written with ``view_as_complex``)."""
+    def parts(x):
+        if isinstance(x, torch.Tensor) and x.is_complex():
+            return x.real, x.imag
+        if isinstance(x, complex):
+            return x.real, x.imag
+        return x, 0.0
+    (ar, ai), (br, bi) = parts(a), parts(b)
+    real = pam(ar, br, cfg) - pam(ai, bi, cfg)
+    imag = pam(ar, bi, cfg) + pam(ai, br, cfg)
+    return torch.complex(real, imag)
+
+
 @implements([aten.mul, aten.mul_], "elementwise")
 def _pa_mul(func, args, kwargs, cfg):
-    return inplace(func, args, pam(args[0], args[1], cfg))
+    a, b = args[0], args[1]
+    if any(isinstance(x, complex) or (isinstance(x, torch.Tensor) and x.is_complex()) for x in (a, b)):
+        return inplace(func, args, _complex_pam(a, b, cfg))
+    return inplace(func, args, pam(a, b, cfg))
+
+
+accepts_complex([aten.mul, aten.mul_])
+passes_through("conj _conj conj_physical conj_physical_ resolve_conj resolve_neg _neg_view view_as_complex "
+               "view_as_real real imag complex")
 
 
 @implements([aten.div, aten.div_], "elementwise")

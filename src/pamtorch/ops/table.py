@@ -182,8 +182,19 @@ passes_through("""
     diagonal diag_embed movedim _pin_memory pin_memory
     upsample_nearest2d to result_type lift_fresh_copy view_as type_as item select_backward
     slice_backward diagonal_backward as_strided_scatter _unsafe_view_copy repeat_interleave
+    flatten unflatten
     eye empty_permuted
 """)
+
+# routed ops whose implementation also takes complex operands (the classifier refuses a
+# multiply-like call with complex operands unless its op is here)
+COMPLEX_OK: set = set()
+
+
+def accepts_complex(ops) -> None:
+    """Declare that the PA implementations of ``ops`` handle complex operands too."""
+    COMPLEX_OK.update(ops)
+
 
 # the config of the innermost active PAMode, for implementations that span op kinds
 ACTIVE: list = [Config.paper()]
