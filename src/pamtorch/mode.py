@@ -51,7 +51,7 @@ from .matmul import bmm as _pa_bmm, linear as _pa_linear, matmul as _pa_matmul
 from .nn import functional as PF
 from .ops import OP_TABLE, PASS_THROUGH, UnsupportedOpError, implements, op_kind
 from .ops import activations as _activations
-from .ops.table import ACTIVE as _ACTIVE, COMPLEX_OK
+from .ops.table import ACTIVE as _ACTIVE, COMPLEX_OK, OPTIMIZER_STEP
 from .recording import RECORDERS, exact_by_request, routing
 
 __all__ = ["OP_TABLE", "PASS_THROUGH", "FREE_WHEN", "RECORDERS", "UnsupportedOpError", "classify",
@@ -338,7 +338,7 @@ def _leave_exact(items):
 # ---------------------------------------------------------------------------
 # where an op runs, for error messages
 
-_IN_OPTIMIZER = [0]
+_IN_OPTIMIZER = OPTIMIZER_STEP   # shared with the op table (the optimizer's scalar forms read it)
 
 
 def _opt_pre(opt, args, kwargs):

@@ -199,6 +199,10 @@ def accepts_complex(ops) -> None:
 # the config of the innermost active PAMode, for implementations that span op kinds
 ACTIVE: list = [Config.paper()]
 
+# how many Optimizer.step calls are running (the mode's optimizer-step hooks and
+# pamtorch.optim count them): inside one the mode runs the optimizer kind
+OPTIMIZER_STEP: list = [0]
+
 
 # ---------------------------------------------------------------------------
 # helpers for the implementations
