@@ -351,32 +351,20 @@ def _mha_pair(batch_first, kdim=None, dropout=0.0, bias_kv=False, zero_attn=Fals
     return stock, pa
 
 
-# until mode.py routes F.multi_head_attention_forward to PF.multi_head_attention_forward,
-# the stock module under the mode runs torch's math SDPA when training with dropout (√s on q
-# and on k, and torch's dropout), and its linear-layer bias gradients sum in another order
-_NEEDS_MHA_ROUTE = pytest.mark.xfail(strict=True, reason=(
-    "needs mode.py to route F.multi_head_attention_forward to PF.multi_head_attention_forward "
-    "(see the issue 11 report)"))
-# until convert keeps an input passed twice (query is key is value) one tensor inside its
-# region, the region runs three input projections where torch runs one packed product
-_NEEDS_REGION_ALIASING = pytest.mark.xfail(strict=True, reason=(
-    "needs convert._Region to detach each distinct input tensor once (see the issue 11 report)"))
-
 # (inputs: self / kv (key is value) / cross, need_weights, mask, batch_first, dropout)
 MHA_CASES = [
     pytest.param("self", True, None, True, 0.0, id="self-weights"),
     pytest.param("self", False, None, True, 0.0, id="self-sdpa"),
     pytest.param("kv", True, "kpm", False, 0.0, id="kv-weights-kpm-seqfirst"),
-    pytest.param("cross", False, "attn", True, 0.0, id="cross-sdpa-mask", marks=_NEEDS_MHA_ROUTE),
+    pytest.param("cross", False, "attn", True, 0.0, id="cross-sdpa-mask"),
     pytest.param("cross", True, "both", True, 0.0, id="cross-weights-masks"),
-    pytest.param("self", False, None, True, 0.2, id="self-sdpa-dropout", marks=_NEEDS_MHA_ROUTE),
-    pytest.param("self", True, "attn", False, 0.2, id="self-weights-dropout-seqfirst",
-                 marks=_NEEDS_MHA_ROUTE),
+    pytest.param("self", False, None, True, 0.2, id="self-sdpa-dropout"),
+    pytest.param("self", True, "attn", False, 0.2, id="self-weights-dropout-seqfirst"),
 ]
 CONVERT_CASES = [
-    pytest.param("self", True, None, True, 0.0, id="self-weights", marks=_NEEDS_REGION_ALIASING),
-    pytest.param("self", False, None, True, 0.0, id="self-sdpa", marks=_NEEDS_REGION_ALIASING),
-    pytest.param("kv", True, "kpm", False, 0.0, id="kv-weights-kpm-seqfirst", marks=_NEEDS_REGION_ALIASING),
+    pytest.param("self", True, None, True, 0.0, id="self-weights"),
+    pytest.param("self", False, None, True, 0.0, id="self-sdpa"),
+    pytest.param("kv", True, "kpm", False, 0.0, id="kv-weights-kpm-seqfirst"),
     pytest.param("cross", False, "attn", True, 0.0, id="cross-sdpa-mask"),
     pytest.param("cross", True, "both", True, 0.0, id="cross-weights-masks"),
 ]
@@ -466,8 +454,6 @@ def test_pamtorch_mha_options_share_the_function_the_mode_routes():
     assert torch.equal(out, ref[0]) and torch.equal(w, ref[1]) and w.shape == (2, 3, 5, 8)
 
 
-@pytest.mark.xfail(strict=True, reason="needs mode.py to route aten._scaled_dot_product_attention_math "
-                                       "to PF.scaled_dot_product_attention_math (see the issue 11 report)")
 def test_aten_math_sdpa_called_directly_scales_q_once():
     g = torch.Generator().manual_seed(13)
     q, k, v = _qkv(g)

@@ -82,7 +82,16 @@ class _Region(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, config, n_in, *tensors):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors[:n_in]]
+        # one detached tensor per distinct argument, so `query is key is value` stays true
+        # inside (self-attention packs its projections then); a repeat gets no gradient of
+        # its own, the first position carries it
+        first: dict = {}
+        inputs, ctx.repeat = [], []
+        for t in tensors[:n_in]:
+            ctx.repeat.append(id(t) in first)
+            if id(t) not in first:
+                first[id(t)] = t.detach().requires_grad_(t.requires_grad)
+            inputs.append(first[id(t)])
         with torch.enable_grad():
             outs = run(inputs)
         ctx.outs, ctx.wrt, ctx.config = outs, list(inputs) + list(tensors[n_in:]), config
@@ -93,14 +102,16 @@ class _Region(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         pairs = [(o, g) for o, g in zip(ctx.outs, grads) if o.requires_grad and g is not None]
-        wrt = [t for t in ctx.wrt if t.requires_grad]
+        repeat = ctx.repeat + [False] * (len(ctx.wrt) - len(ctx.repeat))
+        wanted = [t.requires_grad and not r for t, r in zip(ctx.wrt, repeat)]
+        wrt = [t for t, w in zip(ctx.wrt, wanted) if w]
         got = [None] * len(wrt)
         if pairs and wrt:
             with mode(ctx.config):
                 got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                           allow_unused=True)
         it = iter(got)
-        return (None, None, None, *[next(it) if t.requires_grad else None for t in ctx.wrt])
+        return (None, None, None, *[next(it) if w else None for w in wanted])
 
 
 class ConvertedModule:

@@ -517,7 +517,15 @@ _FUNCTION_OPS = {
     F.scaled_dot_product_attention: ("bmm", "mul", *_SOFTMAX_OPS,
                                      "_scaled_dot_product_flash_attention_for_cpu",
                                      "_scaled_dot_product_flash_attention_for_cpu_backward"),
+    F.nll_loss: ("nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward"),
+    F.multi_head_attention_forward: ("addmm", "mm", "bmm", "baddbmm", "mul", "div", "mean", *_SOFTMAX_OPS,
+                                     "_scaled_dot_product_flash_attention_for_cpu",
+                                     "_scaled_dot_product_flash_attention_for_cpu_backward"),
 }
+_MATH_SDPA = (torch.ops.aten._scaled_dot_product_attention_math,
+              torch.ops.aten._scaled_dot_product_attention_math.default)
+for _f in _MATH_SDPA:
+    _FUNCTION_OPS[_f] = ("bmm", "mul", *_SOFTMAX_OPS)
 # the activations (tanh, sigmoid, silu, ..., erf, sin, cos) route the same way, kind "nonlinear"
 _FUNCTION_ROUTES.update(_activations.FUNCTION_ROUTES)
 _FUNCTION_KINDS.update(dict.fromkeys(_activations.FUNCTION_ROUTES, "nonlinear"))
@@ -544,8 +552,14 @@ class _PAFunctionMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
             # the fused aten op has no PA backward: use the PA attention of pamtorch.nn,
-            # which scales q first and uses a safe softmax, as torch's math path does
+            # which applies the scale once, as one PAM on q (torch's math path scales q
+            # and k by its square root each), and uses a safe softmax
             return PF.scaled_dot_product_attention(*args, **kwargs, config=self.config)
+        if func is F.multi_head_attention_forward:
+            # nn.MultiheadAttention's function: the same attention, one PAM on q
+            return PF.multi_head_attention_forward(*args, **kwargs, config=self.config)
+        if func in _MATH_SDPA:
+            return PF.scaled_dot_product_attention_math(*args, **kwargs, config=self.config)
         kind = _FUNCTION_KINDS.get(func)
         if kind is not None:
             op = self.config.kind(kind)
