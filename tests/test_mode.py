@@ -233,3 +233,14 @@ def test_exact_matmul_derivative_reaches_bmm_and_linear_under_mode():
     x2 = x.detach().clone().requires_grad_(True)
     pamtorch.linear(x2, w, derivative="exact").sum().backward()
     assert torch.equal(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("call", ["torch", "tensor"])
+def test_exact_softmax_route_takes_torch_softmax_positional_dtype(call):
+    """torch.softmax(x, dim, dtype) and x.softmax(dim, dtype): the third positional argument
+    is the dtype (F.softmax's is _stacklevel)."""
+    x = torch.randn(3, 4)
+    cfg = Config.full().replace(softmax=OpConfig(derivative="exact"))
+    with mode(cfg):
+        y = torch.softmax(x, 1, torch.float16) if call == "torch" else x.softmax(1, torch.float16)
+    assert y.dtype == torch.float16

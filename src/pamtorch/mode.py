@@ -454,6 +454,11 @@ def _softmax_route(input, dim=None, _stacklevel=3, dtype=None, *, derivative):
     return PF.softmax(input if dtype is None else input.to(dtype), dim, derivative=derivative)
 
 
+def _torch_softmax_route(input, dim, dtype=None, *, derivative):
+    """``torch.softmax`` / ``Tensor.softmax``: dtype is their third positional argument."""
+    return PF.softmax(input if dtype is None else input.to(dtype), dim, derivative=derivative)
+
+
 def _log_softmax_route(input, dim=None, _stacklevel=3, dtype=None, *, derivative):
     return PF.log_softmax(input if dtype is None else input.to(dtype), dim, derivative=derivative)
 
@@ -484,8 +489,8 @@ def _mse_route(input, target, size_average=None, reduce=None, reduction="mean", 
 # functions that get a non-approx derivative kind at the autograd level, with their kind
 _FUNCTION_ROUTES = {
     F.softmax: _softmax_route,
-    torch.softmax: _softmax_route,
-    torch.Tensor.softmax: _softmax_route,
+    torch.softmax: _torch_softmax_route,
+    torch.Tensor.softmax: _torch_softmax_route,
     F.log_softmax: _log_softmax_route,
     F.layer_norm: lambda input, normalized_shape, weight=None, bias=None, eps=1e-5, *, derivative:
         PF.layer_norm(input, normalized_shape, weight, bias, eps, derivative=derivative),
