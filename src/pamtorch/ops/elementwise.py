@@ -7,8 +7,50 @@ import torch
 
 from .. import arith
 from ..nn import functional as PF
-from .table import (UnsupportedOpError, accepts_complex, implements, aten, arg, inplace, pam, pad,
-                    passes_through, promote, scale)
+from .table import (OPTIMIZER_STEP, UnsupportedOpError, accepts_complex, implements, aten, arg, inplace,
+                    pam, pad, passes_through, promote)
+
+
+# ---------------------------------------------------------------------------
+# products with a Python number: the optimizer's forms for factors near 1
+
+def _near_one(x, c, optimizer) -> bool:
+    """Whether ``x ·̂ c`` takes the optimizer's form: a float tensor times a Python number
+    with 1/2 <= |c| <= 2, c != ±1, inside ``Optimizer.step`` (or ``optimizer=True``)."""
+    if optimizer is None:
+        optimizer = OPTIMIZER_STEP[0] > 0
+    return optimizer and isinstance(c, (int, float)) and not isinstance(c, bool) and \
+        isinstance(x, torch.Tensor) and x.is_floating_point() and 0.5 <= abs(c) <= 2 and abs(c) != 1
+
+
+def scalar_mul(x, c, cfg=None, optimizer=None):
+    """``x ·̂ c`` = PAM(x, c); in the optimizer, for a Python number 1/2 <= |c| <= 2,
+    ``±(x + PAM(x, |c| - 1))`` with |c| - 1 an exact Python float. The part a decay or a
+    β removes, x·(1 - c), then carries PAM's error, [-1/9, 0] of itself, instead of 1 to 2
+    times itself (PAM(x, c) for c just below 1: docs/training.md, "PA AdamW"); the bound
+    on the product's relative error, |c - 1|/(9|c|), is at most PAM's 1/9. Zeros,
+    infinities and NaN keep their IEEE product. ``optimizer``: None reads whether an
+    ``Optimizer.step`` runs."""
+    if not _near_one(x, c, optimizer):
+        return pam(x, c, cfg)
+    a = abs(c)
+    out = torch.where(torch.isfinite(x) & (x != 0), x + pam(x, a - 1, cfg), x)
+    return out if c > 0 else -out
+
+
+def scalar_div(x, c, optimizer=None):
+    """``x ÷̂ c`` = PAD(x, c); in the optimizer, for a Python number 1/2 <= |c| <= 2,
+    ``scalar_mul(x, 1/c)`` with 1/c a Python float (Adam's √(1 - β2^t) near 1, whose PAD
+    would apply 1 to 2 times the correction)."""
+    if not _near_one(x, c, optimizer):
+        return pad(x, c)
+    return scalar_mul(x, 1 / c, optimizer=True)
+
+
+def scalar_scale(x, s, optimizer=None):
+    """:func:`~pamtorch.ops.table.scale` (an ``alpha``/``value`` factor; x itself for
+    s == 1) with :func:`scalar_mul`'s optimizer form."""
+    return x if s == 1 else scalar_mul(x, s, optimizer=optimizer)
 
 
 # elementwise arithmetic
@@ -33,6 +75,8 @@ def _pa_mul(func, args, kwargs, cfg):
     a, b = args[0], args[1]
     if any(isinstance(x, complex) or (isinstance(x, torch.Tensor) and x.is_complex()) for x in (a, b)):
         return inplace(func, args, _complex_pam(a, b, cfg))
+    if isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+        return inplace(func, args, scalar_mul(a, b, cfg))
     return inplace(func, args, pam(a, b, cfg))
 
 
@@ -43,7 +87,7 @@ passes_through("conj _conj conj_physical conj_physical_ resolve_conj resolve_neg
 
 @implements([aten.div, aten.div_], "elementwise")
 def _pa_div(func, args, kwargs, cfg):
-    out = pad(args[0], args[1])
+    out = scalar_div(args[0], args[1]) if isinstance(args[0], torch.Tensor) else pad(args[0], args[1])
     mode = kwargs.get("rounding_mode")
     if mode == "floor":
         out = torch.floor(out)
@@ -56,20 +100,20 @@ def _pa_div(func, args, kwargs, cfg):
 def _pa_addcmul(func, args, kwargs, cfg):
     inp, t1, t2 = args[:3]
     value = kwargs.get("value", args[3] if len(args) > 3 else 1)
-    return inplace(func, args, inp + scale(pam(t1, t2, cfg), value))
+    return inplace(func, args, inp + scalar_scale(pam(t1, t2, cfg), value))
 
 
 @implements([aten.addcdiv, aten.addcdiv_], "elementwise")
 def _pa_addcdiv(func, args, kwargs, cfg):
     inp, t1, t2 = args[:3]
     value = kwargs.get("value", args[3] if len(args) > 3 else 1)
-    return inplace(func, args, inp + scale(pad(t1, t2), value))
+    return inplace(func, args, inp + scalar_scale(pad(t1, t2), value))
 
 
 @implements([aten.lerp, aten.lerp_], "elementwise")
 def _pa_lerp(func, args, kwargs, cfg):
     start, end, weight = args[:3]
-    return inplace(func, args, start + pam(end - start, weight, cfg))
+    return inplace(func, args, start + scalar_mul(end - start, weight, cfg))
 
 
 def _unary(fn):
@@ -157,7 +201,7 @@ def _pa_add_alpha(func, args, kwargs, cfg):
     """add/sub are additions; only an ``alpha`` other than 1 needs a PAM."""
     alpha = kwargs.get("alpha", 1)
     a, b = args[0], args[1]
-    b = scale(b, alpha)
+    b = scalar_scale(b, alpha)
     sub = func.overloadpacket in (aten.sub, aten.sub_)
     out = (a - b) if sub else (a + b)
     return inplace(func, args, out)

@@ -1,11 +1,17 @@
-"""The optimizers' ``_foreach_*`` ops (stock torch.optim, foreach or per-tensor)."""
+"""The optimizers' ``_foreach_*`` ops (stock torch.optim, foreach or per-tensor) and torch's
+fused optimizer kernels.
+
+Inside ``Optimizer.step`` a product with a Python number 1/2 <= |c| <= 2 (1 - lr·wd, β2,
+a momentum, 1/√(1 - β2^t)) runs as ``x ± PAM(x, |c| - 1)`` (:func:`.elementwise.scalar_mul`),
+on every path: the single-tensor ops, the ``_foreach_*`` ops and the fused kernels, which
+therefore agree bit for bit where torch runs the same ops."""
 from __future__ import annotations
 
 import torch
 
 from .. import arith
-from .table import implements, aten, pam, pad, passes_through, scale
-from .elementwise import check_ord, norm2, pow_any
+from .table import implements, aten, pam, pad, passes_through
+from .elementwise import check_ord, norm2, pow_any, scalar_div, scalar_mul, scalar_scale
 
 
 @implements([aten._foreach_norm], "optimizer")
@@ -42,20 +48,14 @@ def _foreach(fn):
     return impl
 
 
-def _fe_scalar(per, i):
-    s = per[i]
-    return s.item() if isinstance(s, torch.Tensor) and s.dim() == 0 and s.device.type == "cpu" and \
-        not isinstance(per[0], torch.Tensor) else s
-
-
 for _names, _fn in [
-    (("_foreach_mul", "_foreach_mul_"), lambda p, kw, c: pam(p[0], p[1], c)),
-    (("_foreach_div", "_foreach_div_"), lambda p, kw, c: pad(p[0], p[1])),
+    (("_foreach_mul", "_foreach_mul_"), lambda p, kw, c: scalar_mul(p[0], p[1], c)),
+    (("_foreach_div", "_foreach_div_"), lambda p, kw, c: scalar_div(p[0], p[1])),
     (("_foreach_addcmul", "_foreach_addcmul_"),
-     lambda p, kw, c: p[0] + scale(pam(p[1], p[2], c), kw.get("value", p[3] if len(p) > 3 else 1))),
+     lambda p, kw, c: p[0] + scalar_scale(pam(p[1], p[2], c), kw.get("value", p[3] if len(p) > 3 else 1))),
     (("_foreach_addcdiv", "_foreach_addcdiv_"),
-     lambda p, kw, c: p[0] + scale(pad(p[1], p[2]), kw.get("value", p[3] if len(p) > 3 else 1))),
-    (("_foreach_lerp", "_foreach_lerp_"), lambda p, kw, c: p[0] + pam(p[1] - p[0], p[2], c)),
+     lambda p, kw, c: p[0] + scalar_scale(pad(p[1], p[2]), kw.get("value", p[3] if len(p) > 3 else 1))),
+    (("_foreach_lerp", "_foreach_lerp_"), lambda p, kw, c: p[0] + scalar_mul(p[1] - p[0], p[2], c)),
     (("_foreach_sqrt", "_foreach_sqrt_"), lambda p, kw, c: arith.pa_sqrt(p[0])),
     (("_foreach_reciprocal", "_foreach_reciprocal_"), lambda p, kw, c: arith.pa_reciprocal(p[0])),
     (("_foreach_pow", "_foreach_pow_"), lambda p, kw, c: pow_any(p[0], p[1])),
@@ -70,7 +70,7 @@ def _pa_foreach_add(func, args, kwargs, cfg):
     sub = func.overloadpacket.__name__.startswith("_foreach_sub")
 
     def one(p, kw, c):
-        b = scale(p[1], alpha)
+        b = scalar_scale(p[1], alpha)
         return p[0] - b if sub else p[0] + b
     return _foreach(one)(func, args, {}, cfg)
 
@@ -125,7 +125,7 @@ def _decayed_grad(g, p, wd, maximize):
     ``_foreach_add(alpha=wd)`` of the foreach path)."""
     if maximize:
         g = -g
-    return g + scale(p, wd) if wd != 0 else g
+    return g + scalar_scale(p, wd) if wd != 0 else g
 
 
 @implements([aten._fused_adam_, aten._fused_adamw_], "optimizer")
@@ -140,7 +140,9 @@ def _pa_fused_adam(func, args, kwargs, cfg):
         v̂ ← max(v̂, v) (amsgrad)                  d ← pa_sqrt(v or v̂) ÷̂ √(1 - β2^t) + eps
         p ← p + (m ÷̂ d) ⊙̂ (-lr / (1 - β1^t))
 
-    with the bias corrections exact Python floats, as in the foreach path."""
+    with the bias corrections exact Python floats, as in the foreach path, and each
+    ⊙̂/÷̂ by a Python number 1/2..2 in the optimizer's form, p - p ⊙̂ lr·wd for the decay
+    (:func:`.elementwise.scalar_mul`)."""
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = args[:6]
     lr, beta1, beta2 = _value(kwargs["lr"]), kwargs["beta1"], kwargs["beta2"]
     wd, eps, amsgrad, maximize = kwargs["weight_decay"], kwargs["eps"], kwargs["amsgrad"], kwargs["maximize"]
@@ -153,16 +155,16 @@ def _pa_fused_adam(func, args, kwargs, cfg):
         if adamw:
             g = -g if maximize else g
             if wd != 0:
-                p.copy_(pam(p, 1 - lr * wd, cfg))
+                p.copy_(scalar_mul(p, 1 - lr * wd, cfg))
         else:
             g = _decayed_grad(g, p, wd, maximize)
-        m.copy_(m + pam(g - m, 1 - beta1, cfg))
-        v.copy_(pam(v, beta2, cfg) + scale(pam(g, g, cfg), 1 - beta2))
+        m.copy_(m + scalar_mul(g - m, 1 - beta1, cfg))
+        v.copy_(scalar_mul(v, beta2, cfg) + scalar_scale(pam(g, g, cfg), 1 - beta2))
         if amsgrad:
             max_exp_avg_sqs[i].copy_(torch.maximum(max_exp_avg_sqs[i], v))
         root = arith.pa_sqrt(max_exp_avg_sqs[i] if amsgrad else v)
-        denom = pad(root, (1 - beta2 ** t) ** 0.5) + eps
-        p.copy_(p + scale(pad(m, denom), (lr / (1 - beta1 ** t)) * -1))
+        denom = scalar_div(root, (1 - beta2 ** t) ** 0.5) + eps
+        p.copy_(p + scalar_scale(pad(m, denom), (lr / (1 - beta1 ** t)) * -1))
     return None
 
 
@@ -182,9 +184,9 @@ def _pa_fused_sgd(func, args, kwargs, cfg):
         g = _decayed_grad(g, p, wd, kwargs["maximize"])
         if mu != 0:
             b = bufs[i]
-            b.copy_(g if first else pam(b, mu, cfg) + scale(g, 1 - dampening))
-            g = g + scale(b, mu) if nesterov else b
-        p.copy_(p + scale(g, -lr))
+            b.copy_(g if first else scalar_mul(b, mu, cfg) + scalar_scale(g, 1 - dampening))
+            g = g + scalar_scale(b, mu) if nesterov else b
+        p.copy_(p + scalar_scale(g, -lr))
     return None
 
 
@@ -202,7 +204,7 @@ def _pa_fused_adagrad(func, args, kwargs, cfg):
         g = _decayed_grad(g, p, wd, kwargs["maximize"])
         s.copy_(s + pam(g, g, cfg))
         std = arith.pa_sqrt(s) + eps
-        p.copy_(p + pad(pam(g, -lr / (1 + (step.item() - 1) * lr_decay), cfg), std))
+        p.copy_(p + pad(scalar_mul(g, -lr / (1 + (step.item() - 1) * lr_decay), cfg), std))
     return None
 
 

@@ -6,13 +6,16 @@ whose ``step`` runs under ``pamtorch.mode(config)``: the moment updates (``lerp_
 ``mul_``, ``addcmul_``), ``sqrt``, the division by the denominator, eps, the weight decay
 and the learning-rate scaling are PAM/PAD/PA-sqrt. The scalars computed in Python (the
 schedule, Adam's bias corrections 1 - beta^t and their square root) are exact Python
-floats, as in the paper; applying them to tensors is PA. A stock ``torch.optim.AdamW``
-stepped under ``pamtorch.mode`` with the same config gives the same result bit for bit,
-since it is the same code routed through the same table.
+floats, as in the paper; applying them to tensors is PA. A product with a Python number
+near 1 (1 - lr·wd, β2, a momentum) runs as ``x ± PAM(x, |c| - 1)``, so the decay and the
+β's forgetting applied are 0.89-1.0 times the intended ones (docs/training.md, "PA AdamW").
+A stock ``torch.optim.AdamW`` stepped under ``pamtorch.mode`` with the same config gives
+the same result bit for bit, since it is the same code routed through the same table in
+the same op kind (``optimizer``).
 
-With ``foreach=True`` the ``_foreach_*`` ops are routed too; the result then differs from
-the single-tensor path only where torch's foreach path orders its ops differently
-(e.g. it divides by the bias-correction first), not in how each op is computed.
+With ``foreach=True`` or ``fused=True`` the ``_foreach_*`` ops or torch's fused kernels
+are routed too; for SGD, Adam and AdamW all three paths give the same bits, as torch runs
+the same ops in the same order on each.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 
 from ..config import Config
 from ..mode import mode
+from ..ops.table import OPTIMIZER_STEP
 
 __all__ = ["AdamW", "Adam", "SGD", "clip_grad_norm_"]
 
@@ -34,8 +38,15 @@ def _pa_step(cls):
             self.pa_config = config or Config.paper()
 
         def step(self, closure=None):
-            with mode(self.pa_config):
-                return super().step(closure)
+            # torch runs the step hooks (which tell the mode an optimizer step runs) before
+            # this method enters the mode, and the parent's step has hooks only once a stock
+            # instance was built: count the step here, so the optimizer kind always applies
+            OPTIMIZER_STEP[0] += 1
+            try:
+                with mode(self.pa_config):
+                    return super().step(closure)
+            finally:
+                OPTIMIZER_STEP[0] -= 1
 
     PA.__name__ = PA.__qualname__ = cls.__name__
     return PA
