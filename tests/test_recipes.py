@@ -65,7 +65,9 @@ def test_resolve_hparams_overrides():
     args = args_for("vit", preset="deit-tiny", set=["depth=2", "heads=4"], dropout=0.2, lr=3e-4)
     hp = resolve_hparams(args, vit)
     assert hp.model_config.depth == 2 and hp.model_config.heads == 4 and hp.model_config.dropout == 0.2
-    assert hp.lr == 3e-4 and hp.batch_size == vit.DEFAULTS["batch_size"]
+    assert hp.lr == 3e-4 and hp.batch_size == vit.PRESET_TRAINING["deit-tiny"]["batch_size"]  # the preset's
+    hp = resolve_hparams(args_for("vit", batch_size=32), vit)
+    assert hp.batch_size == 32 and hp.weight_decay == vit.DEFAULTS["weight_decay"]
     with pytest.raises(UserError, match="no field .depht."):
         resolve_hparams(args_for("vit", set=["depht=2"]), vit)
     with pytest.raises(UserError, match="unknown preset"):

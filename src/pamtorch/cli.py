@@ -59,7 +59,7 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .recipes.train import POSITIVE_INT, ArgumentParser, add_debug_argument, add_train_parser
+    from .recipes.train import POSITIVE_INT, RECIPES, ArgumentParser, add_debug_argument, add_train_parser
 
     p = ArgumentParser(prog="pamtorch", description="Multiplication-free training with "
                        "piecewise affine arithmetic.")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time the kernels against PyTorch and append to BENCHMARKS.md")
     b.add_argument("what", choices=["matmul", "elementwise", "step"])
-    b.add_argument("--recipe", default="translate", choices=["vit", "translate", "lm"],
+    b.add_argument("--recipe", default="translate", choices=RECIPES,
                    help="step: the pamtorch train recipe whose training step is timed")
     b.add_argument("--variants", default="fp32,pam-matmul,pam-full,paper",
                    help="step: arithmetic variants, comma-separated, the first is the baseline")

@@ -411,6 +411,77 @@ def load_image_folder(directory, image_size: Optional[int] = None, valid_fractio
 IMAGE_DATA = (None, "digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "auto")
 
 
+def augment_images(x: torch.Tensor, generator: torch.Generator, pad: Optional[int] = None) -> torch.Tensor:
+    """Light augmentation, per image: a random crop of the image zero-padded by ``pad`` pixels on
+    each side (default side/8, the standard 4 at 32x32) and a horizontal flip with probability 1/2.
+
+    The images are standardized, so the zero padding is the channel mean. Indexing only, no
+    arithmetic: the same under every ``--arith``.
+    """
+    b, c, h, w = x.shape
+    pad = max(1, round(h / 8)) if pad is None else pad
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    rows = dy[:, None] + torch.arange(h)                                   # (B, H)
+    cols = dx[:, None] + torch.arange(w)                                   # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class ImageTask:
+    """Image classification glue for recipes/train.py (``vit``, ``cnn``): batches that are a pure
+    function of (seed, step), optionally augmented (:func:`augment_images`), the label-smoothed
+    cross-entropy loss and the evaluation (valid loss and accuracy). A recipe's Task sets
+    ``self.model`` and ``self.cfg`` after ``__init__``."""
+
+    metric = "accuracy"
+    unit = "img"
+
+    def __init__(self, data: ImageData, hp, device):
+        self.data, self.device = data, device
+        self.label_smoothing = hp.label_smoothing
+        augment = getattr(hp, "augment", None)  # None: augment the data sets the recipe names (cnn: cifar10)
+        self.augment = bool(augment) if augment is not None else data.name in hp.extra.get("augment_data", ())
+        self.train_size = len(data.train_y)
+        self.sampler = None
+
+    def steps_per_epoch(self, batch_size):
+        return max(1, self.train_size // batch_size)
+
+    def batch(self, step, batch_size, seed, rank=0, world=1):
+        """This rank's share of the global batch of ``step`` (augmented as a whole before the split,
+        so the processes together see what one process would)."""
+        if self.sampler is None or self.sampler.batch_size != min(batch_size, self.train_size):
+            self.sampler = EpochSampler(self.train_size, batch_size, seed)
+        idx = self.sampler(step)
+        x, y = self.data.train_x[idx], self.data.train_y[idx]
+        if self.augment:  # its own random stream, a pure function of (seed, step): --resume is exact
+            x = augment_images(x, torch.Generator().manual_seed(2 ** 62 + seed * 1_000_003 + step))
+        return rank_slice(x, rank, world).to(self.device), rank_slice(y, rank, world).to(self.device)
+
+    def loss(self, model, batch):
+        x, y = batch
+        logits = model(x)
+        return torch.nn.functional.cross_entropy(logits, y, label_smoothing=self.label_smoothing), len(y)
+
+    @torch.no_grad()
+    def evaluate(self, model, final=False, batch_size=500):
+        model.eval()
+        total, correct, n = 0.0, 0, 0
+        for i in range(0, len(self.data.valid_y), batch_size):
+            x = self.data.valid_x[i:i + batch_size].to(self.device)
+            y = self.data.valid_y[i:i + batch_size].to(self.device)
+            logits = model(x)
+            total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            n += len(y)
+        model.train()
+        return {"valid_loss": total / n, "accuracy": correct / n}
+
+
 def load_images(data: Optional[str], data_dir: Optional[str], image_size: Optional[int] = None) -> ImageData:
     """Dispatch on ``--data`` (digits, mnist, cifar10, imagefolder; guessed from the folder if omitted)."""
     if data not in IMAGE_DATA:

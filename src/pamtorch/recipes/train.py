@@ -1,7 +1,7 @@
-"""``pamtorch train RECIPE``: the training loop shared by the recipes (vit, translate, lm).
+"""``pamtorch train RECIPE``: the training loop shared by the recipes (vit, cnn, translate, lm).
 
-AdamW with linear warmup and cosine decay, label smoothing, gradient clipping, dropout; a tqdm
-progress bar; per-step JSONL logs, ``metrics.json``, plots and atomic checkpoints in ``--out``;
+AdamW (or SGD with Nesterov momentum, the cnn recipe's) with linear warmup and cosine decay, label
+smoothing, gradient clipping, dropout, gradient accumulation (``--accum``); a tqdm progress bar; per-step JSONL logs, ``metrics.json``, plots and atomic checkpoints in ``--out``;
 exact ``--resume``; ``--compare`` of arithmetic variants; DistributedDataParallel under torchrun
 with a multiplication-free gradient average (all-reduce SUM, then ``pamtorch.div`` by world size).
 
@@ -14,8 +14,25 @@ status 1). A mistake in an argument, a data file or ``--out`` is one line ``pamt
 and exit status 2; ``--debug`` shows the traceback instead.
 
 The arithmetic: ``--arith fp32`` runs stock PyTorch; any other name is a ``pamtorch.Config`` preset
-(``pam-matmul``, ``pam-full``, ``paper``) and each training step (forward, loss, backward, clipping
-and the AdamW step) and each evaluation runs inside ``pamtorch.mode(config)``.
+(``pam-matmul``, ``pam-full``, ``paper``, ...) or ``pam-conv`` (the paper's CNN variant: the matrix
+products, convolutions included, PA and everything else exact, BatchNorm included), and each
+training step (forward, loss, backward, gradient average, clipping and the optimizer step) runs
+inside ``pamtorch.mode(config)``. Evaluation and decoding run there too (``--eval-arith same``) or
+in standard arithmetic (``--eval-arith exact``, as the paper's released code decodes).
+
+Presets set the model and, where the paper gives them, the training settings; every value given on
+the command line wins. Sources: the paper's released commands (epfml/pam README).
+  vit deit-tiny      DeiT-Tiny, drop path 0.1, LayerNorm eps 1e-6, AdamW lr 5e-4, weight decay 0.05,
+                     5 warmup epochs, min lr 1e-5, batch 256, no clipping, light augmentation
+                     ("TIMM DeiT CIFAR10": -b 64 on 4 processes; timm's DeiT eps)
+  translate iwslt    transformer_iwslt_de_en, lr 5e-4, 4000 warmup steps, --max-tokens 4096, dropout 0.3
+                     with attention and activation dropout 0, no clipping, beam 5 with max length
+                     1.2 x source + 10 ("FAIRSEQ IWSLT2014-De-En" and fairseq's architecture defaults)
+  cnn resnet20/110   pre-activation ResNet-20/110, SGD (Nesterov) momentum 0.9, lr 0.2, batch 256,
+                     weight decay 2e-4, 5 warmup epochs, min lr 1e-5 ("Pre-residual RN20/RN110")
+  cnn vgg13, vgg     VGG13 without BN (vgg: a small VGG with BN), lr 0.05, batch 128, weight decay 5e-4
+                     ("VGG13 without BN")
+  vit tiny, translate tiny, lm tiny/small: sizes for a CPU (lm small: nanoGPT's shakespeare-char)
 """
 from __future__ import annotations
 
@@ -36,7 +53,8 @@ import torch
 
 from .data import UserError, atomic_write, stale_temp_files
 
-RECIPES = ("vit", "translate", "lm")
+RECIPES = ("vit", "cnn", "translate", "lm")
+IMAGE_RECIPES = ("vit", "cnn")
 DEFAULT_COMPARE = "fp32,pam-matmul,pam-full"
 # Horowitz (ISSCC 2014), 45 nm, as in the paper's Table 4: energy per operation in pJ
 ENERGY_PJ = {"fp32_mul": 3.7, "fp32_add": 0.9, "int32_add": 0.1}
@@ -117,6 +135,30 @@ SEED = _number(int, 0, True, 2 ** 32, False)
 # ----------------------------------------------------------------------------- arithmetic
 
 
+# arithmetic names of pamtorch train beyond pamtorch.Config.from_name's, as op kinds made PA
+ARITH_NAMES = {
+    # the paper's CNN variant: PA convolutions and linear layers (the matmul kind), BatchNorm and
+    # everything else exact (epfml/pam README, "TIMM CIFAR10 CNNs": linear_cfg and conv_cfg pam)
+    "pam-conv": ("matmul",),
+}
+
+
+def arith_config(arith: str, derivative=None):
+    """The ``pamtorch.Config`` of ``--arith`` (not fp32): ``pam-conv`` or a ``Config.from_name`` name."""
+    import pamtorch
+
+    if not (hasattr(pamtorch, "mode") and hasattr(pamtorch, "Config")):
+        raise RuntimeError(f"--arith {arith} needs pamtorch.mode and pamtorch.Config, "
+                           f"which this pamtorch install does not provide")
+    try:
+        if arith in ARITH_NAMES:
+            cfg = pamtorch.Config.ablation(*ARITH_NAMES[arith])
+            return cfg if derivative in (None, "paper") else cfg.with_derivative(derivative)
+        return pamtorch.Config.from_name(arith, derivative)
+    except ValueError as e:
+        raise UserError(f"--arith {arith}: {e} (or fp32, {', '.join(ARITH_NAMES)})") from None
+
+
 def arith_context(arith: str, derivative=None):
     """A factory of context managers that run code in the chosen arithmetic.
 
@@ -125,17 +167,7 @@ def arith_context(arith: str, derivative=None):
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    mode_cfg = None
-    if arith != "fp32":
-        import pamtorch
-
-        if not (hasattr(pamtorch, "mode") and hasattr(pamtorch, "Config")):
-            raise RuntimeError(f"--arith {arith} needs pamtorch.mode and pamtorch.Config, "
-                               f"which this pamtorch install does not provide")
-        try:
-            mode_cfg = pamtorch.Config.from_name(arith, derivative)
-        except ValueError as e:
-            raise UserError(f"--arith {arith}: {e} (or fp32)") from None
+    mode_cfg = None if arith == "fp32" else arith_config(arith, derivative)
 
     @contextlib.contextmanager
     def ctx():
@@ -193,19 +225,34 @@ def make_allreduce_hook(arith: str):
     return hook
 
 
+def micro_batches(task, batch, n: int) -> list:
+    """``batch`` (a tuple of tensors, batch dimension first) split into ``n`` consecutive
+    micro-batches for gradient accumulation, or by the task's own ``split(batch, n)`` if it has one."""
+    if n == 1:
+        return [batch]
+    if hasattr(task, "split"):
+        return task.split(batch, n)
+    return list(zip(*(t.tensor_split(n) for t in batch)))
+
+
 def count_macs(task, model, batch) -> int:
     """Multiply-accumulates of one training step (forward + backward) in matmuls, convolutions and
-    attention, counted by torch's FlopCounterMode on one batch (2 flops = 1 MAC)."""
+    attention, counted by torch's FlopCounterMode on one batch (2 flops = 1 MAC). The model's
+    buffers (BatchNorm's running statistics) and the random state are left as they were."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     counter = FlopCounterMode(display=False)
     rng = torch.get_rng_state()
+    buffers = [(b, b.clone()) for b in model.buffers()]
     with counter, sdpa_kernel(SDPBackend.MATH):
         loss, _ = task.loss(model, batch)
         loss.backward()
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
     torch.set_rng_state(rng)
     return counter.get_total_flops() // 2
 
@@ -225,11 +272,14 @@ def energy_estimate_mj(macs: int, arith: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", choices=RECIPES, help="model to train")
-    p.add_argument("--preset", help="model size (vit: tiny, deit-tiny; translate: tiny, iwslt; lm: tiny, small)")
+    p.add_argument("--preset", help="model and training preset (vit: tiny, deit-tiny; cnn: resnet20, resnet110, vgg, "
+                                    "vgg13; translate: tiny, iwslt; lm: tiny, small); the values and their sources "
+                                    "are listed above")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set depth=2 (repeatable)")
     p.add_argument("--arith", default="fp32",
-                   help="fp32 (stock PyTorch) or a pamtorch config preset: pam-matmul, pam-full, paper")
+                   help="fp32 (stock PyTorch), pam-conv (PA matrix products and convolutions, the rest exact: "
+                        "the paper's CNN variant) or a pamtorch config preset: pam-matmul, pam-full, paper")
     p.add_argument("--derivative", choices=["approx", "exact", "paper"], default=None,
                    help="derivative of the PA operations (default: the config preset's)")
     p.add_argument("--compare", nargs="?", const=DEFAULT_COMPARE, default=None, metavar="A,B,...",
@@ -242,10 +292,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=POSITIVE_INT, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=POSITIVE, default=None, help="passes over the training data")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=None,
-                   help="global batch size (all processes together)")
+                   help="global batch size (all processes together) of one forward/backward pass")
+    p.add_argument("--accum", type=POSITIVE_INT, default=1,
+                   help="gradient accumulation: each optimizer step averages the gradients of this many batches "
+                        "(an effective batch of accum x batch size)")
+    p.add_argument("--max-tokens", type=POSITIVE_INT, default=None,
+                   help="translate: batches built by token count: at most this many (padded) tokens per batch, "
+                        "instead of --batch-size sentences")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
+                   help="AdamW, or SGD with Nesterov momentum 0.9 (default: the recipe's; cnn: sgd)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="vit, cnn: light augmentation (random crop with padding side/8, horizontal flip); "
+                        "default: on for cifar10 in cnn and in the deit-tiny preset")
     p.add_argument("--lr", type=POSITIVE, default=None, help="peak learning rate")
-    p.add_argument("--min-lr", type=NON_NEGATIVE, default=0.0, help="learning rate at the end of the cosine")
-    p.add_argument("--warmup", type=NON_NEGATIVE, default=None, help="warmup steps (< 1: fraction of the steps)")
+    p.add_argument("--min-lr", type=NON_NEGATIVE, default=None,
+                   help="learning rate at the end of the cosine (default 0, or the preset's)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=None,
+                   help="warmup steps (< 1: fraction of the steps; default: the recipe's or preset's)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=None)
     p.add_argument("--label-smoothing", type=PROBABILITY, default=None)
     p.add_argument("--clip", type=NON_NEGATIVE, default=None, help="max gradient norm (0: no clipping)")
@@ -256,6 +319,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--allow-changes", action="store_true",
                    help="--resume with settings that differ from the checkpoint's (recorded in changes.jsonl)")
+    p.add_argument("--eval-arith", choices=["same", "exact"], default="same",
+                   help="evaluation and decoding in the training arithmetic (same) or in standard float "
+                        "arithmetic (exact, as the paper's released code decodes)")
     p.add_argument("--eval-every", type=POSITIVE_INT, default=None,
                    help="steps between evaluations (default: 10 per run)")
     p.add_argument("--ckpt-every", type=POSITIVE_INT, default=None,
@@ -285,7 +351,7 @@ def add_debug_argument(p, default=argparse.SUPPRESS):
 
 def add_train_parser(subparsers):
     """Register ``train`` on the pamtorch CLI's subparsers."""
-    p = subparsers.add_parser("train", help="train a recipe model (vit, translate, lm)",
+    p = subparsers.add_parser("train", help="train a recipe model (vit, cnn, translate, lm)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run_train)
@@ -313,11 +379,13 @@ def _parse_value(key, text, current):
 
 
 def resolve_hparams(args, recipe):
-    d = recipe.DEFAULTS
-    preset = args.preset or d["preset"]
+    """The model config and training settings of a run: the command line's, else the preset's
+    (``recipe.PRESET_TRAINING``), else the recipe's ``DEFAULTS``."""
+    preset = args.preset or recipe.DEFAULTS["preset"]
     if preset not in recipe.PRESETS:
         raise UserError(f"--preset {preset}: unknown preset for {args.recipe} (expected one of "
                         f"{', '.join(recipe.PRESETS)})")
+    d = {**recipe.DEFAULTS, **getattr(recipe, "PRESET_TRAINING", {}).get(preset, {})}
     cfg = recipe.PRESETS[preset]
     fields = [f.name for f in dataclasses.fields(cfg)]
     overrides = {}
@@ -333,14 +401,30 @@ def resolve_hparams(args, recipe):
         overrides["dropout"] = args.dropout
     cfg = dataclasses.replace(cfg, **overrides).check()
 
-    def pick(name):
-        v = getattr(args, name)
-        return d.get(name) if v is None else v
+    def pick(name, default=None):
+        v = getattr(args, name, None)
+        return d.get(name, default) if v is None else v
 
+    max_tokens, augment = getattr(args, "max_tokens", None), getattr(args, "augment", None)
+    if max_tokens is not None and args.recipe != "translate":
+        raise UserError(f"--max-tokens {max_tokens}: only the translate recipe batches by tokens (use --batch-size)")
+    if max_tokens is not None and args.batch_size is not None:
+        raise UserError(f"--max-tokens {max_tokens} --batch-size {args.batch_size}: give one (a batch is a token "
+                        f"budget or a number of sentences)")
+    if max_tokens is None and args.batch_size is None:
+        max_tokens = d.get("max_tokens")  # the preset's token batching, unless --batch-size replaces it
+    if augment is not None and args.recipe not in IMAGE_RECIPES:
+        raise UserError(f"--{'' if augment else 'no-'}augment: only the image recipes ({', '.join(IMAGE_RECIPES)}) "
+                        f"augment their data")
     return SimpleNamespace(preset=preset, model_config=cfg, lr=pick("lr"), batch_size=pick("batch_size"),
                            weight_decay=pick("weight_decay"), warmup=pick("warmup"),
-                           label_smoothing=pick("label_smoothing"), clip=pick("clip"),
-                           betas=tuple(d.get("betas", (0.9, 0.999))), extra=d)
+                           # a warmup in epochs (the preset's) unless --warmup gives it in steps
+                           warmup_epochs=d.get("warmup_epochs") if getattr(args, "warmup", None) is None else None,
+                           min_lr=pick("min_lr", 0.0), label_smoothing=pick("label_smoothing"), clip=pick("clip"),
+                           betas=tuple(d.get("betas", (0.9, 0.999))), optimizer=pick("optimizer", "adamw"),
+                           momentum=d.get("momentum", 0.9), accum=getattr(args, "accum", None) or 1,
+                           max_tokens=max_tokens, augment=augment if augment is not None else d.get("augment"),
+                           extra=d)
 
 
 def lr_at(step, total, base, warmup, min_lr=0.0):
@@ -547,18 +631,21 @@ def _settings(args, arith, hp, task, total, warmup) -> dict:
     """What a run was trained with; --resume compares them with the checkpoint's."""
     derivatives = None
     if arith != "fp32":
-        from pamtorch.config import KINDS, Config
+        from pamtorch.config import KINDS
 
-        cfg = Config.from_name(arith, args.derivative)
+        cfg = arith_config(arith, args.derivative)
         derivatives = {k: cfg.kind(k).derivative for k in KINDS if cfg.kind(k).pa}
     s = {"recipe": args.recipe, "preset": hp.preset, "model_config": dataclasses.asdict(task.cfg),
          "arith": arith, "derivatives": derivatives, "seed": args.seed, "batch_size": hp.batch_size,
          "data": args.data, "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
-         "steps": total, "lr": hp.lr, "min_lr": args.min_lr, "warmup_steps": warmup,
+         "steps": total, "lr": hp.lr, "min_lr": hp.min_lr, "warmup_steps": warmup,
          "weight_decay": hp.weight_decay, "label_smoothing": hp.label_smoothing, "clip": hp.clip,
-         "betas": list(hp.betas)}
+         "optimizer": hp.optimizer, **({"momentum": hp.momentum} if hp.optimizer == "sgd" else {"betas": list(hp.betas)}),
+         "accum": hp.accum, "eval_arith": args.eval_arith}
+    if args.recipe in IMAGE_RECIPES:
+        s.update(augment=task.augment)
     if args.recipe == "translate":
-        s.update(src=args.src, tgt=args.tgt, vocab_size=args.vocab_size)
+        s.update(src=args.src, tgt=args.tgt, vocab_size=args.vocab_size, max_tokens=hp.max_tokens)
     if args.recipe == "lm":
         s.update(tokenizer=args.tokenizer, vocab_size=args.vocab_size)
     return s
@@ -618,12 +705,13 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
     rank, world = _dist_info()
     recipe = get_recipe(args.recipe)
     hp = resolve_hparams(args, recipe)
-    if hp.batch_size % world:
+    if hp.max_tokens is None and hp.batch_size % world:
         raise UserError(f"--batch-size {hp.batch_size} must be divisible by the {world} processes")
-    if args.min_lr > hp.lr:
-        raise UserError(f"--min-lr {args.min_lr} is above the peak learning rate {hp.lr} (--lr)")
+    if hp.min_lr > hp.lr:
+        raise UserError(f"--min-lr {hp.min_lr} is above the peak learning rate {hp.lr} (--lr)")
     device = resolve_device(args.device)
     ctx = arith_context(arith, args.derivative)  # fails early if the arithmetic is unavailable
+    eval_ctx = ctx if args.eval_arith == "same" else arith_context("fp32")
     ckpt_path = out / "checkpoint.pt"
     resume = prepare_out(args, out, rank, world)
 
@@ -632,7 +720,7 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
     model = task.model.to(device)
     raw_model = model
     n_params = sum(p.numel() for p in model.parameters())
-    spe = task.steps_per_epoch(hp.batch_size)
+    spe = task.steps_per_epoch(hp.batch_size * hp.accum)
     if args.steps is not None:
         total = args.steps
     elif args.epochs is not None:
@@ -641,14 +729,20 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
         total = recipe.DEFAULTS["steps"]
     else:
         total = max(1, int(round(recipe.DEFAULTS["epochs"] * spe)))
-    warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
+    if hp.warmup_epochs is not None:
+        warmup = int(round(hp.warmup_epochs * spe))
+    else:
+        warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
     eval_every = args.eval_every or max(1, total // 10)
     ckpt_every = args.ckpt_every or eval_every
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith(("pos_embed", "cls_token"))]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.endswith(("pos_embed", "cls_token")))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=hp.betas)
+    groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if hp.optimizer == "sgd":  # timm's "sgd", which the paper's CNN commands use, has Nesterov momentum
+        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas)
 
     settings = _settings(args, arith, hp, task, total, warmup)
     meta = {**settings, "derivative": args.derivative}
@@ -679,7 +773,8 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
                       f"(recorded in {out / 'changes.jsonl'})", file=sys.stderr)
             print(f"resumed from {ckpt_path} at step {start}", file=sys.stderr)
 
-    macs = count_macs(task, raw_model, task.batch(0, hp.batch_size, args.seed)) if rank == 0 else 0
+    macs = count_macs(task, raw_model, micro_batches(task, task.batch(0, hp.batch_size * hp.accum, args.seed),
+                                                     hp.accum)[0]) * hp.accum if rank == 0 else 0
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -703,7 +798,7 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
             dist.barrier()
 
     def evaluate(step, final=False):
-        with ctx():
+        with eval_ctx():
             m = task.evaluate(raw_model, final=final)
         m = {"step": step, **m}
         if rank == 0:
@@ -724,26 +819,36 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
     model.train()
     try:
         for step in range(start, total):
-            lr = lr_at(step, total, hp.lr, warmup, args.min_lr)
+            lr = lr_at(step, total, hp.lr, warmup, hp.min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            batch = task.batch(step, hp.batch_size, args.seed, rank, world)
+            micro = micro_batches(task, task.batch(step, hp.batch_size * hp.accum, args.seed, rank, world), hp.accum)
             # dropout randomness: a pure function of (seed, step, rank), so --resume is exact
             torch.manual_seed((args.seed * 1_000_003 + step) * 64 + rank)
             t0 = time.perf_counter()
-            with ctx():
-                loss, n_items = task.loss(model, batch)
-                if args.debug_nan_at is not None and step + 1 == args.debug_nan_at:
-                    loss = loss + float("nan")
-            loss_value = loss.detach().float().reshape(1).clone()
+            optimizer.zero_grad(set_to_none=True)
+            losses, n_items = [], 0
+            for k, mb in enumerate(micro):
+                # DDP all-reduces the gradients at the last micro-batch's backward only
+                sync = world == 1 or k == len(micro) - 1
+                with ctx(), (contextlib.nullcontext() if sync else model.no_sync()):
+                    loss, n = task.loss(model, mb)
+                    if args.debug_nan_at is not None and step + 1 == args.debug_nan_at:
+                        loss = loss + float("nan")
+                    loss.backward()
+                losses.append(loss.detach().float().reshape(1))
+                n_items += n
+            loss_value = torch.cat(losses).sum().reshape(1)
             if world > 1:  # for the log and the finiteness check only (division in Python)
                 dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
-            loss_value = loss_value.item() / world
+            loss_value = loss_value.item() / (world * len(micro))
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(f"non-finite loss ({loss_value}) at step {step + 1}")
+            if len(micro) > 1:  # the mean of the micro-batch gradients: the PA division of the DDP average
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = pa_divide(p.grad, len(micro), arith)
             with ctx():
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 if hp.clip and hp.clip > 0:
                     gnorm = torch.nn.utils.clip_grad_norm_(params, hp.clip)
                 else:

@@ -1,8 +1,16 @@
 """Vision transformer (DeiT-Tiny style) for image classification.
 
 Stock torch.nn modules only (Conv2d patch embedding, LayerNorm, MultiheadAttention, Linear, GELU,
-Dropout): pamtorch makes them multiplication-free by its dispatch-level mode, nothing here changes.
-Pre-norm blocks, a cls token and learned position embeddings, as in DeiT.
+Dropout) plus stochastic depth: pamtorch makes them multiplication-free by its dispatch-level mode,
+nothing here changes. Pre-norm blocks, a cls token and learned position embeddings, as in DeiT.
+
+Presets: ``tiny`` (default) is a small ViT for the 8x8 digits on a CPU. ``deit-tiny`` is the
+paper's model and training setup, from the released DeiT command (epfml/pam README, "TIMM DeiT
+CIFAR10 & i1k": ``--model deit_tiny_patch16_224 --drop-path 0.1 -b 64 --opt adamw --lr 5e-4
+--weight-decay 0.05 --sched cosine --min-lr 1e-5 --warmup-epochs 5 --smoothing 0.1``, timm's
+DeiT LayerNorm eps 1e-6, no gradient clipping as timm's default). Its augmentation is the light
+one (random crop, flip); the released command's RandAugment, mixup, cutmix, random erasing and
+colour jitter are not implemented, and neither are its 600 epochs (``--epochs``).
 """
 from __future__ import annotations
 
@@ -12,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import UserError, at_least
+from .data import ImageTask, UserError, at_least, load_images
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,8 @@ class ViTConfig:
     heads: int = 3
     mlp_dim: int = 768
     dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth of the last block; block i gets drop_path * i / (depth - 1)
+    ln_eps: float = 1e-5    # LayerNorm epsilon (torch's default; DeiT's is 1e-6)
 
     def check(self):
         """Refuse a config no ViT can be built from (a --preset/--set mistake) with one clear line."""
@@ -33,6 +43,10 @@ class ViTConfig:
         at_least(self, 1, "dim", "depth", "heads", "mlp_dim")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--set dropout={self.dropout}: expected 0 <= dropout < 1")
+        if not 0 <= self.drop_path < 1:
+            raise UserError(f"--set drop_path={self.drop_path}: expected 0 <= drop_path < 1")
+        if not self.ln_eps > 0:
+            raise UserError(f"--set ln_eps={self.ln_eps}: expected a number > 0")
         if self.dim % self.heads:
             raise UserError(f"--set dim={self.dim} heads={self.heads}: dim must be divisible by heads")
         if self.img_size and self.patch_size and self.img_size % self.patch_size:
@@ -43,8 +57,25 @@ class ViTConfig:
 PRESETS = {
     # seconds per epoch on 2 CPU cores on the 8x8 digits
     "tiny": ViTConfig(dim=64, depth=4, heads=4, mlp_dim=128, dropout=0.1),
-    # DeiT-Tiny, the paper's size (images are resized to 224x224)
-    "deit-tiny": ViTConfig(img_size=224, patch_size=16, dim=192, depth=12, heads=3, mlp_dim=768, dropout=0.0),
+    # DeiT-Tiny, the paper's size (images are resized to 224x224); drop path 0.1 (--drop-path 0.1 of
+    # the released command) and LayerNorm eps 1e-6 (timm's DeiT)
+    "deit-tiny": ViTConfig(img_size=224, patch_size=16, dim=192, depth=12, heads=3, mlp_dim=768, dropout=0.0,
+                           drop_path=0.1, ln_eps=1e-6),
+}
+
+# the training settings a preset brings (the command line overrides them); sources in the docstring
+PRESET_TRAINING = {
+    "deit-tiny": dict(
+        lr=5e-4,             # --lr 5e-4
+        weight_decay=0.05,   # --weight-decay 0.05
+        betas=(0.9, 0.999),  # --opt adamw (timm's default betas), --opt-eps 1e-8 (torch's default)
+        label_smoothing=0.1,  # --smoothing 0.1
+        warmup_epochs=5,     # --warmup-epochs 5 (counted in steps: 5 x steps per epoch)
+        min_lr=1e-5,         # --min-lr 1e-5 (cosine schedule, --sched cosine)
+        clip=0.0,            # timm's train.py clips only with --clip-grad, which the command does not pass
+        batch_size=256,      # -b 64 on --nproc_per_node 4: a global batch of 256
+        augment=True,        # light augmentation (random crop with padding, horizontal flip)
+    ),
 }
 
 # training hyperparameters used when the command line does not set them
@@ -52,24 +83,44 @@ DEFAULTS = dict(preset="tiny", lr=2e-3, batch_size=64, epochs=15, weight_decay=0
                 label_smoothing=0.1, clip=1.0, betas=(0.9, 0.999))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016, as timm's DropPath): in training each sample's residual
+    branch is dropped with probability p, the kept ones are scaled by 1/(1-p): x·m/(1-p), m ~ Bernoulli(1-p)."""
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, p: float):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + drop_path(attn(ln(x))), then x + drop_path(mlp(ln(x)))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.attn = nn.MultiheadAttention(cfg.dim, cfg.heads, dropout=cfg.dropout, batch_first=True)
         self.drop = nn.Dropout(cfg.dropout)
-        self.ln2 = nn.LayerNorm(cfg.dim)
+        self.ln2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.dim, cfg.mlp_dim), nn.GELU(), nn.Dropout(cfg.dropout),
             nn.Linear(cfg.mlp_dim, cfg.dim), nn.Dropout(cfg.dropout),
         )
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
         h = self.ln1(x)
-        x = x + self.drop(self.attn(h, h, h, need_weights=False)[0])
-        return x + self.mlp(self.ln2(x))
+        x = x + self.drop_path(self.drop(self.attn(h, h, h, need_weights=False)[0]))
+        return x + self.drop_path(self.mlp(self.ln2(x)))
 
 
 class ViT(nn.Module):
@@ -82,8 +133,9 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.dim)
+        # stochastic depth grows linearly with depth, as in DeiT/timm
+        self.blocks = nn.ModuleList(Block(cfg, cfg.drop_path * i / max(1, cfg.depth - 1)) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         self.apply(_init)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -108,15 +160,10 @@ def _init(m):
 # ----------------------------------------------------------------------------- training task
 
 
-class Task:
-    """Glue for recipes/train.py: data, batches, loss and evaluation for image classification."""
-
-    metric = "accuracy"
-    unit = "img"
+class Task(ImageTask):
+    """Glue for recipes/train.py: the images (resized to the config's img_size if it is set) and the ViT."""
 
     def __init__(self, args, hp, out_dir, device):
-        from .data import load_images
-
         cfg = hp.model_config
         data = load_images(args.data, args.data_dir, cfg.img_size or None)
         c, h, w = data.image_shape
@@ -130,39 +177,6 @@ class Task:
         if (h, w) != (img, img):  # e.g. the deit-tiny preset on small images
             data.train_x = F.interpolate(data.train_x, size=(img, img), mode="bilinear", align_corners=False)
             data.valid_x = F.interpolate(data.valid_x, size=(img, img), mode="bilinear", align_corners=False)
-        self.data, self.cfg, self.device = data, cfg, device
-        self.label_smoothing = hp.label_smoothing
-        self.train_size = len(data.train_y)
+        super().__init__(data, hp, device)
+        self.cfg = cfg
         self.model = ViT(cfg)
-        self.sampler = None
-
-    def steps_per_epoch(self, batch_size):
-        return max(1, self.train_size // batch_size)
-
-    def batch(self, step, batch_size, seed, rank=0, world=1):
-        """This rank's share of the global batch of ``step`` (a pure function of the step)."""
-        from .data import EpochSampler, rank_slice
-
-        if self.sampler is None:
-            self.sampler = EpochSampler(self.train_size, batch_size, seed)
-        idx = rank_slice(self.sampler(step), rank, world)
-        return self.data.train_x[idx].to(self.device), self.data.train_y[idx].to(self.device)
-
-    def loss(self, model, batch):
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), len(y)
-
-    @torch.no_grad()
-    def evaluate(self, model, final=False, batch_size=500):
-        model.eval()
-        total, correct, n = 0.0, 0, 0
-        for i in range(0, len(self.data.valid_y), batch_size):
-            x = self.data.valid_x[i:i + batch_size].to(self.device)
-            y = self.data.valid_y[i:i + batch_size].to(self.device)
-            logits = model(x)
-            total += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(-1) == y).sum().item()
-            n += len(y)
-        model.train()
-        return {"valid_loss": total / n, "accuracy": correct / n}
