@@ -177,13 +177,14 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    """torchrun with 2 gloo processes, PA gradient average, = 1 process with the same global batch."""
-    common = ["-m", "pamtorch.recipes.train"] + VIT + ["--steps", "6", "--eval-every", "3", "--batch-size", "32",
-                                                        "--dropout", "0"]
+    """torchrun with 2 gloo processes, each accumulating 2 micro-batches (--accum 2: DDP all-reduces at
+    the last one), PA gradient average, = 1 process with the same global batch in one pass."""
+    common = ["-m", "pamtorch.recipes.train"] + VIT + ["--steps", "6", "--eval-every", "3", "--dropout", "0"]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + common
-                   + ["--out", str(tmp_path / "ddp")], env=env, check=True, timeout=300, capture_output=True)
-    subprocess.run([sys.executable] + common + ["--threads", "1", "--out", str(tmp_path / "one")],
+                   + ["--batch-size", "16", "--accum", "2", "--out", str(tmp_path / "ddp")], env=env, check=True,
+                   timeout=300, capture_output=True)
+    subprocess.run([sys.executable] + common + ["--batch-size", "32", "--threads", "1", "--out", str(tmp_path / "one")],
                    env=env, check=True, timeout=300, capture_output=True)
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert len(a) == len(b) == 6 and a == pytest.approx(b, rel=1e-5, abs=1e-6)
@@ -258,3 +259,75 @@ def test_torchrun_two_processes_under_pamtorch_mode(tmp_path, recipe):
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["completed"] and m["valid_loss"] > 0
     assert all(torch.isfinite(torch.tensor(losses(out))))
+
+
+# ----------------------------------------------------------------------------- --accum (issue 11 item 8)
+
+
+def _params(out):
+    return torch.load(Path(out) / "checkpoint.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("recipe", ["vit", "lm"])
+def test_accum_equals_the_big_batch_in_fp32(tmp_path, recipe):
+    """--accum 2 --batch-size 8 takes the step of --batch-size 16 on the same 16 items, up to float
+    summation order (dropout off: its random draws differ between one and two passes)."""
+    base = TINY[recipe] + ["--steps", "4", "--eval-every", "4", "--dropout", "0"]
+    train(base + ["--batch-size", "16", "--out", str(tmp_path / "big")])
+    train(base + ["--batch-size", "8", "--accum", "2", "--out", str(tmp_path / "acc")])
+    assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "big"), rel=1e-5)
+    gn = [[r["grad_norm"] for r in T.read_jsonl(tmp_path / d / "train_log.jsonl")] for d in ("big", "acc")]
+    assert gn[1] == pytest.approx(gn[0], rel=1e-4)  # the mean of the micro-batch gradients, not their sum
+    a, b = _params(tmp_path / "big"), _params(tmp_path / "acc")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5 if "in_proj_bias" not in k else 1e-4), k
+    m = json.loads((tmp_path / "acc" / "metrics.json").read_text())
+    assert m["accum"] == 2 and m["batch_size"] == 8
+    assert m["macs_per_step"] == json.loads((tmp_path / "big" / "metrics.json").read_text())["macs_per_step"]
+
+
+class _Regression:
+    def loss(self, model, batch):
+        x, y = batch
+        return torch.nn.functional.mse_loss(model(x), y), len(y)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_accum_under_the_mode_is_the_pa_mean_of_the_micro_batch_gradients(n):
+    """Under pam-full the accumulated gradient is pamtorch.div(g_1 + ... + g_n, n) bit for bit, each g_k
+    the micro-batch's PA gradient: the only new arithmetic is one PA division per gradient element."""
+    import pamtorch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
+    micro = [(torch.randn(4, 5), torch.randn(4, 3)) for _ in range(n)]
+    ctx = T.arith_context("pam-full")
+    total = None
+    for mb in micro:
+        model.zero_grad(set_to_none=True)
+        with ctx():
+            _Regression().loss(model, mb)[0].backward()
+        g = [p.grad.clone() for p in model.parameters()]
+        total = g if total is None else [t + x for t, x in zip(total, g)]
+    expected = [pamtorch.div(t, n) for t in total]
+    model.zero_grad(set_to_none=True)
+    loss, items = T.accumulate_gradients(_Regression(), model, micro, ctx, "pam-full")
+    assert items == 4 * n and loss.dtype == torch.float32
+    for p, e, t in zip(model.parameters(), expected, total):
+        assert torch.equal(p.grad, e)
+        if n == 2:  # a PA division by a power of two is exact
+            assert torch.equal(p.grad, t / 2)
+    if n == 3:  # and otherwise PA, not the float quotient
+        assert not all(torch.equal(p.grad, t / 3) for p, t in zip(model.parameters(), total))
+
+
+def test_accum_resume_is_exact_and_a_changed_accum_is_refused(tmp_path, capsys):
+    base = TINY["vit"] + ["--steps", "6", "--eval-every", "3", "--batch-size", "8", "--accum", "2"]
+    train(base + ["--out", str(tmp_path / "full")])
+    train(base + ["--out", str(tmp_path / "part"), "--stop-at", "3"])
+    train(base + ["--out", str(tmp_path / "part"), "--resume"])
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    capsys.readouterr()
+    assert T.main(base[:-1] + ["4", "--out", str(tmp_path / "part"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "accum 2 -> 4" in err and "--allow-changes" in err

@@ -235,6 +235,31 @@ def micro_batches(task, batch, n: int) -> list:
     return list(zip(*(t.tensor_split(n) for t in batch)))
 
 
+def accumulate_gradients(task, model, micro: list, ctx, arith: str, ddp: bool = False, poison: bool = False):
+    """Forward and backward of each micro-batch in ``micro`` (autograd sums their gradients), then
+    each parameter's gradient divided by ``n = len(micro)``: g = (g_1 + ... + g_n) ÷ n, the PA
+    division ``pamtorch.div`` unless ``arith`` is fp32 (as the data-parallel average; exact for n a
+    power of two). Each micro-batch's mean loss counts equally, so in fp32 a step equals one on the
+    n micro-batches together up to float summation order when they hold equally many items. Under
+    DDP (``ddp``) the gradients are all-reduced at the last backward only. ``poison`` adds a NaN to
+    the loss (the tests' --debug-nan-at). Returns (mean loss, a float32 tensor; items)."""
+    losses, n_items = [], 0
+    for k, mb in enumerate(micro):
+        sync = not ddp or k == len(micro) - 1
+        with ctx(), (contextlib.nullcontext() if sync else model.no_sync()):
+            loss, n = task.loss(model, mb)
+            if poison:
+                loss = loss + float("nan")
+            loss.backward()
+        losses.append(loss.detach().float().reshape(()))
+        n_items += n
+    if len(micro) > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad = pa_divide(p.grad, len(micro), arith)
+    return torch.stack(losses).sum() / len(micro), n_items
+
+
 def count_macs(task, model, batch) -> int:
     """Multiply-accumulates of one training step (forward + backward) in matmuls, convolutions and
     attention, counted by torch's FlopCounterMode on one batch (2 flops = 1 MAC). The model's
@@ -827,27 +852,15 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
             torch.manual_seed((args.seed * 1_000_003 + step) * 64 + rank)
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            losses, n_items = [], 0
-            for k, mb in enumerate(micro):
-                # DDP all-reduces the gradients at the last micro-batch's backward only
-                sync = world == 1 or k == len(micro) - 1
-                with ctx(), (contextlib.nullcontext() if sync else model.no_sync()):
-                    loss, n = task.loss(model, mb)
-                    if args.debug_nan_at is not None and step + 1 == args.debug_nan_at:
-                        loss = loss + float("nan")
-                    loss.backward()
-                losses.append(loss.detach().float().reshape(1))
-                n_items += n
-            loss_value = torch.cat(losses).sum().reshape(1)
+            loss_value, n_items = accumulate_gradients(
+                task, model, micro, ctx, arith, world > 1,
+                poison=args.debug_nan_at is not None and step + 1 == args.debug_nan_at)
+            loss_value = loss_value.reshape(1)
             if world > 1:  # for the log and the finiteness check only (division in Python)
                 dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
-            loss_value = loss_value.item() / (world * len(micro))
+            loss_value = loss_value.item() / world
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(f"non-finite loss ({loss_value}) at step {step + 1}")
-            if len(micro) > 1:  # the mean of the micro-batch gradients: the PA division of the DDP average
-                for p in params:
-                    if p.grad is not None:
-                        p.grad = pa_divide(p.grad, len(micro), arith)
             with ctx():
                 if hp.clip and hp.clip > 0:
                     gnorm = torch.nn.utils.clip_grad_norm_(params, hp.clip)
