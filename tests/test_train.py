@@ -331,3 +331,38 @@ def test_accum_resume_is_exact_and_a_changed_accum_is_refused(tmp_path, capsys):
     assert T.main(base[:-1] + ["4", "--out", str(tmp_path / "part"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "accum 2 -> 4" in err and "--allow-changes" in err
+
+
+# ----------------------------------------------------------------------------- --eval-arith (issue 11 item 8)
+
+
+def _evaluate_checkpoint(argv, out, arith):
+    """The final evaluation of the run in ``out``, redone on its checkpoint in ``arith``."""
+    p = argparse.ArgumentParser()
+    T.add_arguments(p)
+    args = p.parse_args(argv)
+    recipe = T.get_recipe(args.recipe)
+    hp = T.resolve_hparams(args, recipe)
+    torch.manual_seed(args.seed)
+    task = recipe.Task(args, hp, None, torch.device("cpu"))
+    task.model.load_state_dict(torch.load(Path(out) / "checkpoint.pt", weights_only=True)["model"])
+    with T.arith_context(arith)():
+        return task.evaluate(task.model, final=True)
+
+
+@pytest.mark.parametrize("recipe", ["vit", "translate"])
+def test_eval_arith_exact_evaluates_and_decodes_outside_the_mode(tmp_path, recipe):
+    """--eval-arith exact: the evaluation (and translate's beam search) of a pam-full run is the
+    float evaluation of its weights; --eval-arith same (the default) is the PA one, which differs."""
+    base = TINY[recipe] + ["--arith", "pam-full", "--steps", "2", "--eval-every", "2", "--batch-size", "8"]
+    metric = "bleu" if recipe == "translate" else "accuracy"
+    for how, arith in (("exact", "fp32"), ("same", "pam-full")):
+        out = tmp_path / how
+        train(base + ["--eval-arith", how, "--out", str(out)])
+        m = json.loads((out / "metrics.json").read_text())
+        again = _evaluate_checkpoint(base, out, arith)
+        assert m["eval_arith"] == how
+        assert (m["valid_loss"], m[metric]) == (again["valid_loss"], again[metric]), how
+    exact, same = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("exact", "same"))
+    assert exact["valid_loss"] != same["valid_loss"]
+    assert losses(tmp_path / "exact") == losses(tmp_path / "same")  # training is the same either way
