@@ -11,13 +11,16 @@ over repetitions is reported, which keeps a noisy shared machine from favouring 
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import statistics
 import time
 
 import torch
 
 __all__ = ["bench_matmul", "format_matmul_table", "packing_bytes", "bench_elementwise",
-           "format_elementwise_table", "bench_step", "format_step_table"]
+           "format_elementwise_table", "bench_step", "format_step_table", "bench_profile",
+           "format_profile_table"]
 
 
 def packing_bytes(M: int, K: int, N: int) -> dict:
@@ -204,36 +207,98 @@ def format_elementwise_table(rows) -> str:
 # ---------------------------------------------------------------------------
 # a whole training step of a recipe
 
+STOCK_ENCODER = "encoder"
+
+
+class _EncoderTask:
+    """The stock model of the speed benchmarks: ``nn.Embedding`` -> ``nn.TransformerEncoder``
+    (d 128, 4 heads, feed-forward 512, 2 post-norm layers, dropout 0.1) -> ``nn.Linear``,
+    next-token style classification of a 16 x 64 batch of random tokens with cross entropy."""
+
+    vocab, seq, d_model, layers = 1000, 64, 128, 2
+
+    def __init__(self):
+        layer = torch.nn.TransformerEncoderLayer(self.d_model, 4, 4 * self.d_model, dropout=0.1,
+                                                 batch_first=True)
+        self.model = torch.nn.Sequential(
+            torch.nn.Embedding(self.vocab, self.d_model),
+            torch.nn.TransformerEncoder(layer, self.layers, enable_nested_tensor=False),
+            torch.nn.Linear(self.d_model, self.vocab))
+
+    def batch(self, step, batch_size, seed):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return torch.randint(0, self.vocab, (batch_size, self.seq + 1), generator=g)
+
+    def loss(self, model, batch):
+        logits = model(batch[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, self.vocab), batch[:, 1:].reshape(-1)), None
+
+
+def _step_setup(recipe: str, train_args, seed: int):
+    """(task, settings) for one benchmark model: a ``pamtorch train`` recipe with
+    ``train_args``, or the stock encoder (:class:`_EncoderTask`, AdamW lr 1e-3, weight
+    decay 0.01, clipping at 1)."""
+    import argparse
+    import types
+
+    from .recipes import train as T
+
+    torch.manual_seed(seed)
+    if recipe == STOCK_ENCODER:
+        if train_args:
+            raise T.UserError(f"--train-args: the stock {STOCK_ENCODER} model takes no pamtorch train "
+                              f"options (got {' '.join(train_args)})")
+        hp = types.SimpleNamespace(preset="stock", batch_size=16, lr=1e-3, betas=(0.9, 0.999),
+                                   weight_decay=0.01, clip=1.0)
+        return _EncoderTask(), hp
+    p = argparse.ArgumentParser()
+    T.add_arguments(p)
+    args = p.parse_args([recipe, *train_args])
+    mod = T.get_recipe(recipe)
+    hp = T.resolve_hparams(args, mod)
+    return mod.Task(args, hp, None, torch.device("cpu")), hp
+
+
+def _train_step(task, hp, model, opt, batch):
+    """Forward, loss, backward, gradient clipping and the optimizer step, as ``pamtorch
+    train`` runs them."""
+    loss, _ = task.loss(model, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), hp.clip or 1.0)
+    opt.step()
+
+
+def _copies(task, hp, n):
+    """``n`` copies of the task's model, each with its own AdamW."""
+    import copy
+
+    out = []
+    for _ in range(n):
+        model = copy.deepcopy(task.model)
+        out.append((model, torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=hp.betas,
+                                             weight_decay=hp.weight_decay)))
+    return out
+
+
 def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-full", "paper"),
                reps: int = 10, threads=None, train_args=(), seed: int = 0) -> list:
     """Time one training step (forward, loss, backward, clipping, AdamW) of ``pamtorch train
-    RECIPE``'s model under each arithmetic variant, as ``pamtorch train`` runs it.
+    RECIPE``'s model (or of the stock ``encoder``, :class:`_EncoderTask`) under each
+    arithmetic variant, as ``pamtorch train`` runs it.
 
     Every variant trains its own copy of the same initial model on the same batches; the
     variants take turns step by step (interleaved) and the median step time is reported, with
     "x fp32" = t_variant / t_fp32 (so 3.0 means three times as slow). ``train_args`` are
     extra ``pamtorch train`` options (e.g. ``--data-dir``, ``--preset``, ``--batch-size``)."""
-    import argparse
-    import copy
-
     from .recipes import train as T
 
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
-        p = argparse.ArgumentParser()
-        T.add_arguments(p)
-        args = p.parse_args([recipe, *train_args])
-        mod = T.get_recipe(recipe)
-        hp = T.resolve_hparams(args, mod)
-        torch.manual_seed(seed)
-        task = mod.Task(args, hp, None, torch.device("cpu"))
-        runs = {}
-        for v in variants:
-            model = copy.deepcopy(task.model)
-            opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
-            runs[v] = (model, opt, T.arith_context(v))
+        task, hp = _step_setup(recipe, train_args, seed)
+        runs = {v: (*mo, T.arith_context(v)) for v, mo in zip(variants, _copies(task, hp, len(variants)))}
         times = {v: [] for v in variants}
         for step in range(reps + 2):  # two warm-up steps
             batch = task.batch(step, hp.batch_size, seed)
@@ -241,11 +306,7 @@ def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-f
                 torch.manual_seed(step)
                 t0 = time.perf_counter()
                 with ctx():
-                    loss, _ = task.loss(model, batch)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), hp.clip or 1.0)
-                    opt.step()
+                    _train_step(task, hp, model, opt, batch)
                 if step >= 2:
                     times[v].append(time.perf_counter() - t0)
         base = statistics.median(times[variants[0]])
@@ -263,4 +324,388 @@ def format_step_table(rows) -> str:
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['preset']} | {r['batch_size']} | {r['threads']} | {r['variant']} | "
                      f"{r['t_step_ms']:.1f} | {r['x_first']:.2f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# where a step's time goes
+
+PROFILE_KINDS = ("matmul", "softmax", "norm", "loss", "optimizer", "elementwise", "nonlinear")
+PROFILE_PARTS = ("kernel", "torch op", "conversion", "allocation", "python", "dispatch")
+# aten ops run inside PA implementations, by what they cost
+_ALLOCATION = frozenset(
+    "empty empty_like empty_strided empty_permuted zeros zeros_like ones ones_like full full_like "
+    "new_empty new_empty_strided new_zeros new_ones new_full scalar_tensor lift_fresh "
+    "lift_fresh_copy".split())
+_CONVERSION = frozenset("_to_copy clone contiguous copy_".split())
+# pamtorch.nn.functional's raw forward/backward functions (run by the function-level
+# routes and their autograd backward), by op kind
+_RAW_KINDS = (("log_softmax", "loss"), ("softmax", "softmax"), ("layer_norm", "norm"),
+              ("rms_norm", "norm"), ("gelu", "nonlinear"), ("nll_loss", "loss"),
+              ("mse_loss", "loss"), ("dropout", "elementwise"))
+
+
+class _Profile:
+    """Exclusive (self) wall time of nested regions, by (op kind, part).
+
+    A region's kind is given or inherited from the enclosing region (None: outside any PA
+    op). ``charge`` holds calibrated costs (see :func:`_calibrate`): what timing a region
+    adds to its parent, booked as "instrumentation", not as the parent's time, and what
+    crossing into a Python dispatch mode costs."""
+
+    def __init__(self, charge=None):
+        self.self_t: dict = {}
+        self.calls: dict = {}
+        self.stack: list = []
+        self.charge = charge or {}
+        self.instrumentation = 0.0
+
+    def enter(self, kind, part):
+        if kind is None and self.stack:
+            kind = self.stack[-1][0]
+        frame = [kind, part, 0.0, time.perf_counter()]
+        self.stack.append(frame)
+        return frame
+
+    def leave(self, frame, charge=0.0, crossing=0.0):
+        """End ``frame``; ``charge`` (the timer's own cost) and ``crossing`` (the estimated
+        cost of reaching this frame's Python mode from C++, booked to this frame's
+        kind and part) are taken out of the parent's time."""
+        dt = time.perf_counter() - frame[3]
+        self.stack.pop()
+        key = (frame[0], frame[1])
+        self.self_t[key] = self.self_t.get(key, 0.0) + dt - frame[2] + crossing
+        self.calls[key] = self.calls.get(key, 0) + 1
+        self.instrumentation += charge
+        if self.stack:
+            self.stack[-1][2] += dt + charge + crossing
+
+    def call(self, kind, part, fn, *args, **kwargs):
+        frame = self.enter(kind, part)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.leave(frame, self.charge.get("call", 0.0))
+
+
+def _profile_classes():
+    """The timing modes, built on first use (pamtorch.mode imports the op table)."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    M = importlib.import_module("pamtorch.mode")  # the module (pamtorch.mode is also the function)
+
+    class InnerTimer(TorchDispatchMode):
+        """Times the aten ops a PA implementation runs (no mode sees them otherwise)."""
+
+        def __init__(self, prof):
+            super().__init__()
+            self.prof = prof
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            part = "allocation" if name in _ALLOCATION else "conversion" if name in _CONVERSION else "torch op"
+            prof = self.prof
+            frame = prof.enter(None, part)
+            try:
+                return func(*args, **(kwargs or {}))
+            finally:
+                prof.leave(frame, prof.charge.get("inner", 0.0))
+
+    class ProfiledPAMode(M.PAMode):
+        """:class:`pamtorch.mode.PAMode` with its parts timed: the handler itself
+        ("dispatch": classification, table lookup, config, recorder loop), pass-through ops,
+        and each routed op's work with the aten ops inside it. The same paths as PAMode's
+        ``__torch_dispatch__`` (``_facts``, ``_decide``, then ``_route``), the same results."""
+
+        def __init__(self, config, prof):
+            super().__init__(config)
+            self.prof, self.inner = prof, InnerTimer(prof)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            prof = self.prof
+            frame = prof.enter(None, "dispatch")
+            try:
+                kwargs = kwargs or {}
+                o = M._facts(func)
+                d = M._FREE if o.free else M._decide(o, func, args, kwargs)
+                if d is M._FREE:
+                    return prof.call(None, "torch op", func, *args, **kwargs)
+                return self._route(o, func, d, args, kwargs)
+            finally:
+                prof.leave(frame, prof.charge.get("call", 0.0), prof.charge.get("crossing", 0.0))
+
+        def _work(self, kind, impl, func, args, kwargs, opcfg):
+            prof = self.prof
+            prof.stack[-1][0] = kind  # the handler's own time counts to this op's kind
+            if impl is None:  # left exact by the config
+                return prof.call(kind, "torch op", func, *args, **kwargs)
+            frame = prof.enter(kind, "python")
+            try:
+                with self.inner:
+                    return impl(func, args, kwargs, opcfg)
+            finally:
+                frame[2] += prof.charge.get("enter", 0.0)
+                prof.instrumentation += prof.charge.get("enter", 0.0)
+                prof.leave(frame, prof.charge.get("call", 0.0))
+
+    class OpTimer(TorchDispatchMode):
+        """fp32: each aten op's time, by the kind the PA mode would give it."""
+
+        def __init__(self, prof):
+            super().__init__()
+            self.prof, self.kinds = prof, M.PAMode()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = time.perf_counter()
+            kwargs = kwargs or {}
+            kind = None
+            if M.decide(func, args, kwargs).cls == "routable":
+                kind = self.kinds.kind_config(M.op_kind(func))[0]
+            prof = self.prof
+            prof.instrumentation += time.perf_counter() - t0 + prof.charge.get("crossing", 0.0)
+            return prof.call(kind, "torch op", func, *args, **kwargs)
+
+    class NullDispatch(TorchDispatchMode):
+        """Runs every aten op as is: what any Python dispatch mode costs."""
+
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    class NullFunction(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    return InnerTimer, ProfiledPAMode, OpTimer, NullDispatch, NullFunction
+
+
+def _calibrate(n: int = 2000) -> dict:
+    """What timing one region adds to its parent, in seconds: a Python call wrapped by
+    ``_Profile.call`` ("call"), an aten op seen by the inner timing mode ("inner"), and
+    entering/leaving that mode ("enter"); and what an aten op costs more under a
+    pass-through Python dispatch mode ("crossing") or function mode ("function crossing");
+    medians of 5 rounds."""
+    InnerTimer, _, _, NullDispatch, NullFunction = _profile_classes()
+    x = torch.zeros(1)
+    noop = lambda: None  # noqa: E731
+    out = {"call": [], "inner": [], "enter": [], "crossing": [], "function crossing": []}
+    for _ in range(5):
+        prof = _Profile()
+        top = prof.enter("cal", "python")
+        for _ in range(n):
+            prof.call(None, "torch op", noop)
+        prof.leave(top)
+        out["call"].append(prof.self_t[("cal", "python")] / n)
+        prof = _Profile()
+        inner = InnerTimer(prof)
+        top = prof.enter("cal", "python")
+        with inner:
+            for _ in range(n):
+                x.neg()
+        prof.leave(top)
+        base = _time(lambda: [x.neg() for _ in range(n)])
+        # the whole loop under the mode, less the same loop without it, per op
+        whole = prof.self_t[("cal", "python")] + prof.self_t[("cal", "torch op")]
+        out["inner"].append(max(0.0, (whole - base) / n))
+        t0 = time.perf_counter()
+        for _ in range(n // 10):
+            with inner:
+                pass
+        out["enter"].append((time.perf_counter() - t0) / (n // 10))
+        for key, null in (("crossing", NullDispatch()), ("function crossing", NullFunction())):
+            with null:
+                t = _time(lambda: [x.neg() for _ in range(n)])
+            out[key].append(max(0.0, (t - base) / n))
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def _install(prof, kernels_ext, raw_module):
+    """Time the compiled kernels and pamtorch.nn.functional's raw forward/backward
+    functions while ``prof`` profiles; returns what to restore."""
+    saved = []
+    if kernels_ext is not None:
+        for name in dir(kernels_ext):
+            if name.startswith(("ew_", "pam_")):
+                fn = getattr(kernels_ext, name)
+                default = "matmul" if name.startswith("pam_") else "elementwise"
+
+                def kernel(*args, _fn=fn, _kind=default, **kwargs):
+                    # a kernel outside any PA op (a function-level route's backward) counts by its own kind
+                    return prof.call(None if prof.stack else _kind, "kernel", _fn, *args, **kwargs)
+                saved.append((kernels_ext, name, fn))
+                setattr(kernels_ext, name, kernel)
+    for name in dir(raw_module):
+        if name.endswith(("_forward", "_backward")):
+            kind = next((k for prefix, k in _RAW_KINDS if name.startswith(prefix + "_")), None)
+            if kind is not None:
+                fn = getattr(raw_module, name)
+                saved.append((raw_module, name, fn))
+                setattr(raw_module, name, lambda *a, _fn=fn, _kind=kind, **k: prof.call(_kind, "python", _fn, *a, **k))
+    return saved
+
+
+def _restore(saved):
+    for obj, name, fn in saved:
+        setattr(obj, name, fn)
+
+
+def bench_profile(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "pam-full"), reps: int = 5,
+                  threads=None, train_args=(), seed: int = 0) -> list:
+    """Where a training step's time goes, under each arithmetic ``variant`` against fp32.
+
+    Each step (the one :func:`bench_step` times) runs in turn, interleaved: plain fp32;
+    fp32 under a pass-through Python function mode and dispatch mode (what crossing into
+    Python for every op costs); each variant as ``pamtorch train --arith`` runs it; then
+    fp32 with each aten op timed, and each variant under a timing subclass of the mode.
+    The timed PA step is split into exclusive (self) times by op kind (the config field
+    that decides the op: matmul, softmax, norm, loss, optimizer, elementwise, nonlinear;
+    pass-through ops outside any PA op on their own) and, within a kind, by part: the
+    compiled PA kernels (packing included), exact torch ops (an exact op of a kind the
+    config leaves exact, or the additions, sums and selects inside a PA op),
+    conversions/copies (``_to_copy``, ``clone``, ``copy_``), allocations (``empty``,
+    ``full``, ``scalar_tensor``, ...), pamtorch's Python around them, and the mode's
+    handler (classification, table lookup, config, recorder loop). What is left of the
+    step is the rest: the model's and autograd's own time and the crossings into the
+    Python modes. The timers' calibrated cost is taken out of the times. fp32's aten ops
+    are grouped by the kind the mode would give them.
+
+    Returns one dict per variant (see :func:`format_profile_table`)."""
+    M = importlib.import_module("pamtorch.mode")  # the module (pamtorch.mode is also the function)
+    from .config import Config
+    from .kernels import cpu
+    from .nn import functional as PF
+    from .recipes import train as T
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    variants = tuple(v for v in variants if v != "fp32")  # fp32 is always the baseline
+    if not variants:
+        raise T.UserError("bench profile: name at least one variant besides fp32 (e.g. pam-full)")
+    _, ProfiledPAMode, OpTimer, NullDispatch, NullFunction = _profile_classes()
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        task, hp = _step_setup(recipe, train_args, seed)
+        charge = _calibrate()
+        ext = cpu.load_extension()
+        plain = ["fp32", "null", *variants]
+        timed = ["fp32", *variants]
+        models = dict(zip([("plain", v) for v in plain] + [("timed", v) for v in timed],
+                          _copies(task, hp, len(plain) + len(timed))))
+        profs = {v: _Profile(charge) for v in timed}
+        nulls = (NullFunction(), NullDispatch())
+        times = {k: [] for k in models}
+
+        @contextlib.contextmanager
+        def context(how, v):
+            with T.arith_context("fp32" if how == "timed" or v == "null" else v)():
+                if how == "plain" and v == "null":
+                    with nulls[0], nulls[1]:
+                        yield
+                elif how == "timed" and v == "fp32":
+                    hooks = [register_optimizer_step_pre_hook(M._opt_pre),
+                             register_optimizer_step_post_hook(M._opt_post)]
+                    try:
+                        with OpTimer(profs[v]):
+                            yield
+                    finally:
+                        for h in hooks:
+                            h.remove()
+                elif how == "timed":
+                    saved = _install(profs[v], ext, PF)
+                    try:
+                        with M._entered(ProfiledPAMode(Config.from_name(v), profs[v])):
+                            yield
+                    finally:
+                        _restore(saved)
+                else:
+                    yield
+
+        for step in range(reps + 2):  # two warm-up steps
+            if step == 2:
+                for prof in profs.values():
+                    prof.__init__(charge)
+                for n in nulls:
+                    n.calls = 0
+            batch = task.batch(step, hp.batch_size, seed)
+            for (how, v), (model, opt) in models.items():
+                torch.manual_seed(step)
+                t0 = time.perf_counter()
+                with context(how, v):
+                    _train_step(task, hp, model, opt, batch)
+                if step >= 2:
+                    times[how, v].append(time.perf_counter() - t0)
+        med = {k: statistics.median(t) for k, t in times.items()}
+        fp32 = profs["fp32"]
+        fp32_by_kind = {}
+        for (kind, _), t in fp32.self_t.items():
+            fp32_by_kind[kind] = fp32_by_kind.get(kind, 0.0) + t / reps
+        fp32_ops = sum(fp32.calls.values()) / reps
+        fp32_rest = (sum(times["timed", "fp32"]) - fp32.instrumentation) / reps - sum(fp32_by_kind.values())
+        out = []
+        for v in variants:
+            prof = profs[v]
+            total = sum(times["timed", v]) / reps - prof.instrumentation / reps
+            kinds = [k for k in PROFILE_KINDS] + sorted({k for k, _ in prof.self_t if k not in PROFILE_KINDS
+                                                         and k is not None}) + [None]
+            groups = []
+            for kind in kinds:
+                parts = {p: prof.self_t.get((kind, p), 0.0) / reps for p in PROFILE_PARTS}
+                if not any(parts.values()) and not fp32_by_kind.get(kind):
+                    continue
+                groups.append({"group": kind or "pass-through", "ops": prof.calls.get((kind, "dispatch"), 0) / reps,
+                               "fp32_ms": fp32_by_kind.get(kind, 0.0) * 1e3,
+                               "pa_ms": sum(parts.values()) * 1e3,
+                               "parts_ms": {p: t * 1e3 for p, t in parts.items()}})
+            pa_ops = sum(c for (_, p), c in prof.calls.items() if p == "dispatch") / reps
+            rest = total - sum(g["pa_ms"] for g in groups) / 1e3
+            groups.append({"group": "rest", "ops": None, "fp32_ms": fp32_rest * 1e3, "pa_ms": rest * 1e3,
+                           "parts_ms": {}})
+            out.append({"recipe": recipe, "preset": hp.preset, "variant": v, "threads": torch.get_num_threads(),
+                        "batch_size": hp.batch_size, "t_fp32_ms": med["plain", "fp32"] * 1e3,
+                        "t_null_ms": med["plain", "null"] * 1e3, "t_pa_ms": med["plain", v] * 1e3,
+                        "x_fp32": med["plain", v] / med["plain", "fp32"],
+                        "t_profiled_ms": total * 1e3, "t_profiled_fp32_ms": sum(times["timed", "fp32"]) / reps * 1e3,
+                        "fp32_ops": fp32_ops, "pa_ops": pa_ops, "crossing_us": charge["crossing"] * 1e6,
+                        "function_crossing_us": charge["function crossing"] * 1e6,
+                        "function_calls": nulls[0].calls / reps,
+                        "groups": groups})
+        return out
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def format_profile_table(results) -> str:
+    """Markdown of bench_profile's results: per variant a line of step times and a table
+    of groups, each with its share of the profiled PA step and its parts."""
+    lines = ["Other jobs shared the machine while this ran: compare the ratios and shares, which "
+             "come from one interleaved run, not the absolute times. Shares are of the profiled PA "
+             "step (the timers' own calibrated cost taken out); a group's parts add up to its share."]
+    heads = ["PA kernels", "exact torch ops", "conversion/copy", "allocation", "pamtorch Python", "mode dispatch"]
+    for r in results:
+        lines += ["", f"**{r['recipe']} ({r['preset']}, batch {r['batch_size']}, {r['threads']} threads), "
+                      f"{r['variant']}**: step {r['t_pa_ms']:.1f} ms = **{r['x_fp32']:.2f}x fp32** "
+                      f"({r['t_fp32_ms']:.1f} ms); fp32 under pass-through Python modes {r['t_null_ms']:.1f} ms. "
+                      f"{r['pa_ops']:.0f} aten ops reach the dispatch mode per PA step ({r['fp32_ops']:.0f} per "
+                      f"fp32 step), each crossing into Python for about {r['crossing_us']:.1f} us (counted in "
+                      f"'mode dispatch'); about {r['function_calls']:.0f} torch function calls per step cross into "
+                      f"the function mode for {r['function_crossing_us']:.1f} us each (in 'rest'). Profiled PA "
+                      f"step {r['t_profiled_ms']:.1f} ms.",
+                  "",
+                  "| group | ops/step | fp32 ms | PA ms | x fp32 | % of PA step | " + " | ".join(heads) + " |",
+                  "|" + "---|" * (6 + len(heads))]
+        total = r["t_profiled_ms"]
+        for g in r["groups"]:
+            pct = lambda ms: f"{100 * ms / total:.1f}"  # noqa: E731
+            x = f"{g['pa_ms'] / g['fp32_ms']:.2f}" if g["fp32_ms"] > 0.05 else "-"
+            ops = "-" if g["ops"] is None else f"{g['ops']:.0f}"
+            parts = [pct(g["parts_ms"][p]) if g["parts_ms"] else "" for p in PROFILE_PARTS]
+            lines.append(f"| {g['group']} | {ops} | {g['fp32_ms']:.1f} | {g['pa_ms']:.1f} | {x} | "
+                         f"{pct(g['pa_ms'])} | " + " | ".join(parts) + " |")
     return "\n".join(lines)

@@ -45,6 +45,10 @@ def _bench(args) -> int:
         rows = bench.bench_step(args.recipe, tuple(args.variants.split(",")), reps=args.reps,
                                 threads=args.threads, train_args=tuple(args.train_args))
         table = bench.format_step_table(rows)
+    elif args.what == "profile":
+        table = bench.format_profile_table(bench.bench_profile(
+            args.recipe, tuple(args.variants.split(",")), reps=args.reps, threads=args.threads,
+            train_args=tuple(args.train_args)))
     else:
         rows = bench.bench_elementwise(tuple(args.sizes or (1 << 16, 1 << 20, 1 << 22)), reps=args.reps,
                                        threads=args.threads)
@@ -72,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_check)
 
     b = sub.add_parser("bench", help="time the kernels against PyTorch and append to BENCHMARKS.md")
-    b.add_argument("what", choices=["matmul", "elementwise", "step"])
-    b.add_argument("--recipe", default="translate", choices=RECIPES,
-                   help="step: the pamtorch train recipe whose training step is timed")
+    b.add_argument("what", choices=["matmul", "elementwise", "step", "profile"])
+    b.add_argument("--recipe", default="translate", choices=(*RECIPES, "encoder"),
+                   help="step, profile: the pamtorch train recipe whose training step is timed, or "
+                        "encoder (a stock nn.TransformerEncoder)")
     b.add_argument("--variants", default="fp32,pam-matmul,pam-full,paper",
                    help="step: arithmetic variants, comma-separated, the first is the baseline")
     b.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],

@@ -64,30 +64,40 @@ def _is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-def _has_float(x) -> bool:
+_FLOAT, _COMPLEX = 1, 2
+
+
+def _nested_scan(x) -> int:
     if isinstance(x, torch.Tensor):
-        return _is_float(x)
+        return _FLOAT if x.is_floating_point() else (_FLOAT | _COMPLEX if x.is_complex() else 0)
+    flags = 0
     if isinstance(x, (list, tuple)):
-        return any(_has_float(y) for y in x)
-    if isinstance(x, dict):
-        return any(_has_float(y) for y in x.values())
-    return False
+        for y in x:
+            flags |= _nested_scan(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            flags |= _nested_scan(y)
+    return flags
 
 
 def is_float_op(args, kwargs) -> bool:
     """Whether any tensor among the (nested list/tuple/dict) arguments is floating point
     or complex."""
-    return _has_float(args) or _has_float(kwargs)
+    return bool((_nested_scan(args) | _nested_scan(kwargs)) & _FLOAT)
 
 
-def _has_complex(x) -> bool:
-    if isinstance(x, torch.Tensor):
-        return x.is_complex()
-    if isinstance(x, (list, tuple)):
-        return any(_has_complex(y) for y in x)
-    if isinstance(x, dict):
-        return any(_has_complex(y) for y in x.values())
-    return False
+def _scan(args, kwargs) -> int:
+    """``_FLOAT`` if a tensor among the (nested list/tuple/dict) arguments is floating
+    point or complex, with ``_COMPLEX`` if one is complex: one pass over the arguments."""
+    flags = 0
+    for x in args:
+        if isinstance(x, torch.Tensor):
+            flags |= _FLOAT if x.is_floating_point() else (_FLOAT | _COMPLEX if x.is_complex() else 0)
+        elif isinstance(x, (list, tuple, dict)):
+            flags |= _nested_scan(x)
+    for x in kwargs.values():
+        flags |= _nested_scan(x)
+    return flags
 
 
 def _float_dtype(x):
@@ -105,6 +115,8 @@ def _float_dtype(x):
 # ---------------------------------------------------------------------------
 # classification
 
+# the per-overload caches are keyed by id(): an OpOverload hashes in Python, id() does
+# not; the overload is kept with the value, and compared, so a reused id cannot mislead
 _SCHEMA_ARGS: dict = {}
 
 
@@ -112,11 +124,11 @@ def _argument(func, args, kwargs, name, default):
     """Argument ``name`` of an aten call, positional or keyword (None-valued as given)."""
     if name in kwargs:
         return kwargs[name]
-    where = _SCHEMA_ARGS.get(func)
-    if where is None:
-        where = _SCHEMA_ARGS[func] = {a.name: i for i, a in enumerate(func._schema.arguments)
-                                      if not a.kwarg_only}
-    i = where.get(name)
+    cached = _SCHEMA_ARGS.get(id(func))
+    if cached is None or cached[0] is not func:
+        cached = _SCHEMA_ARGS[id(func)] = (func, {a.name: i for i, a in enumerate(func._schema.arguments)
+                                                  if not a.kwarg_only})
+    i = cached[1].get(name)
     return args[i] if i is not None and i < len(args) else default
 
 
@@ -178,7 +190,50 @@ class Decision:
 
 
 _FREE = Decision("free")
+_AFTER = Decision("after", "integer inputs, and a result type only known after running it")
+_COMPLEX_OPERANDS = Decision("unknown", "PA arithmetic is defined on real floating-point numbers, and "
+                                        "this multiply-like call has complex operands")
+_NO_PA = Decision("unknown", "it is a floating-point op with no piecewise affine implementation, not "
+                             "known to be free of multiplications")
+_MULTIPLY_LIKE = Decision("routable", "a multiply-like op")
 _UNKNOWN_RESULT = object()
+
+
+class _Overload:
+    """What the classification needs from an aten overload alone: its packet, op-table
+    entry, ``FREE_WHEN`` condition, whether it passes through, takes complex operands,
+    writes its first argument; and ``free``: every call is free, whatever the arguments
+    (a collective, or a pass-through op with no PA implementation and no condition)."""
+
+    __slots__ = ("func", "packet", "entry", "cond", "pass_through", "complex_ok", "writes_self", "free")
+
+    def __init__(self, func):
+        packet = func.overloadpacket
+        self.func, self.packet = func, packet
+        self.entry, self.cond = OP_TABLE.get(packet), FREE_WHEN.get(packet)
+        self.pass_through, self.complex_ok = packet in PASS_THROUGH, packet in COMPLEX_OK
+        schema = func._schema.arguments
+        self.writes_self = bool(schema) and schema[0].alias_info is not None and schema[0].alias_info.is_write
+        self.free = func.namespace in _COMMUNICATION or \
+            (self.pass_through and self.entry is None and self.cond is None)
+
+
+_OVERLOADS: dict = {}     # id(overload) -> _Overload
+_TABLE_SIZES = [None]     # the sizes of the tables _OVERLOADS was filled from
+
+
+def _facts(func) -> _Overload:
+    """The cached :class:`_Overload` of ``func``; all are found again once an op table
+    (OP_TABLE, PASS_THROUGH, FREE_WHEN, COMPLEX_OK) has changed size, so ops registered
+    later count."""
+    sizes = (len(OP_TABLE), len(PASS_THROUGH), len(FREE_WHEN), len(COMPLEX_OK))
+    if sizes != _TABLE_SIZES[0]:
+        _OVERLOADS.clear()
+        _TABLE_SIZES[0] = sizes
+    o = _OVERLOADS.get(id(func))
+    if o is None or o.func is not func:
+        o = _OVERLOADS[id(func)] = _Overload(func)
+    return o
 
 
 def _meta(x):
@@ -233,34 +288,34 @@ def _float_result(func, args, kwargs):
 def decide(func, args, kwargs, out=_UNKNOWN_RESULT) -> Decision:
     """The :class:`Decision` for one aten call; ``out``, when given, is its result (the
     audit classifies after running, so it needs no meta run)."""
-    if func.namespace in _COMMUNICATION:
+    return _decide(_facts(func), func, args, kwargs, out)
+
+
+def _decide(o: _Overload, func, args, kwargs, out=_UNKNOWN_RESULT) -> Decision:
+    if o.free:
         return _FREE
-    packet = func.overloadpacket
+    flags = _scan(args, kwargs)
     promote = None
-    if not is_float_op(args, kwargs):
-        if packet in PASS_THROUGH:
+    if not flags & _FLOAT:
+        if o.pass_through:
             return _FREE
         promote = _float_result(func, args, kwargs) if out is _UNKNOWN_RESULT else _float_dtype(out)
         if promote is None:
             return _FREE
         if promote is _UNKNOWN_RESULT:
-            return Decision("after", "integer inputs, and a result type only known after running it")
-    cond = FREE_WHEN.get(packet)
+            return _AFTER
+    cond, routable = o.cond, o.entry is not None
     why = None if cond is None else cond(func, args, kwargs)
-    if (why is not None or (cond is None and packet in OP_TABLE)) and packet not in COMPLEX_OK and \
-            (_has_complex(args) or _has_complex(kwargs) or (promote is not None and promote.is_complex)):
-        return Decision("unknown", "PA arithmetic is defined on real floating-point numbers, and "
-                                   "this multiply-like call has complex operands")
+    if (why is not None or (cond is None and routable)) and not o.complex_ok and \
+            (flags & _COMPLEX or (promote is not None and promote.is_complex)):
+        return _COMPLEX_OPERANDS
     if promote is not None:
         why = f"its integer inputs give a {promote} result"
     elif why is None:
-        if cond is not None or (packet not in OP_TABLE and packet in PASS_THROUGH):
+        if cond is not None or (not routable and o.pass_through):
             return _FREE
-        if packet not in OP_TABLE:
-            return Decision("unknown", "it is a floating-point op with no piecewise affine "
-                                       "implementation, not known to be free of multiplications")
-    return Decision("routable" if packet in OP_TABLE else "unknown",
-                    why or "a multiply-like op", promote)
+        return _MULTIPLY_LIKE if routable else _NO_PA
+    return Decision("routable" if routable else "unknown", why, promote)
 
 
 def classify(func, args, kwargs, out=_UNKNOWN_RESULT) -> str:
@@ -274,18 +329,10 @@ def classify(func, args, kwargs, out=_UNKNOWN_RESULT) -> str:
     return "unknown" if cls == "after" else cls
 
 
-_WRITES_SELF: dict = {}
-
-
-def _check_inplace(func, args, kwargs):
+def _check_inplace(o: _Overload, func, args, kwargs):
     """Raise torch's error for an in-place op whose float result cannot be written into
     its integer/boolean ``self`` (``int_tensor.mul_(float_tensor)``)."""
-    writes = _WRITES_SELF.get(func)
-    if writes is None:
-        schema = func._schema.arguments
-        writes = _WRITES_SELF[func] = bool(schema) and schema[0].alias_info is not None and \
-            schema[0].alias_info.is_write
-    if not writes or not args:
+    if not o.writes_self or not args:
         return
     selfs = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
     if all(not isinstance(t, torch.Tensor) or _is_float(t) for t in selfs):
@@ -374,8 +421,8 @@ class PAMode(TorchDispatchMode):
         super().__init__()
         self.leave_packets, self.leave_overloads, self.leave_kinds = _leave_exact(leave_exact)
         config = config or Config.paper()
-        self.config = config.replace(**{k: dataclasses.replace(config.kind(k), pa=False)
-                                        for k in self.leave_kinds})
+        self.config = config.replace(**{k: OpConfig(pa=False) for k in self.leave_kinds})
+        self.leaves = bool(self.leave_packets or self.leave_overloads or self.leave_kinds)
         self.modules: list = []   # modules entered under the mode, this thread (mode() tracks them)
         self.thread = threading.get_ident()
 
@@ -412,12 +459,20 @@ class PAMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        d = decide(func, args, kwargs)
-        if d.cls == "free":
+        o = _facts(func)
+        if o.free:  # views, copies, sums, ...: one dict lookup
             return func(*args, **kwargs)
-        entry = OP_TABLE.get(func.overloadpacket) if d.cls == "routable" else None
-        if func in self.leave_overloads or func.overloadpacket in self.leave_packets or \
-                (entry is not None and self.kind_config(entry.kind)[0] in self.leave_kinds):
+        d = _decide(o, func, args, kwargs)
+        if d is _FREE:
+            return func(*args, **kwargs)
+        return self._route(o, func, d, args, kwargs)
+
+    def _route(self, o: _Overload, func, d: Decision, args, kwargs):
+        """A call that is not free: left exact on request, refused, run exact where the
+        config leaves its kind exact, or run by its PA implementation."""
+        entry = o.entry if d.cls == "routable" else None
+        if self.leaves and (func in self.leave_overloads or o.packet in self.leave_packets or
+                            (entry is not None and self.kind_config(entry.kind)[0] in self.leave_kinds)):
             with exact_by_request():
                 return func(*args, **kwargs)
         if d.cls == "after":
@@ -427,27 +482,36 @@ class PAMode(TorchDispatchMode):
                 return out
             raise self.unsupported(func, f"its integer inputs gave a {dtype} result, computed "
                                          "with float arithmetic that has no PA implementation")
-        _check_inplace(func, args, kwargs)
+        _check_inplace(o, func, args, kwargs)
         if d.cls == "unknown":
             raise self.unsupported(func, d.reason)
-        _, opcfg = self.kind_config(entry.kind)
+        kind, opcfg = self.kind_config(entry.kind)
         if not opcfg.pa:  # the config leaves this kind exact
-            return func(*args, **kwargs)
+            return self._work(kind, None, func, args, kwargs, opcfg)
         if d.promote is not None:
             args, kwargs = _to_dtype(args, d.promote), _to_dtype(kwargs, d.promote)
         _ACTIVE.append(self.config)
         try:
-            with routing():
-                out = entry.impl(func, args, kwargs, opcfg)
+            if RECORDERS:  # routing() only tells the recorders
+                with routing():
+                    out = self._work(kind, entry.impl, func, args, kwargs, opcfg)
+            else:
+                out = self._work(kind, entry.impl, func, args, kwargs, opcfg)
         except UnsupportedOpError as e:
             if getattr(e, "pamtorch_context", False):
                 raise
             raise self.unsupported(func, str(e).removeprefix("pamtorch.mode: ")) from e
         finally:
             _ACTIVE.pop()
-        for rec in list(RECORDERS):
-            rec.routed(func, args, kwargs, out)
+        if RECORDERS:
+            for rec in list(RECORDERS):
+                rec.routed(func, args, kwargs, out)
         return out
+
+    def _work(self, kind, impl, func, args, kwargs, opcfg):
+        """The work of a call of op kind ``kind``: exact (``impl`` None) or PA; the one
+        place :func:`pamtorch.bench.bench_profile` times, by kind."""
+        return func(*args, **kwargs) if impl is None else impl(func, args, kwargs, opcfg)
 
 
 def _softmax_route(input, dim=None, _stacklevel=3, dtype=None, *, derivative):
@@ -596,7 +660,14 @@ def mode(config: Config | None = None, leave_exact=()):
     if not isinstance(config, Config):
         raise TypeError(f"pamtorch.mode: config must be a pamtorch Config, got {type(config).__name__}")
     leave_exact = tuple(leave_exact)
-    dispatch = PAMode(config, leave_exact)
+    with _entered(PAMode(config, leave_exact), leave_exact):
+        yield
+
+
+@contextlib.contextmanager
+def _entered(dispatch: PAMode, leave_exact=()):
+    """The body of :func:`mode` around a given dispatch mode (``pamtorch.bench``'s
+    profile enters a timing subclass of :class:`PAMode` this way)."""
     stack, thread = dispatch.modules, dispatch.thread
 
     def enter(module, args):
