@@ -275,3 +275,114 @@ def test_beam_search_incremental_and_per_sentence_limits():
     assert inc == full
     assert alone[0] == inc[1]  # the batch it is decoded in does not matter
     assert len(inc[1]) <= int(2 * 1.5) + 10
+
+
+# ----------------------------------------------------------------------------- presets carry the paper's setup
+
+
+def test_iwslt_preset_carries_the_papers_training_setup():
+    hp = resolve_hparams(args_for("translate", preset="iwslt"), translate)
+    assert (hp.lr, hp.warmup, hp.max_tokens, hp.clip, hp.weight_decay, hp.betas, hp.label_smoothing) == \
+        (5e-4, 4000, 4096, 0.0, 1e-4, (0.9, 0.98), 0.1)
+    assert (hp.extra["steps"], hp.extra["max_len_a"], hp.extra["max_len_b"]) == (22021, 1.2, 10)
+    c = hp.model_config
+    assert (c.dropout, c.attn_dropout, c.act_dropout) == (0.3, 0.0, 0.0)
+    model = translate.Transformer(dataclasses.replace(c, vocab_size=100, enc_layers=1, dec_layers=1))
+    for layer in list(model.encoder.layers) + list(model.decoder.layers):
+        assert layer.self_attn.dropout == 0.0 and layer.dropout.p == 0.0 and layer.dropout1.p == 0.3
+    assert model.decoder.layers[0].multihead_attn.dropout == 0.0 and model.drop.p == 0.3
+    # the command line wins: --lr, and --batch-size replaces the token batching
+    hp = resolve_hparams(args_for("translate", preset="iwslt", lr=1e-3, batch_size=32), translate)
+    assert hp.lr == 1e-3 and hp.max_tokens is None and hp.batch_size == 32
+    with pytest.raises(UserError, match="--max-tokens 100 --batch-size 32: give one"):
+        resolve_hparams(args_for("translate", max_tokens=100, batch_size=32), translate)
+    assert resolve_hparams(args_for("translate"), translate).max_tokens is None  # tiny: sentence batches
+
+
+def test_deit_tiny_preset_carries_the_papers_training_setup():
+    hp = resolve_hparams(args_for("vit", preset="deit-tiny"), vit)
+    assert (hp.lr, hp.weight_decay, hp.warmup_epochs, hp.min_lr, hp.clip, hp.augment, hp.label_smoothing) == \
+        (5e-4, 0.05, 5, 1e-5, 0.0, True, 0.1)
+    assert hp.optimizer == "adamw" and hp.extra["epochs"] == 600
+    assert (hp.model_config.drop_path, hp.model_config.ln_eps) == (0.1, 1e-6)
+    assert resolve_hparams(args_for("vit", preset="deit-tiny", warmup=10), vit).warmup_epochs is None  # steps win
+    cfg = dataclasses.replace(hp.model_config, in_chans=3, num_classes=10, depth=5)
+    model = vit.ViT(cfg)
+    assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])  # linear in depth
+    assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, nn.LayerNorm))
+
+
+def test_drop_path_drops_whole_samples_and_scales_the_rest():
+    torch.manual_seed(0)
+    dp = vit.DropPath(0.25)
+    x = torch.randn(4000, 3, 5)
+    y = dp(x)
+    kept = (y != 0).flatten(1).all(1)
+    dropped = (y == 0).flatten(1).all(1)
+    assert bool((kept | dropped).all())                       # a sample is kept or dropped whole
+    assert 0.22 < dropped.float().mean().item() < 0.28        # with probability p
+    assert torch.equal(y[kept], x[kept] * (1 / 0.75))        # the kept ones scaled by 1/(1-p)
+    assert torch.equal(dp.eval()(x), x)                       # identity in evaluation
+    import pamtorch
+
+    with pamtorch.mode(pamtorch.Config.full()):              # under the mode: x ·̂ (1 ÷̂ (1-p)), no float product
+        z = vit.DropPath(0.25)(x)
+    k = (z != 0).flatten(1).all(1)
+    assert torch.equal(z[k], pamtorch.mul(x[k], pamtorch.div(torch.ones(()), 0.75)))
+
+
+def _toy_task(tmp_path, **kw):
+    args = args_for("translate", data="toy", **kw)
+    hp = resolve_hparams(args, translate)
+    return translate.Task(args, hp, tmp_path, torch.device("cpu")), hp
+
+
+def test_token_batches_hold_at_most_max_tokens(tmp_path):
+    task, hp = _toy_task(tmp_path, max_tokens=300)
+    sizes = [max(len(s), len(t) - 1) for s, t in task.train_pairs]
+    batches = task.token_batches
+    assert all(len(b) * max(sizes[j] for j in b) <= 300 for b in batches)
+    flat = sorted(j for b in batches for j in b)
+    assert len(flat) == len(set(flat)) and len(flat) >= len(sizes) - 300 // min(sizes)  # at most a short last one
+    assert task.steps_per_epoch(hp.batch_size) == len(batches)
+    # a pure function of the step; an epoch visits each batch once, a new epoch in a new order
+    n = len(batches)
+    seen = [task.batch(i, None, seed=0) for i in range(n + 1)]
+    for src, tgt_in, tgt_out in seen:
+        assert src.numel() <= 300 and tgt_in.numel() <= 300
+    assert all(torch.equal(a, b) for a, b in zip(seen[3], task.batch(3, None, seed=0)))
+    first = {tuple(sorted(int(x) for x in s.sum(1))) for s, _, _ in seen[:n]}
+    assert len(first) == n
+    # two processes split each batch
+    a, b = task.batch(5, None, seed=0, rank=0, world=2), task.batch(5, None, seed=0, rank=1, world=2)
+    assert len(a[0]) + len(b[0]) == len(seen[5][0])
+    with pytest.raises(UserError, match="--max-tokens 8: a batch of the longest training pair"):
+        _toy_task(tmp_path, max_tokens=8)
+
+
+def test_translate_split_trims_each_micro_batch(tmp_path):
+    task, hp = _toy_task(tmp_path)
+    src, tgt_in, tgt_out = task.batch(0, 16, seed=0)
+    parts = task.split((src, tgt_in, tgt_out), 3)
+    assert [len(p[0]) for p in parts] == [6, 5, 5]
+    for (s, ti, to), s_full, to_full in zip(parts, src.tensor_split(3), tgt_out.tensor_split(3)):
+        assert (s[:, -1] != translate.PAD).any() and (to[:, -1] != translate.PAD).any()  # no all-PAD column
+        assert torch.equal(s, s_full[:, :s.size(1)]) and (s_full[:, s.size(1):] == translate.PAD).all()
+        assert torch.equal(to, to_full[:, :to.size(1)]) and ti.shape == to.shape
+
+
+def test_beam_search_length_limit_is_max_len_a_times_source_plus_b():
+    class NeverEnds(translate.Transformer):
+        def decode_step(self, *a):
+            logits, cache = super().decode_step(*a)
+            logits[:, translate.EOS] = float("-inf")
+            return logits, cache
+
+    torch.manual_seed(0)
+    model = NeverEnds(dataclasses.replace(translate.PRESETS["tiny"], vocab_size=50, dropout=0.0, max_len=200)).eval()
+    src = torch.randint(4, 50, (2, 21))
+    src[1, 7:] = translate.PAD
+    out = translate.beam_search(model, src, beam=2, max_len_a=1.2, max_len_b=10)
+    assert [len(h) for h in out] == [int(21 * 1.2) + 10, int(7 * 1.2) + 10]
+    out = translate.beam_search(model, src, beam=2)  # the tiny preset's default: 1.5 x source + 10
+    assert [len(h) for h in out] == [int(21 * 1.5) + 10, int(7 * 1.5) + 10]

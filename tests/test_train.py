@@ -366,3 +366,27 @@ def test_eval_arith_exact_evaluates_and_decodes_outside_the_mode(tmp_path, recip
     exact, same = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("exact", "same"))
     assert exact["valid_loss"] != same["valid_loss"]
     assert losses(tmp_path / "exact") == losses(tmp_path / "same")  # training is the same either way
+
+
+# ----------------------------------------------------------------------------- presets in runs (issue 11 item 8)
+
+
+def test_translate_token_batches_with_accum_run_and_resume(tmp_path):
+    base = TINY["translate"] + ["--max-tokens", "200", "--accum", "2", "--steps", "6", "--eval-every", "3"]
+    train(base + ["--out", str(tmp_path / "full")])
+    m = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert m["max_tokens"] == 200 and m["accum"] == 2 and m["completed"]
+    train(base + ["--out", str(tmp_path / "part"), "--stop-at", "3"])
+    train(base + ["--out", str(tmp_path / "part"), "--resume"])
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+
+
+def test_deit_tiny_preset_in_a_run(tmp_path):
+    """The deit-tiny preset's training settings reach the run: 5 warmup epochs as steps, min lr,
+    no clipping, augmentation (on the digits at 8x8 here: the model is cut down with --set)."""
+    train(["vit", "--preset", "deit-tiny", "--set", "img_size=8", "--set", "patch_size=2", "--set", "dim=16",
+           "--set", "depth=2", "--set", "heads=2", "--set", "mlp_dim=16", "--batch-size", "16", "--steps", "2",
+           "--eval-every", "2", "--no-progress", "--threads", "1", "--out", str(tmp_path)])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert (m["warmup_steps"], m["min_lr"], m["clip"], m["augment"], m["lr"]) == (5 * (1437 // 16), 1e-5, 0.0, True, 5e-4)
+    assert (m["model_config"]["drop_path"], m["model_config"]["ln_eps"]) == (0.1, 1e-6)

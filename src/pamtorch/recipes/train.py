@@ -23,11 +23,11 @@ in standard arithmetic (``--eval-arith exact``, as the paper's released code dec
 Presets set the model and, where the paper gives them, the training settings; every value given on
 the command line wins. Sources: the paper's released commands (epfml/pam README).
   vit deit-tiny      DeiT-Tiny, drop path 0.1, LayerNorm eps 1e-6, AdamW lr 5e-4, weight decay 0.05,
-                     5 warmup epochs, min lr 1e-5, batch 256, no clipping, light augmentation
-                     ("TIMM DeiT CIFAR10": -b 64 on 4 processes; timm's DeiT eps)
-  translate iwslt    transformer_iwslt_de_en, lr 5e-4, 4000 warmup steps, --max-tokens 4096, dropout 0.3
-                     with attention and activation dropout 0, no clipping, beam 5 with max length
-                     1.2 x source + 10 ("FAIRSEQ IWSLT2014-De-En" and fairseq's architecture defaults)
+                     5 warmup epochs, min lr 1e-5, batch 256, no clipping, light augmentation, 600
+                     epochs ("TIMM DeiT CIFAR10": -b 64 on 4 processes; timm's DeiT eps)
+  translate iwslt    transformer_iwslt_de_en, lr 5e-4, 4000 warmup steps, 22021 steps, --max-tokens 4096,
+                     dropout 0.3 with attention and activation dropout 0, no clipping, beam 5 with max
+                     length 1.2 x source + 10 ("FAIRSEQ IWSLT2014-De-En", fairseq's architecture defaults)
   cnn resnet20/110   pre-activation ResNet-20/110, SGD (Nesterov) momentum 0.9, lr 0.2, batch 256,
                      weight decay 2e-4, 5 warmup epochs, min lr 1e-5 ("Pre-residual RN20/RN110")
   cnn vgg13, vgg     VGG13 without BN (vgg: a small VGG with BN), lr 0.05, batch 128, weight decay 5e-4
@@ -750,10 +750,10 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
         total = args.steps
     elif args.epochs is not None:
         total = max(1, int(round(args.epochs * spe)))
-    elif "steps" in recipe.DEFAULTS:
-        total = recipe.DEFAULTS["steps"]
+    elif "steps" in hp.extra:  # the recipe's or preset's run length
+        total = hp.extra["steps"]
     else:
-        total = max(1, int(round(recipe.DEFAULTS["epochs"] * spe)))
+        total = max(1, int(round(hp.extra["epochs"] * spe)))
     if hp.warmup_epochs is not None:
         warmup = int(round(hp.warmup_epochs * spe))
     else:

@@ -4,6 +4,19 @@ sinusoidal positions, decoder input embedding tied to the output projection).
 
 Stock torch.nn modules only (Embedding, TransformerEncoderLayer, TransformerDecoderLayer). One
 joint byte-level BPE vocabulary is trained on the training split of both languages.
+
+Dropout as in fairseq: ``dropout`` on the embeddings and the residual branches, ``attn_dropout`` on
+the attention weights and ``act_dropout`` after the FFN's ReLU (fairseq's ``--attention-dropout``
+and ``--activation-dropout``, both 0 in ``transformer_iwslt_de_en``).
+
+Presets: ``tiny`` (default) is a small model for a CPU. ``iwslt`` is the paper's model and training
+setup, from the released command (epfml/pam README, "FAIRSEQ IWSLT2014-De-En": ``--arch
+transformer_iwslt_de_en --share-decoder-input-output-embed --optimizer adam --adam-betas
+'(0.9, 0.98)' --clip-norm 0.0 --lr 5e-4 --lr-scheduler cosine --warmup-updates 4000 --dropout 0.3
+--weight-decay 0.0001 --label-smoothing 0.1 --max-tokens 4096 --eval-bleu-args '{"beam": 5,
+"max_len_a": 1.2, "max_len_b": 10}' --max-update 22021``). Not reproduced: fairseq's Adam applies
+the weight decay as L2 in the gradient (AdamW decouples it here), its warmup starts at lr 0 and its
+BLEU is on Moses-detokenized text after removing its own BPE.
 """
 from __future__ import annotations
 
@@ -27,7 +40,9 @@ class TranslateConfig:
     dec_layers: int = 6
     heads: int = 4
     ffn: int = 1024
-    dropout: float = 0.3
+    dropout: float = 0.3       # embeddings and residual branches
+    attn_dropout: float = 0.0  # attention weights
+    act_dropout: float = 0.0   # after the FFN's ReLU
     max_len: int = 256    # longest sentence in tokens (longer training pairs are dropped)
     norm_first: bool = False
 
@@ -36,8 +51,9 @@ class TranslateConfig:
         at_least(self, 0, "vocab_size")
         at_least(self, 1, "d_model", "enc_layers", "dec_layers", "heads", "ffn")
         at_least(self, 2, "max_len")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"--set dropout={self.dropout}: expected 0 <= dropout < 1")
+        for name in ("dropout", "attn_dropout", "act_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"--set {name}={getattr(self, name)}: expected 0 <= {name} < 1")
         if self.d_model % self.heads or self.d_model % 2:
             raise UserError(f"--set d_model={self.d_model} heads={self.heads}: d_model must be even (sinusoidal "
                             f"positions) and divisible by heads")
@@ -49,8 +65,26 @@ PRESETS = {
     "iwslt": TranslateConfig(),
 }
 
+# training hyperparameters used when the command line does not set them; decoding: beam search
+# up to max_len_a * source length + max_len_b tokens
 DEFAULTS = dict(preset="tiny", lr=1e-3, batch_size=64, steps=1000, weight_decay=1e-4, warmup=0.05,
-                label_smoothing=0.1, clip=1.0, betas=(0.9, 0.98), vocab_size=8000)
+                label_smoothing=0.1, clip=1.0, betas=(0.9, 0.98), vocab_size=8000, max_len_a=1.5, max_len_b=10)
+
+# the training settings a preset brings (the command line overrides them); sources in the docstring
+PRESET_TRAINING = {
+    "iwslt": dict(
+        lr=5e-4,              # --lr 5e-4
+        warmup=4000,          # --warmup-updates 4000 (steps)
+        steps=22021,          # --max-update 22021 (cosine schedule over the run)
+        max_tokens=4096,      # --max-tokens 4096 (batches by token count; --batch-size replaces it)
+        clip=0.0,             # --clip-norm 0.0
+        weight_decay=1e-4,    # --weight-decay 0.0001
+        betas=(0.9, 0.98),    # --adam-betas '(0.9, 0.98)'
+        label_smoothing=0.1,  # --label-smoothing 0.1
+        max_len_a=1.2,        # --eval-bleu-args max_len_a 1.2, max_len_b 10 (beam 5 is --beam's default)
+        max_len_b=10,
+    ),
+}
 
 
 def sinusoidal(n, d):
@@ -73,11 +107,11 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         layer = dict(d_model=d, nhead=cfg.heads, dim_feedforward=cfg.ffn, dropout=cfg.dropout,
                      activation="relu", batch_first=True, norm_first=cfg.norm_first)
-        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), cfg.enc_layers,
-                                             norm=nn.LayerNorm(d) if cfg.norm_first else None,
+        self.encoder = nn.TransformerEncoder(_fairseq_dropout(nn.TransformerEncoderLayer(**layer), cfg),
+                                             cfg.enc_layers, norm=nn.LayerNorm(d) if cfg.norm_first else None,
                                              enable_nested_tensor=False)
-        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), cfg.dec_layers,
-                                             norm=nn.LayerNorm(d) if cfg.norm_first else None)
+        self.decoder = nn.TransformerDecoder(_fairseq_dropout(nn.TransformerDecoderLayer(**layer), cfg),
+                                             cfg.dec_layers, norm=nn.LayerNorm(d) if cfg.norm_first else None)
         for emb in (self.src_embed, self.tgt_embed):
             nn.init.normal_(emb.weight, std=d ** -0.5)
             nn.init.zeros_(emb.weight[PAD])
@@ -135,19 +169,30 @@ class Transformer(nn.Module):
         return F.linear(x[:, 0], self.tgt_embed.weight), new_cache
 
 
+def _fairseq_dropout(layer, cfg):
+    """A stock encoder/decoder layer (built with ``dropout=cfg.dropout`` everywhere) with fairseq's
+    split: ``attn_dropout`` on the attention weights, ``act_dropout`` after the ReLU; the residual
+    dropouts (dropout1..3) keep ``cfg.dropout``. The TransformerEncoder/Decoder copy it per layer."""
+    for attn in (layer.self_attn, getattr(layer, "multihead_attn", None)):
+        if attn is not None:
+            attn.dropout = cfg.attn_dropout
+    layer.dropout = nn.Dropout(cfg.act_dropout)
+    return layer
+
+
 @torch.no_grad()
-def beam_search(model, src, beam=5, max_len=None, len_penalty=1.0, incremental=True):
+def beam_search(model, src, beam=5, max_len=None, len_penalty=1.0, incremental=True, max_len_a=1.5, max_len_b=10):
     """Batched beam search; returns the best token list (without BOS/EOS) per source sentence.
 
-    Each sentence gets its own length limit, ``min(max_len, 1.5 * its source length + 10)``
-    tokens (``max_len`` defaults to the model's), so a sentence's result does not depend on
-    the batch it is decoded in. ``incremental`` decodes one position per step with a cache of
+    Each sentence gets its own length limit, ``min(max_len, max_len_a * its source length +
+    max_len_b)`` tokens (fairseq's ``max_len_a``/``max_len_b``; ``max_len`` defaults to the
+    model's), so a sentence's result does not depend on the batch it is decoded in. ``incremental`` decodes one position per step with a cache of
     the decoder's layer inputs (``Transformer.decode_step``); ``False`` recomputes the prefix.
     """
     B = src.size(0)
     cap = max_len or model.cfg.max_len
     src_len = (src != PAD).sum(1).tolist()
-    limit = [min(cap, int(n * 1.5) + 10) for n in src_len]
+    limit = [min(cap, int(n * max_len_a) + max_len_b) for n in src_len]
     max_len = max(limit)
     memory, src_pad = model.encode(src)
     memory, src_pad = memory.repeat_interleave(beam, 0), src_pad.repeat_interleave(beam, 0)
@@ -212,7 +257,8 @@ def _pad(seqs, device):
 
 
 class Task:
-    """Sentence pairs batched by similar length; metrics: valid loss, token accuracy and BLEU."""
+    """Sentence pairs batched by similar length, ``--batch-size`` sentences or ``--max-tokens``
+    tokens per batch; metrics: valid loss, token accuracy and BLEU."""
 
     metric = "bleu"
     unit = "tok"
@@ -250,6 +296,7 @@ class Task:
         self.tok, self.cfg, self.device, self.splits = tok, cfg, device, splits
         self.label_smoothing = hp.label_smoothing
         self.beam = getattr(args, "beam", None) or 5
+        self.max_len_a, self.max_len_b = hp.extra.get("max_len_a", 1.5), hp.extra.get("max_len_b", 10)
         self.eval_sentences = getattr(args, "eval_sentences", None) or 500
         enc = {k: (encode_all(tok, s), encode_all(tok, t)) for k, (s, t) in splits.items()}
         # training pairs longer than max_len are dropped (as fairseq does); eval pairs are truncated
@@ -263,8 +310,41 @@ class Task:
         self.train_size = len(self.train_pairs)
         self.model = Transformer(cfg)
         self._epoch, self._batches = None, None
+        self.token_batches = None
+        max_tokens = getattr(hp, "max_tokens", None)
+        if max_tokens:  # a step takes --accum batches of max_tokens, split over the processes
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            accum = getattr(hp, "accum", 1)
+            self.token_batches = self._token_batches(max_tokens * accum, accum * world, getattr(args, "seed", 0),
+                                                     f"--max-tokens {max_tokens}")
+
+    def _token_batches(self, budget, parts, seed, what):
+        """The training pairs in batches of at most ``budget`` padded tokens, ``n · max(size) <=
+        budget`` with a pair's size max(source, target input) length, as fairseq's --max-tokens:
+        the pairs sorted by size (ties in a seed-fixed random order) and filled greedily. Each
+        batch holds at least ``parts`` pairs (processes x micro-batches); a shorter last batch is
+        dropped."""
+        sizes = [max(len(s), len(t) - 1) for s, t in self.train_pairs]
+        if budget < parts * max(sizes):
+            raise UserError(f"{what}: a batch of the longest training pair ({max(sizes)} tokens) split into {parts} "
+                            f"parts (processes x --accum) needs at least {parts * max(sizes)} tokens")
+        tie = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
+        batches, cur, longest = [], [], 0
+        for j in sorted(range(len(sizes)), key=lambda j: (sizes[j], tie[j])):
+            if cur and (len(cur) + 1) * max(longest, sizes[j]) > budget:
+                batches.append(cur)
+                cur, longest = [], 0
+            cur.append(j)
+            longest = max(longest, sizes[j])
+        if len(cur) >= parts:
+            batches.append(cur)
+        return batches
 
     def steps_per_epoch(self, batch_size):
+        if self.token_batches is not None:
+            return len(self.token_batches)
         return max(1, self.train_size // batch_size)
 
     def _epoch_batches(self, epoch, batch_size, seed):
@@ -282,14 +362,30 @@ class Task:
         return self._batches
 
     def batch(self, step, batch_size, seed, rank=0, world=1):
+        """This rank's share of the batch of ``step``: ``batch_size`` sentences, or with
+        --max-tokens one token batch (the same batches every epoch, in a new order)."""
         from .data import rank_slice
 
         epoch, i = divmod(step, self.steps_per_epoch(batch_size))
-        idx = rank_slice(self._epoch_batches(epoch, batch_size, seed)[i], rank, world)
-        pairs = [self.train_pairs[j] for j in idx]
+        if self.token_batches is not None:
+            order = torch.randperm(len(self.token_batches),
+                                   generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            batch = self.token_batches[int(order[i])]
+        else:
+            batch = self._epoch_batches(epoch, batch_size, seed)[i]
+        pairs = [self.train_pairs[j] for j in rank_slice(batch, rank, world)]
         src = _pad([s for s, _ in pairs], self.device)
         tgt = _pad([t for _, t in pairs], self.device)
         return src, tgt[:, :-1], tgt[:, 1:]
+
+    def split(self, batch, n):
+        """``n`` micro-batches of consecutive sentences (``--accum``), each cut to its longest
+        source and target: no more padding than a batch of its own would have."""
+        out = []
+        for src, tgt_in, tgt_out in zip(*(t.tensor_split(n) for t in batch)):
+            s, t = int((src != PAD).sum(1).max()), int((tgt_out != PAD).sum(1).max())
+            out.append((src[:, :s], tgt_in[:, :t], tgt_out[:, :t]))
+        return out
 
     def loss(self, model, batch):
         src, tgt_in, tgt_out = batch
@@ -327,7 +423,8 @@ class Task:
             for i in range(0, k, batch_size):
                 idx = order[i:i + batch_size]
                 src = _pad([pairs[j][0] for j in idx], self.device)
-                for j, h in zip(idx, beam_search(net, src, beam=beam)):
+                for j, h in zip(idx, beam_search(net, src, beam=beam, max_len_a=self.max_len_a,
+                                                 max_len_b=self.max_len_b)):
                     hyps[j] = self.tok.decode(h)
             refs = self.splits[split][1][:k]
             bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
