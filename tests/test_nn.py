@@ -413,8 +413,10 @@ def test_modules_close_to_torch_and_config_fallback():
     lo = pnn.Linear(10, 7, config=off)
     lo.load_state_dict(lin.state_dict())
     assert _rel(lo(x), lin(x)) < 0.15
-    with pytest.raises(NotImplementedError, match="matmul"):
-        pnn.LayerNorm(10, config=Config.paper().replace(norm=OpConfig(offset=1.05)))(x)
+    with pytest.raises(ValueError, match="'norm' kind cannot take a PAM offset"):
+        Config.paper().replace(norm=OpConfig(offset=1.05))
+    with pytest.raises(NotImplementedError, match="mantissa_bits"):
+        pnn.LayerNorm(10, config=Config.paper().with_mantissa_bits(7))(x)
 
 
 def test_empty_odd_shapes_and_dtypes():

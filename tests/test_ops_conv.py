@@ -230,14 +230,19 @@ def test_2d_convolution_under_mode_is_bit_identical_to_pamtorch_conv2d(derivativ
 
 
 def test_offset_applies_to_every_product():
-    """A matmul offset is one more PAM on each product's result, as for aten.mm."""
+    """A matmul offset enters every product term, PAM(w, x, offset=α), as for aten.mm (not
+    one PAM per output)."""
     off = 1.0552
     x, w = randn(2, 4, 11, seed=3), randn(6, 2, 3, seed=4)
     with pamtorch.mode(Config.full().replace(matmul=OpConfig(offset=off))):
         y = F.conv1d(x, w, stride=2, groups=2)
+    patches = x.unfold(2, 3, 2).reshape(2, 2, 1, 2, 5, 3)          # [n, g, 1, c/g, L, k]
+    terms = pamtorch.arith.pam(w.reshape(1, 2, 3, 2, 1, 3), patches, off)  # [n, g, oc/g, c/g, L, k]
+    want = terms.double().sum((3, 5)).reshape(2, 6, 5)
+    assert torch.allclose(y.double(), want, rtol=0, atol=1e-5)
     with pamtorch.mode(cfg()):
         y0 = F.conv1d(x, w, stride=2, groups=2)
-    assert torch.equal(y, pamtorch.arith.pam(y0, torch.tensor(off)))
+    assert not torch.equal(y, pamtorch.arith.pam(y0, torch.tensor(off)))
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])

@@ -46,6 +46,11 @@ __all__ = [
     "is_zero",
     "is_finite_nonzero",
     "scale_pow2",
+    "round_mantissa",
+    "round_offset",
+    "check_offset",
+    "check_mantissa_bits",
+    "offset_bits",
     "LOG2E",
     "LN2",
 ]
@@ -150,10 +155,40 @@ def _ext(*ts):
     return _EXT or None
 
 
+def check_offset(offset, where: str = "pamtorch") -> float | None:
+    """``offset`` as a float, or None; ValueError unless 0.5 <= offset <= 2.
+
+    An offset is a correction of PA's systematic error (PAM's relative error lies in
+    [-1/9, 0], so α = 1.0552 centres it), applied as an integer added to the result
+    pattern; within [0.5, 2] that integer is at most one binade, which the kernels'
+    range logic relies on."""
+    if offset is None:
+        return None
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise TypeError(f"{where}: offset must be a Python number or None, got {type(offset).__name__}")
+    offset = float(offset)
+    if not 0.5 <= offset <= 2.0:
+        raise ValueError(f"{where}: offset must be in [0.5, 2] (a correction factor near 1, such as "
+                         f"1.0552), got {offset!r}")
+    return offset
+
+
+def offset_bits(offset: float, dtype: torch.dtype) -> int:
+    """D = P_α - B: the integer the offset α (rounded to ``dtype``) adds to a PAM pattern
+    (and subtracts from a PAD pattern); |D| <= 2^m since 0.5 <= α <= 2."""
+    f = fmt(dtype)
+    _, m = _split(torch.tensor(offset, dtype=dtype), f)
+    return int(m) - f.bias
+
+
 @recorded("pam", "other")
-def pam(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PAM: pattern P_a + P_b - B with sign S_a xor S_b (IEEE rules for the specials)."""
-    ext = _ext(a, b)
+def pam(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.Tensor:
+    """PAM: pattern P_a + P_b - B with sign S_a xor S_b (IEEE rules for the specials).
+
+    With ``offset`` α (0.5 <= α <= 2, rounded to the dtype) the pattern is
+    P_a + P_b - B + (P_α - B), range rules applied once: a ·̂ b ·̂ α in one integer add."""
+    offset = check_offset(offset, "pamtorch.arith.pam")
+    ext = _ext(a, b) if offset is None else None
     if ext is not None:
         return ext.ew_pam(a, b)
     f = fmt(a.dtype)
@@ -162,6 +197,8 @@ def pam(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     za, ia, xa = _classes(ma, f)
     zb, ib, xb = _classes(mb, f)
     t = ma - f.bias
+    if offset is not None:
+        t = t + offset_bits(offset, a.dtype)
     s = t + mb
     r = _range(s, f)
     if f.bits == 64:  # only float64 patterns can wrap around the work dtype
@@ -174,9 +211,14 @@ def pam(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @recorded("pad", "other")
-def pad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PAD: pattern P_a - P_b + B with sign S_a xor S_b (IEEE rules for the specials)."""
-    ext = _ext(a, b)
+def pad(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.Tensor:
+    """PAD: pattern P_a - P_b + B with sign S_a xor S_b (IEEE rules for the specials).
+
+    With ``offset`` α the pattern is P_a - P_b + B - (P_α - B), a ÷̂ b ÷̂ α (PAD
+    overestimates where PAM underestimates, so the same α > 1 compensates both), as the
+    paper's released kernels define it."""
+    offset = check_offset(offset, "pamtorch.arith.pad")
+    ext = _ext(a, b) if offset is None else None
     if ext is not None:
         return ext.ew_pad(a, b)
     f = fmt(a.dtype)
@@ -185,14 +227,61 @@ def pad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     za, ia, xa = _classes(ma, f)
     zb, ib, xb = _classes(mb, f)
     d = ma - mb
-    r = _range(d + f.bias, f)
+    c = f.bias if offset is None else f.bias - offset_bits(offset, a.dtype)
+    r = _range(d + c, f)
     if f.bits == 64:
-        r = torch.where(d > f.inf - f.bias, torch.full_like(r, f.inf), r)
+        r = torch.where(d > f.inf - c, torch.full_like(r, f.inf), r)
     r = torch.where(za | ib, torch.zeros_like(r), r)
     r = torch.where(zb | ia, torch.full_like(r, f.inf), r)
     nan = xa | xb | (za & zb) | (ia & ib)
     r = torch.where(nan, torch.full_like(r, f.nan), r)
     return _join((na ^ nb) & ~nan, r, f)
+
+
+def check_mantissa_bits(k, where: str = "pamtorch") -> int | None:
+    """``k`` as an int, or None; ValueError unless 1 <= k <= 23."""
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{where}: mantissa_bits must be an int or None, got {type(k).__name__}")
+    if not 1 <= k <= 23:
+        raise ValueError(f"{where}: mantissa_bits must be between 1 and 23 (float32's mantissa "
+                         f"width), got {k}")
+    return k
+
+
+@recorded("round_mantissa", "other")
+def round_mantissa(x: torch.Tensor, k: int | None) -> torch.Tensor:
+    """x rounded to ``k`` mantissa bits, ties to even, on the bit pattern (integer ops).
+
+    The dropped d = m - k low bits are rounded into the pattern (a carry may move the
+    value to the next binade, or past the largest finite value to inf); zeros and
+    subnormals become signed zero (PA arithmetic treats them as zero), inf and NaN pass
+    through. k >= the dtype's mantissa width leaves x unchanged (subnormals flushed)."""
+    if k is None:
+        return x
+    k = check_mantissa_bits(k, "pamtorch.round_mantissa")
+    f = fmt(x.dtype)
+    neg, m = _split(x, f)
+    zero, inf, nan = _classes(m, f)
+    d = f.mbits - k
+    if d > 0:
+        lsb = (m >> d) & 1
+        r = (m + ((1 << (d - 1)) - 1) + lsb) & ~((1 << d) - 1)  # at most the inf pattern
+    else:
+        r = m
+    r = torch.where(zero, torch.zeros_like(r), r)
+    r = torch.where(inf | nan, m, r)
+    return _join(neg, r, f)
+
+
+def round_offset(offset: float | None, dtype: torch.dtype, k: int | None) -> float | None:
+    """The offset an op on ``dtype`` operands rounded to ``k`` mantissa bits uses: α rounded
+    to ``dtype``, then to k bits like every operand (so PAM terms keep k bits)."""
+    if offset is None:
+        return None
+    t = torch.tensor(check_offset(offset), dtype=dtype)
+    return float(round_mantissa(t, k)) if k is not None else float(t)
 
 
 # ---------------------------------------------------------------------------
@@ -291,27 +380,36 @@ def paexp2(y: torch.Tensor) -> torch.Tensor:
     return _paexp2_f64(y.to(torch.float64), f)
 
 
+def _offset64(offset: float | None, dtype: torch.dtype) -> float | None:
+    """The offset α rounded to ``dtype``, as the float64 the composite ops carry it in."""
+    return None if offset is None else float(torch.tensor(offset, dtype=dtype))
+
+
 @recorded("pa_exp", "other")
-def pa_exp(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) = paexp2(x ·̂ log2 e), the PAM carried in float64."""
-    ext = _ext(x)
+def pa_exp(x: torch.Tensor, offset: float | None = None) -> torch.Tensor:
+    """exp(x) = paexp2(x ·̂ log2 e), the PAM carried in float64. With ``offset`` α the PAM
+    takes it, paexp2(x ·̂ log2 e ·̂ α) ≈ e^(αx), as in the paper's released code."""
+    offset = check_offset(offset, "pamtorch.arith.pa_exp")
+    ext = _ext(x) if offset is None else None
     if ext is not None:
         return ext.ew_exp(x)
     f = fmt(x.dtype)
-    y = pam(x.to(torch.float64), torch.full((), LOG2E, dtype=torch.float64))
+    y = pam(x.to(torch.float64), torch.full((), LOG2E, dtype=torch.float64), _offset64(offset, x.dtype))
     return _paexp2_f64(y, f)
 
 
 @recorded("pa_log", "other")
-def pa_log(x: torch.Tensor) -> torch.Tensor:
-    """log(x) = palog2(x) ÷̂ log2 e, carried in float64 and rounded once."""
-    ext = _ext(x)
+def pa_log(x: torch.Tensor, offset: float | None = None) -> torch.Tensor:
+    """log(x) = palog2(x) ÷̂ log2 e, carried in float64 and rounded once. With ``offset`` α
+    the PAD takes it, palog2(x) ÷̂ log2 e ÷̂ α ≈ ln(x)/α, as in the paper's released code."""
+    offset = check_offset(offset, "pamtorch.arith.pa_log")
+    ext = _ext(x) if offset is None else None
     if ext is not None:
         return ext.ew_log(x)
     f = fmt(x.dtype)
     neg, m, l64 = _palog2_f64(x)
     zero, inf, nan = _classes(m, f)
-    out = pad(l64, torch.full((), LOG2E, dtype=torch.float64))
+    out = pad(l64, torch.full((), LOG2E, dtype=torch.float64), _offset64(offset, x.dtype))
     out = torch.where(zero, torch.full_like(out, -math.inf), out)
     out = torch.where(inf, torch.full_like(out, math.inf), out)
     out = torch.where(nan | (neg & ~zero), torch.full_like(out, math.nan), out)

@@ -140,12 +140,6 @@ def _neg_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.signbit(x)
 
 
-def _carry(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PAM's mantissa carry c = [M_x + M_y >= 1] for same-dtype x, y."""
-    f = arith.fmt(x.dtype)
-    return ((arith.mantissa_field(x) + arith.mantissa_field(y)) >> f.mbits).to(torch.int32)
-
-
 def _exact_or(approx: torch.Tensor, exact: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, exact, approx)
 
@@ -155,18 +149,20 @@ def _exact_or(approx: torch.Tensor, exact: torch.Tensor, ok: torch.Tensor) -> to
 
 class _Mul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, offset, kind):
-        t = arith.pam(a, b)
-        off = None if offset is None else _const(offset, t)
-        out = t if off is None else arith.pam(t, off)
-        ctx.kind, ctx.off = kind, off
-        ctx.save_for_backward(a, b, t)
+    def forward(ctx, a, b, offset, kind, k):
+        a, b = arith.round_mantissa(a, k), arith.round_mantissa(b, k)
+        off = arith.round_offset(offset, a.dtype, k)
+        out = arith.round_mantissa(arith.pam(a, b, off), k)
+        ctx.kind, ctx.off, ctx.k = kind, off, k
+        ctx.save_for_backward(a, b)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        a, b, t = ctx.saved_tensors
-        off, kind = ctx.off, ctx.kind
+        a, b = ctx.saved_tensors
+        off, kind, k = ctx.off, ctx.kind, ctx.k
+        g = arith.round_mantissa(g, k)
+        f = arith.fmt(a.dtype)
         ga = gb = None
         for i, (x, other) in enumerate(((a, b), (b, a))):
             if not ctx.needs_input_grad[i]:
@@ -174,61 +170,78 @@ class _Mul(torch.autograd.Function):
             if kind == "ste":
                 d = g * other if off is None else g * other * off
             else:
-                d = arith.pam(other, g) if off is None else arith.pam(arith.pam(other, g), off)
+                d = arith.pam(other, g, off)
                 if kind == "exact":
-                    k = arith.exponent(other) + _carry(x, other)
-                    neg = _neg_bits(other)
+                    # slope 2^(E_out - E_x) of the pattern P_x + P_other - B + (P_α - B):
+                    # E_other (+ E_α) plus the carry of the mantissa fields' sum
+                    m = arith.mantissa_field(x) + arith.mantissa_field(other)
+                    e = arith.exponent(other)
                     if off is not None:
-                        k = k + arith.exponent(off) + _carry(t, off)
-                        neg = neg ^ _neg_bits(off)
-                    e = arith.scale_pow2(g, k, neg)
+                        alpha = _const(off, other)
+                        m = m + arith.mantissa_field(alpha)
+                        e = e + arith.exponent(alpha)
+                    e = arith.scale_pow2(g, e + (m >> f.mbits).to(torch.int32), _neg_bits(other))
                     d = _exact_or(d, e, arith.is_finite_nonzero(other))
+            d = arith.round_mantissa(_unbroadcast(d, x.shape), k)
             if i == 0:
-                ga = _unbroadcast(d, a.shape)
+                ga = d
             else:
-                gb = _unbroadcast(d, b.shape)
-        return ga, gb, None, None
+                gb = d
+        return ga, gb, None, None, None
 
 
 class _Div(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, kind):
-        out = arith.pad(a, b)
-        ctx.kind = kind
+    def forward(ctx, a, b, offset, kind, k):
+        a, b = arith.round_mantissa(a, k), arith.round_mantissa(b, k)
+        off = arith.round_offset(offset, a.dtype, k)
+        out = arith.round_mantissa(arith.pad(a, b, off), k)
+        ctx.kind, ctx.off, ctx.k = kind, off, k
         ctx.save_for_backward(a, b, out)
         return out
 
     @staticmethod
     def backward(ctx, g):
         a, b, out = ctx.saved_tensors
-        kind = ctx.kind
+        kind, off, k = ctx.kind, ctx.off, ctx.k
+        g = arith.round_mantissa(g, k)
+        f = arith.fmt(a.dtype)
         ga = gb = None
-        c = (arith.mantissa_field(a) < arith.mantissa_field(b)).to(torch.int32)
+        # the pattern P_a - P_b + B - (P_α - B) has exponent E_a + e with
+        # e = -E_b (- E_α) + floor((M_a - M_b (- M_α)) / 2^m)
+        m = arith.mantissa_field(a) - arith.mantissa_field(b)
+        e = -arith.exponent(b)
+        if off is not None:
+            alpha = _const(off, a)
+            m = m - arith.mantissa_field(alpha)
+            e = e - arith.exponent(alpha)
+        e = e + (m >> f.mbits).to(torch.int32)  # arithmetic shift: the floor
         if ctx.needs_input_grad[0]:
             if kind == "ste":
-                ga = g / b
+                ga = g / b if off is None else g / b / off
             else:
-                ga = arith.pad(g, b)
+                ga = arith.pad(g, b, off)
                 if kind == "exact":
-                    e = arith.scale_pow2(g, -arith.exponent(b) - c, _neg_bits(b))
-                    ga = _exact_or(ga, e, arith.is_finite_nonzero(b))
-            ga = _unbroadcast(ga, a.shape)
+                    ex = arith.scale_pow2(g, e, _neg_bits(b))
+                    ga = _exact_or(ga, ex, arith.is_finite_nonzero(b))
+            ga = arith.round_mantissa(_unbroadcast(ga, a.shape), k)
         if ctx.needs_input_grad[1]:
             if kind == "ste":
                 gb = -(g * out / b)
             else:
                 gb = -arith.pad(arith.pam(g, out), b)
                 if kind == "exact":
-                    k = arith.exponent(a) - 2 * arith.exponent(b) - c
-                    e = arith.scale_pow2(g, k, ~_neg_bits(a))
+                    # d out / d b = -2^(E_out - E_b), E_out = E_a + e
+                    ex = arith.scale_pow2(g, arith.exponent(a) - arith.exponent(b) + e, ~_neg_bits(a))
                     ok = arith.is_finite_nonzero(a) & arith.is_finite_nonzero(b) & arith.is_finite_nonzero(out)
-                    gb = _exact_or(gb, e, ok)
-            gb = _unbroadcast(gb, b.shape)
-        return ga, gb, None
+                    gb = _exact_or(gb, ex, ok)
+            gb = arith.round_mantissa(_unbroadcast(gb, b.shape), k)
+        return ga, gb, None, None, None
 
 
 # ---------------------------------------------------------------------------
-# unary ops: forward, approx derivative, exact derivative (as (k, negate) or None)
+# unary ops: forward, approx derivative, exact derivative (as (k, negate) or None).
+# ``p`` is the op's parameter: pow's exponent, exp's and log's offset (None: none).
 
 def _log2e64(like):
     return torch.tensor(LOG2E, dtype=torch.float64, device=like.device)
@@ -236,34 +249,37 @@ def _log2e64(like):
 
 class _Unary(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, op, p, kind):
-        out = _FORWARD[op](x, p)
-        ctx.op, ctx.p, ctx.kind = op, p, kind
+    def forward(ctx, x, op, p, kind, k):
+        x = arith.round_mantissa(x, k)
+        if op in ("exp", "log"):
+            p = arith.round_offset(p, x.dtype, k)
+        out = arith.round_mantissa(_FORWARD[op](x, p), k)
+        ctx.op, ctx.p, ctx.kind, ctx.k = op, p, kind, k
         ctx.save_for_backward(x, out)
         return out
 
     @staticmethod
     def backward(ctx, g):
         x, out = ctx.saved_tensors
-        op, p, kind = ctx.op, ctx.p, ctx.kind
+        op, p, kind, k = ctx.op, ctx.p, ctx.kind, ctx.k
+        g = arith.round_mantissa(g, k)
         if kind == "ste":
-            return _STE[op](x, out, g, p), None, None, None
-        if kind == "exact" and op == "exp":
-            ext = arith._ext(x, out, g)  # float32 on the CPU: one compiled pass, same bits
-            if ext is not None:
-                return ext.ew_exp_exact_grad(x, out, g), None, None, None
-        d = _APPROX[op](x, out, g, p)
-        if kind == "exact":
-            k, neg, ok = _EXACT[op](x, out, p)
-            d = _exact_or(d, arith.scale_pow2(g, k, neg), ok)
-        return d, None, None, None
+            d = _STE[op](x, out, g, p)
+        elif kind == "exact" and op == "exp" and p is None and arith._ext(x, out, g) is not None:
+            d = arith._ext(x).ew_exp_exact_grad(x, out, g)  # float32 CPU: one compiled pass, same bits
+        else:
+            d = _APPROX[op](x, out, g, p)
+            if kind == "exact":
+                e, neg, ok = _EXACT[op](x, out, p)
+                d = _exact_or(d, arith.scale_pow2(g, e, neg), ok)
+        return arith.round_mantissa(d, k), None, None, None, None
 
 
 _FORWARD = {
     "exp2": lambda x, p: arith.paexp2(x),
     "log2": lambda x, p: arith.palog2(x),
-    "exp": lambda x, p: arith.pa_exp(x),
-    "log": lambda x, p: arith.pa_log(x),
+    "exp": lambda x, p: arith.pa_exp(x, p),
+    "log": lambda x, p: arith.pa_log(x, p),
     "sqrt": lambda x, p: arith.pa_sqrt(x),
     "rsqrt": lambda x, p: arith.pa_rsqrt(x),
     "reciprocal": lambda x, p: arith.pa_reciprocal(x),
@@ -273,8 +289,8 @@ _FORWARD = {
 _APPROX = {
     "exp2": lambda x, o, g, p: arith.pam(arith.pam(o, _const(LN2, o)), g),
     "log2": lambda x, o, g, p: arith.pad(g, arith.pam(x, _const(LN2, x))),
-    "exp": lambda x, o, g, p: arith.pam(o, g),
-    "log": lambda x, o, g, p: arith.pad(g, x),
+    "exp": lambda x, o, g, p: arith.pam(o, g, p),   # d/dx e^(αx) = α e^(αx)
+    "log": lambda x, o, g, p: arith.pad(g, x, p),   # d/dx ln(x)/α = 1/(αx)
     "sqrt": lambda x, o, g, p: arith.scale_pow2(arith.pad(g, o), _const(-1, o).to(torch.int32)),
     "rsqrt": lambda x, o, g, p: arith.scale_pow2(arith.pad(arith.pam(g, o), x),
                                                  _const(-1, o).to(torch.int32), _const(1, o).bool()),
@@ -293,8 +309,8 @@ def _approx_pow(x, g, p):
 _STE = {
     "exp2": lambda x, o, g, p: g * torch.exp2(x) * LN2,
     "log2": lambda x, o, g, p: g / (x * LN2),
-    "exp": lambda x, o, g, p: g * torch.exp(x),
-    "log": lambda x, o, g, p: g / x,
+    "exp": lambda x, o, g, p: g * torch.exp(x) if p is None else g * torch.exp(x * p) * p,
+    "log": lambda x, o, g, p: g / x if p is None else g / (x * p),
     "sqrt": lambda x, o, g, p: g * 0.5 * torch.rsqrt(x),
     "rsqrt": lambda x, o, g, p: g * -0.5 * torch.rsqrt(x) / x,
     "reciprocal": lambda x, o, g, p: -g / (x * x),
@@ -326,17 +342,29 @@ def _exact_exp2(x, o, p):
 
 
 def _exact_exp(x, o, p):
+    """y = x ·̂ log2 e (·̂ α) in float64, then paexp2: slope 2^floor(y) · 2^(E_α + carry)."""
     f = arith.fmt(x.dtype)
-    mx = arith.mantissa_field(x).to(torch.int64) << (52 - f.mbits)
-    c = ((mx + arith.mantissa_field(_log2e64(x))) >> 52).to(torch.int32)
-    y = arith.pam(x.to(torch.float64), _log2e64(x))
-    return _floor_exp(y) + c, None, _ok(o)
+    l2e = _log2e64(x)
+    m = (arith.mantissa_field(x).to(torch.int64) << (52 - f.mbits)) + arith.mantissa_field(l2e)
+    e = torch.zeros((), dtype=torch.int32, device=x.device)
+    if p is not None:
+        alpha = torch.tensor(p, dtype=torch.float64, device=x.device)
+        m = m + arith.mantissa_field(alpha)
+        e = e + arith.exponent(alpha)
+    y = arith.pam(x.to(torch.float64), l2e, p)
+    return _floor_exp(y) + e + (m >> 52).to(torch.int32), None, _ok(o)
 
 
 def _exact_log(x, o, p):
+    """palog2(x) (slope 2^-E_x) ÷̂ log2 e (÷̂ α): slope 2^(-E_α + floor((M_l - M_log2e - M_α)/2^52))."""
     l64 = arith._palog2_f64(x)[2]
-    c = (arith.mantissa_field(l64) < arith.mantissa_field(_log2e64(x))).to(torch.int32)
-    return -arith.exponent(x) - c, None, _ok(x) & ~torch.signbit(x)
+    m = arith.mantissa_field(l64) - arith.mantissa_field(_log2e64(x))
+    e = -arith.exponent(x)
+    if p is not None:
+        alpha = torch.tensor(p, dtype=torch.float64, device=x.device)
+        m = m - arith.mantissa_field(alpha)
+        e = e - arith.exponent(alpha)
+    return e + (m >> 52).to(torch.int32), None, _ok(x) & ~torch.signbit(x)
 
 
 def _exact_pow(x, o, p):
@@ -368,61 +396,81 @@ _EXACT = {
 # ---------------------------------------------------------------------------
 # public, autograd-aware functions
 
-def mul(a, b, *, offset: float | None = None, derivative: str | None = None) -> torch.Tensor:
-    """PAM product a ·̂ b (Mitchell): patterns add, P_a + P_b - B. With ``offset`` α the
-    result is (a ·̂ b) ·̂ α, the error compensation (α = 1.0552 centres the mean error)."""
+def _k(mantissa_bits, op):
+    return arith.check_mantissa_bits(mantissa_bits, f"pamtorch.{op}")
+
+
+def mul(a, b, *, offset: float | None = None, mantissa_bits: int | None = None,
+        derivative: str | None = None) -> torch.Tensor:
+    """PAM product a ·̂ b (Mitchell): patterns add, P_a + P_b - B. With ``offset`` α
+    (0.5 <= α <= 2) the pattern is P_a + P_b - B + (P_α - B), one integer add: a ·̂ b ·̂ α,
+    the error compensation (α = 1.0552 centres the mean error). With ``mantissa_bits`` k
+    the operands, α and the result are rounded to k mantissa bits (ties to even)."""
     a, b = prepare_operands(a, b, "mul")
-    return _Mul.apply(a, b, offset, resolve_derivative(derivative))
+    offset = arith.check_offset(offset, "pamtorch.mul")
+    return _Mul.apply(a, b, offset, resolve_derivative(derivative), _k(mantissa_bits, "mul"))
 
 
-def div(a, b, *, derivative: str | None = None) -> torch.Tensor:
-    """PAD quotient a ÷̂ b: patterns subtract, P_a - P_b + B."""
+def div(a, b, *, offset: float | None = None, mantissa_bits: int | None = None,
+        derivative: str | None = None) -> torch.Tensor:
+    """PAD quotient a ÷̂ b: patterns subtract, P_a - P_b + B. With ``offset`` α the pattern
+    is P_a - P_b + B - (P_α - B), a ÷̂ b ÷̂ α (the paper's released PAD offset);
+    ``mantissa_bits`` as in :func:`mul`."""
     a, b = prepare_operands(a, b, "div")
-    return _Div.apply(a, b, resolve_derivative(derivative))
+    offset = arith.check_offset(offset, "pamtorch.div")
+    return _Div.apply(a, b, offset, resolve_derivative(derivative), _k(mantissa_bits, "div"))
 
 
-def _unary(op: str, x, p=None, derivative=None):
+def _unary(op: str, x, p=None, derivative=None, mantissa_bits=None):
     x = prepare_operand(x, op)
-    return _Unary.apply(x, op, p, resolve_derivative(derivative))
+    return _Unary.apply(x, op, p, resolve_derivative(derivative), _k(mantissa_bits, op))
 
 
-def exp2(x, *, derivative: str | None = None) -> torch.Tensor:
-    """paexp2(x) = 2^floor(x) (1 + x - floor(x))."""
-    return _unary("exp2", x, derivative=derivative)
+def exp2(x, *, mantissa_bits: int | None = None, derivative: str | None = None) -> torch.Tensor:
+    """paexp2(x) = 2^floor(x) (1 + x - floor(x)). With ``mantissa_bits`` k the operand and
+    the result are rounded to k mantissa bits (ties to even); likewise below."""
+    return _unary("exp2", x, derivative=derivative, mantissa_bits=mantissa_bits)
 
 
-def log2(x, *, derivative: str | None = None) -> torch.Tensor:
+def log2(x, *, mantissa_bits: int | None = None, derivative: str | None = None) -> torch.Tensor:
     """palog2(x) = E + M for x = 2^E (1+M)."""
-    return _unary("log2", x, derivative=derivative)
+    return _unary("log2", x, derivative=derivative, mantissa_bits=mantissa_bits)
 
 
-def exp(x, *, derivative: str | None = None) -> torch.Tensor:
-    """exp(x) = paexp2(x ·̂ log2 e)."""
-    return _unary("exp", x, derivative=derivative)
+def exp(x, *, offset: float | None = None, mantissa_bits: int | None = None,
+        derivative: str | None = None) -> torch.Tensor:
+    """exp(x) = paexp2(x ·̂ log2 e). With ``offset`` α the inner PAM takes it,
+    paexp2(x ·̂ log2 e ·̂ α) ≈ e^(αx), as in the paper's released code."""
+    offset = arith.check_offset(offset, "pamtorch.exp")
+    return _unary("exp", x, offset, derivative=derivative, mantissa_bits=mantissa_bits)
 
 
-def log(x, *, derivative: str | None = None) -> torch.Tensor:
-    """log(x) = palog2(x) ÷̂ log2 e."""
-    return _unary("log", x, derivative=derivative)
+def log(x, *, offset: float | None = None, mantissa_bits: int | None = None,
+        derivative: str | None = None) -> torch.Tensor:
+    """log(x) = palog2(x) ÷̂ log2 e. With ``offset`` α the PAD takes it,
+    palog2(x) ÷̂ log2 e ÷̂ α ≈ ln(x)/α, as in the paper's released code."""
+    offset = arith.check_offset(offset, "pamtorch.log")
+    return _unary("log", x, offset, derivative=derivative, mantissa_bits=mantissa_bits)
 
 
-def sqrt(x, *, derivative: str | None = None) -> torch.Tensor:
+def sqrt(x, *, mantissa_bits: int | None = None, derivative: str | None = None) -> torch.Tensor:
     """sqrt(x) = paexp2(palog2(x) / 2): the exponent-and-mantissa field halved."""
-    return _unary("sqrt", x, derivative=derivative)
+    return _unary("sqrt", x, derivative=derivative, mantissa_bits=mantissa_bits)
 
 
-def rsqrt(x, *, derivative: str | None = None) -> torch.Tensor:
+def rsqrt(x, *, mantissa_bits: int | None = None, derivative: str | None = None) -> torch.Tensor:
     """rsqrt(x) = paexp2(-palog2(x) / 2)."""
-    return _unary("rsqrt", x, derivative=derivative)
+    return _unary("rsqrt", x, derivative=derivative, mantissa_bits=mantissa_bits)
 
 
-def reciprocal(x, *, derivative: str | None = None) -> torch.Tensor:
+def reciprocal(x, *, mantissa_bits: int | None = None, derivative: str | None = None) -> torch.Tensor:
     """1 ÷̂ x."""
-    return _unary("reciprocal", x, derivative=derivative)
+    return _unary("reciprocal", x, derivative=derivative, mantissa_bits=mantissa_bits)
 
 
-def pow(x, p, *, derivative: str | None = None) -> torch.Tensor:  # noqa: A001 - mirrors torch.pow
+def pow(x, p, *, mantissa_bits: int | None = None,  # noqa: A001 - mirrors torch.pow
+        derivative: str | None = None) -> torch.Tensor:
     """pow(x, p) = paexp2(palog2(x) ·̂ p) for a Python number p."""
     if isinstance(p, torch.Tensor) or not _is_number(p):
         raise TypeError(f"pamtorch.pow: exponent 'p' must be a Python number, got {type(p).__name__}")
-    return _unary("pow", x, float(p), derivative=derivative)
+    return _unary("pow", x, float(p), derivative=derivative, mantissa_bits=mantissa_bits)

@@ -13,26 +13,43 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .arith import check_mantissa_bits, check_offset
 from .autograd import DERIVATIVES
 
-__all__ = ["KINDS", "OpConfig", "Config"]
+__all__ = ["KINDS", "OFFSET_KINDS", "OpConfig", "Config"]
 
 # op kinds, in the order of the paper's cumulative ablation (Table 3) plus the rest
 KINDS = ("matmul", "softmax", "norm", "loss", "optimizer", "elementwise", "nonlinear")
 
 
+# the kinds whose PA ops take an offset: the matrix products (per product term), the
+# elementwise PAM, PAD, exp and log, and the optimizer's PAMs and PADs
+OFFSET_KINDS = ("matmul", "elementwise", "optimizer")
+
+
 @dataclass(frozen=True)
 class OpConfig:
     """One op kind: ``pa`` whether it is piecewise affine (else left exact), the
-    ``derivative`` kind ("approx", "exact" or "ste") and the PAM ``offset`` (None: none)."""
+    ``derivative`` kind ("approx", "exact" or "ste"), the PAM ``offset`` α (None: none;
+    0.5 <= α <= 2, applied per PAM/PAD as an integer added to the pattern, for the kinds in
+    ``OFFSET_KINDS`` only) and ``mantissa_bits`` k (None: the dtype's own; 1 <= k <= 23:
+    the operands and results of the kind's PA ops are rounded to k mantissa bits, ties to
+    even, docs/numerics.md "Narrow mantissas")."""
 
     pa: bool = True
     derivative: str = "approx"
     offset: float | None = None
+    mantissa_bits: int | None = None
 
     def __post_init__(self):
         if self.derivative not in DERIVATIVES:
             raise ValueError(f"OpConfig.derivative must be one of {DERIVATIVES}, got {self.derivative!r}")
+        object.__setattr__(self, "offset", check_offset(self.offset, "OpConfig"))
+        check_mantissa_bits(self.mantissa_bits, "OpConfig")
+        if not self.pa and (self.offset is not None or self.mantissa_bits is not None):
+            raise ValueError("OpConfig: offset and mantissa_bits need pa=True (they change PA "
+                             f"arithmetic; pa=False leaves the kind exact), got offset={self.offset}, "
+                             f"mantissa_bits={self.mantissa_bits}")
 
 
 _EXACT_ARITH = OpConfig(pa=False)
@@ -57,6 +74,15 @@ class Config:
     optimizer: OpConfig = field(default_factory=OpConfig)
     elementwise: OpConfig = field(default_factory=OpConfig)
     nonlinear: OpConfig = field(default_factory=OpConfig)
+
+    def __post_init__(self):
+        for k in KINDS:
+            op = getattr(self, k)
+            if not isinstance(op, OpConfig):
+                raise TypeError(f"Config.{k} must be an OpConfig, got {type(op).__name__}")
+            if op.offset is not None and k not in OFFSET_KINDS:
+                raise ValueError(f"Config.{k}: the {k!r} kind cannot take a PAM offset (got "
+                                 f"offset={op.offset}); kinds that take one: {', '.join(OFFSET_KINDS)}")
 
     # -- presets ---------------------------------------------------------------
     @classmethod
@@ -126,6 +152,14 @@ class Config:
         return dataclasses.replace(self, **{
             k: dataclasses.replace(getattr(self, k), derivative=derivative)
             for k in KINDS if getattr(self, k).pa})
+
+    def with_mantissa_bits(self, k: int | None) -> "Config":
+        """The same config with every PA kind's operands and results rounded to ``k``
+        mantissa bits (None: full width)."""
+        check_mantissa_bits(k, "Config.with_mantissa_bits")
+        return dataclasses.replace(self, **{
+            name: dataclasses.replace(getattr(self, name), mantissa_bits=k)
+            for name in KINDS if getattr(self, name).pa})
 
     def replace(self, **kinds: OpConfig) -> "Config":
         return dataclasses.replace(self, **kinds)

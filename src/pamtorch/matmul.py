@@ -11,15 +11,27 @@ requires); they are upcast to float32 for the kernels (float16 subnormals, which
 arithmetic treats as zero, are flushed first, since they are normal in float32) and the
 result is cast back to the input dtype.
 
+``offset`` α (0.5 <= α <= 2, rounded to the input dtype) applies per product term:
+``sum_k PAM(a_k, b_k, offset=α)``, the pattern ``P_a + P_b - B + (P_α - B)`` of each term
+(one integer constant in the kernels), bit-equal to summing ``pamtorch.mul(a_k, b_k,
+offset=α)`` in k order. ``mantissa_bits`` k rounds the operands (and α) to k mantissa bits,
+ties to even, before the product; the terms of k-bit operands are then k-bit themselves,
+and they are accumulated in float32 (the sum is not rounded). The backward rounds the
+upstream gradient the same way.
+
 ``derivative`` selects the backward products (``None``: the scoped default of
 ``pamtorch.derivative(...)``, "approx" unless set):
 
 * ``"approx"``: the derivative of the exact product, evaluated with PAM:
-  ``dA = dC @PAM B^T``, ``dB = A^T @PAM dC`` (the forward kernel on transposed views);
+  ``dA = dC @PAM B^T``, ``dB = A^T @PAM dC`` (the forward kernel on transposed views,
+  with the offset per term: the derivative of α·a·b is α·b);
 * ``"exact"``: the true piecewise-constant derivative of the PAM product,
   ``dA[i,k] = sum_j dC[i,j] sign(B[k,j]) 2^(E_B[k,j] + c)`` applied by exponent
-  arithmetic (``pam_mm_exact_grad_a/b``);
-* ``"ste"``: straight-through, ordinary float matmuls (it multiplies; ablations only).
+  arithmetic (``pam_mm_exact_grad_a/b``); with an offset each term's slope is
+  ``sign(B) 2^(E_B + E_α + floor((M_A + M_B + M_α) / 2^m))``, the slope of its pattern
+  ``P_A + P_B - B + (P_α - B)`` (α's exponent, and its mantissa in the carry);
+* ``"ste"``: straight-through, ordinary float matmuls (it multiplies; ablations only),
+  times α with an offset.
 
 "approx" and "exact" run no float multiplication in the backward pass either: only
 the PAM kernels, additions/reductions (broadcast, unfold and expand backwards), reshapes
@@ -32,7 +44,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import arith, kernels
 
 __all__ = ["matmul", "bmm", "linear", "conv2d", "SUPPORTED_DTYPES"]
 
@@ -83,17 +95,22 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # 2-D and batched autograd functions
 
-def _mm32(a, b):
+def _mm32(a, b, offset=None):
     """float32 PAM product of float32 2-D tensors, empty cases handled here."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=torch.float32, device=a.device)
-    return kernels.pam_mm(a, b)
+    return kernels.pam_mm(a, b, offset)
 
 
-def _grads32(a, b, g, kind, need_a, need_b):
-    """(dA, dB) in float32 for C = a @PAM b and upstream g (all float32 2-D)."""
+def _ste(x, offset):
+    return x if offset is None else x * offset
+
+
+def _grads32(a, b, g, kind, need_a, need_b, offset=None):
+    """(dA, dB) in float32 for C = a @PAM b (terms with ``offset``) and upstream g (all
+    float32 2-D)."""
     M, K = a.shape
     N = b.shape[1]
     ga = gb = None
@@ -102,89 +119,106 @@ def _grads32(a, b, g, kind, need_a, need_b):
         if empty:
             ga = torch.zeros((M, K), dtype=torch.float32, device=a.device)
         elif kind == "exact":
-            ga = kernels.pam_mm_exact_grad_a(a, b, g)
+            ga = kernels.pam_mm_exact_grad_a(a, b, g, offset)
         elif kind == "approx":
-            ga = kernels.pam_mm(g, b.t())
+            ga = kernels.pam_mm(g, b.t(), offset)
         else:  # ste
-            ga = g @ b.t()
+            ga = _ste(g @ b.t(), offset)
     if need_b:
         if empty:
             gb = torch.zeros((K, N), dtype=torch.float32, device=b.device)
         elif kind == "exact":
-            gb = kernels.pam_mm_exact_grad_b(a, b, g)
+            gb = kernels.pam_mm_exact_grad_b(a, b, g, offset)
         elif kind == "approx":
-            gb = kernels.pam_mm(a.t(), g)
+            gb = kernels.pam_mm(a.t(), g, offset)
         else:
-            gb = a.t() @ g
+            gb = _ste(a.t() @ g, offset)
     return ga, gb
+
+
+def _round(ctx, a, b, offset, k):
+    """Operands rounded to k mantissa bits (saved for the backward) and the offset the
+    terms take (α rounded to the dtype and to k bits)."""
+    a, b = arith.round_mantissa(a, k), arith.round_mantissa(b, k)
+    ctx.off, ctx.k = arith.round_offset(offset, a.dtype, k), k
+    ctx.save_for_backward(a, b)
+    return a, b
 
 
 class _PamMM(torch.autograd.Function):
     """a[M,K] @PAM b[K,N] for one supported dtype; any strides."""
 
     @staticmethod
-    def forward(ctx, a, b, kind):
+    def forward(ctx, a, b, kind, offset, k):
         ctx.kind = kind
-        ctx.save_for_backward(a, b)
-        return _mm32(_f32(a), _f32(b)).to(a.dtype)
+        a, b = _round(ctx, a, b, offset, k)
+        return _mm32(_f32(a), _f32(b), ctx.off).to(a.dtype)
 
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
+        g = arith.round_mantissa(g, ctx.k)
         ga, gb = _grads32(_f32(a), _f32(b), _f32(g), ctx.kind,
-                          ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+                          ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.off)
         return (None if ga is None else ga.to(a.dtype),
-                None if gb is None else gb.to(b.dtype), None)
+                None if gb is None else gb.to(b.dtype), None, None, None)
 
 
 class _PamBMM(torch.autograd.Function):
     """a[B,M,K] @PAM b[B,K,N]; any strides (stride-0 broadcast batches included)."""
 
     @staticmethod
-    def forward(ctx, a, b, kind):
+    def forward(ctx, a, b, kind, offset, k):
         ctx.kind = kind
-        ctx.save_for_backward(a, b)
+        a, b = _round(ctx, a, b, offset, k)
         B, M, K = a.shape
         N = b.shape[2]
         if B == 0 or M == 0 or N == 0 or K == 0:
             return torch.zeros((B, M, N), dtype=a.dtype, device=a.device)
-        return kernels.pam_bmm(_f32(a), _f32(b)).to(a.dtype)
+        return kernels.pam_bmm(_f32(a), _f32(b), ctx.off).to(a.dtype)
 
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
+        g = arith.round_mantissa(g, ctx.k)
         a32, b32, g32 = _f32(a), _f32(b), _f32(g)
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        kind = ctx.kind
+        kind, off = ctx.kind, ctx.off
         ga = gb = None
         if a.numel() == 0 or b.numel() == 0 or g.numel() == 0:
             ga = torch.zeros_like(a) if need_a else None
             gb = torch.zeros_like(b) if need_b else None
-            return ga, gb, None
+            return ga, gb, None, None, None
         if need_a:
             if kind == "exact":
-                ga = kernels.pam_bmm_exact_grad_a(a32, b32, g32)
+                ga = kernels.pam_bmm_exact_grad_a(a32, b32, g32, off)
             elif kind == "approx":
-                ga = kernels.pam_bmm(g32, b32.transpose(1, 2))
+                ga = kernels.pam_bmm(g32, b32.transpose(1, 2), off)
             else:  # ste
-                ga = torch.bmm(g32, b32.transpose(1, 2))
+                ga = _ste(torch.bmm(g32, b32.transpose(1, 2)), off)
             ga = ga.to(a.dtype)
         if need_b:
             if kind == "exact":
-                gb = kernels.pam_bmm_exact_grad_b(a32, b32, g32)
+                gb = kernels.pam_bmm_exact_grad_b(a32, b32, g32, off)
             elif kind == "approx":
-                gb = kernels.pam_bmm(a32.transpose(1, 2), g32)
+                gb = kernels.pam_bmm(a32.transpose(1, 2), g32, off)
             else:
-                gb = torch.bmm(a32.transpose(1, 2), g32)
+                gb = _ste(torch.bmm(a32.transpose(1, 2), g32), off)
             gb = gb.to(b.dtype)
-        return ga, gb, None
+        return ga, gb, None, None, None
 
 
 # ---------------------------------------------------------------------------
 # public API
 
-def _mm2d(a, b, kind):
-    return _PamMM.apply(a, b, kind)
+def _mm2d(a, b, kind, offset=None, k=None):
+    return _PamMM.apply(a, b, kind, offset, k)
+
+
+def _opts(op, offset, mantissa_bits):
+    """The checked ``offset`` and ``mantissa_bits`` of a public function."""
+    return (arith.check_offset(offset, f"pamtorch.{op}"),
+            arith.check_mantissa_bits(mantissa_bits, f"pamtorch.{op}"))
 
 
 def _shape_error(op, a_shape, b_shape):
@@ -192,10 +226,13 @@ def _shape_error(op, a_shape, b_shape):
                         f"({'x'.join(map(str, a_shape))} and {'x'.join(map(str, b_shape))})")
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, *, derivative: str | None = None) -> torch.Tensor:
-    """PAM matrix product with ``torch.matmul`` semantics (1-D, 2-D, batched, broadcast)."""
+def matmul(a: torch.Tensor, b: torch.Tensor, *, offset: float | None = None,
+           mantissa_bits: int | None = None, derivative: str | None = None) -> torch.Tensor:
+    """PAM matrix product with ``torch.matmul`` semantics (1-D, 2-D, batched, broadcast);
+    ``offset`` per product term and ``mantissa_bits`` as in the module docstring."""
     _check_pair("matmul", a, b)
     kind = _resolve(derivative)
+    off, k = _opts("matmul", offset, mantissa_bits)
     if a.dim() == 0 or b.dim() == 0:
         raise RuntimeError("pamtorch.matmul: both arguments to matmul need to be at least 1D, "
                            f"but they are {a.dim()}D and {b.dim()}D")
@@ -210,7 +247,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, derivative: str | None = None) -
     if b2.dim() == 2:
         # b unbatched: fold a's batch dimensions into M
         batch = a2.shape[:-2]
-        out = _mm2d(a2.reshape(math.prod(batch) * M, K), b2, kind).reshape(*batch, M, N)
+        out = _mm2d(a2.reshape(math.prod(batch) * M, K), b2, kind, off, k).reshape(*batch, M, N)
     else:
         try:
             batch = torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
@@ -220,7 +257,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, derivative: str | None = None) -
         nb = math.prod(batch)
         a3 = a2.expand(*batch, M, K).reshape(nb, M, K)
         b3 = b2.expand(*batch, K, N).reshape(nb, K, N)
-        out = _PamBMM.apply(a3, b3, kind).reshape(*batch, M, N)
+        out = _PamBMM.apply(a3, b3, kind, off, k).reshape(*batch, M, N)
     if a_vec:
         out = out.squeeze(-2)
     if b_vec:
@@ -228,25 +265,30 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, derivative: str | None = None) -
     return out
 
 
-def bmm(a: torch.Tensor, b: torch.Tensor, *, derivative: str | None = None) -> torch.Tensor:
+def bmm(a: torch.Tensor, b: torch.Tensor, *, offset: float | None = None,
+        mantissa_bits: int | None = None, derivative: str | None = None) -> torch.Tensor:
     """PAM batched product with ``torch.bmm`` semantics: ``a[B,M,K] @ b[B,K,N]``."""
     _check_pair("bmm", a, b)
     kind = _resolve(derivative)
+    off, k = _opts("bmm", offset, mantissa_bits)
     if a.dim() != 3 or b.dim() != 3:
         raise RuntimeError(f"pamtorch.bmm: batch1 and batch2 must be 3D tensors, got "
                            f"{a.dim()}D and {b.dim()}D")
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
         raise _shape_error("bmm", a.shape, b.shape)
-    return _PamBMM.apply(a, b, kind)
+    return _PamBMM.apply(a, b, kind, off, k)
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           offset: float | None = None, mantissa_bits: int | None = None,
            derivative: str | None = None) -> torch.Tensor:
     """``input @PAM weight^T + bias`` with ``torch.nn.functional.linear`` semantics (and its
-    argument names, so ``F.linear(input=..., weight=...)`` routes here unchanged)."""
+    argument names, so ``F.linear(input=..., weight=...)`` routes here unchanged); the bias
+    add is an ordinary float32 addition."""
     x = input
     _check_pair("linear", x, weight, ("input", "weight"))
     kind = _resolve(derivative)
+    off, k = _opts("linear", offset, mantissa_bits)
     if weight.dim() not in (1, 2):
         raise RuntimeError(f"pamtorch.linear: weight must be 1-D or 2-D, got shape "
                            f"{tuple(weight.shape)}")
@@ -256,7 +298,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise _shape_error("linear", x.shape, tuple(reversed(weight.shape)))
     w_t = weight.t() if weight.dim() == 2 else weight.unsqueeze(-1)
     lead = x.shape[:-1]
-    out = _mm2d(x.reshape(math.prod(lead), x.shape[-1]), w_t, kind)
+    out = _mm2d(x.reshape(math.prod(lead), x.shape[-1]), w_t, kind, off, k)
     out = out.reshape(*lead, *w_t.shape[1:]) if weight.dim() == 2 else out.reshape(lead)
     if bias is not None:
         _check_pair("linear", x, bias, ("input", "bias"))
@@ -277,8 +319,8 @@ def _pair(v, name, least):
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           stride=1, padding=0, dilation=1, groups: int = 1, *,
-           derivative: str | None = None) -> torch.Tensor:
+           stride=1, padding=0, dilation=1, groups: int = 1, *, offset: float | None = None,
+           mantissa_bits: int | None = None, derivative: str | None = None) -> torch.Tensor:
     """2-D convolution (cross-correlation) with PAM products, ``F.conv2d`` semantics.
 
     im2col (``F.unfold``) then one PAM product per group; the bias add is an ordinary
@@ -286,6 +328,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     _check_pair("conv2d", x, weight, ("input", "weight"))
     kind = _resolve(derivative)
+    off, k = _opts("conv2d", offset, mantissa_bits)
     if weight.dim() != 4:
         raise RuntimeError(f"pamtorch.conv2d: weight must be 4-D [out, in/groups, kh, kw], "
                            f"got shape {tuple(weight.shape)}")
@@ -331,7 +374,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     cols = cols.transpose(0, 1).reshape(c * kh * kw, n * ho * wo)
     og = o // groups
     w2 = weight.reshape(o, kk)
-    outs = [_mm2d(w2[g * og:(g + 1) * og], cols[g * kk:(g + 1) * kk], kind)
+    outs = [_mm2d(w2[g * og:(g + 1) * og], cols[g * kk:(g + 1) * kk], kind, off, k)
             for g in range(groups)]
     out = outs[0] if groups == 1 else torch.cat(outs, 0)
     out = out.reshape(o, n, ho, wo).transpose(0, 1)

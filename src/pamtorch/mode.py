@@ -635,13 +635,14 @@ class _PAFunctionMode(TorchFunctionMode):
             if op.pa and op.derivative != "approx":
                 return _FUNCTION_ROUTES[func](*args, **kwargs, derivative=op.derivative)
         mm = self.config.matmul
-        if mm.pa and mm.derivative != "approx" and mm.offset is None:
+        if mm.pa and mm.derivative != "approx":
+            opts = dict(offset=mm.offset, mantissa_bits=mm.mantissa_bits, derivative=mm.derivative)
             if func in _MATMULS:
-                return _pa_matmul(args[0], args[1], derivative=mm.derivative)
+                return _pa_matmul(args[0], args[1], **opts)
             if func in _BMMS:
-                return _pa_bmm(args[0], args[1], derivative=mm.derivative)
+                return _pa_bmm(args[0], args[1], **opts)
             if func is F.linear:
-                return _pa_linear(*args, **kwargs, derivative=mm.derivative)
+                return _pa_linear(*args, **kwargs, **opts)
         return func(*args, **kwargs)
 
 

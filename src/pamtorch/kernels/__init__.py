@@ -7,6 +7,11 @@ returning new float32 tensors:
 * ``pam_mm_exact_grad_a(a, b, dc[M,N]) -> [M,K]``, the exact derivative w.r.t. ``a``;
 * ``pam_mm_exact_grad_b(a, b, dc) -> [K,N]``, the exact derivative w.r.t. ``b``.
 
+Each takes ``offset`` (None, or α with 0.5 <= α <= 2, rounded to float32): every product
+term is then ``PAM(A[i,k], B[k,j], offset=α)``, pattern ``P_a + P_b - B + D`` with the
+integer ``D = P_α - B`` (:func:`offset_d`), and the exact derivatives are those of the
+offset terms.
+
 Batched ``pam_bmm``, ``pam_bmm_exact_grad_a``, ``pam_bmm_exact_grad_b`` take 3-D
 operands ``[B,M,K]``, ``[B,K,N]`` (``dc[B,M,N]``); a backend that has them (Triton) runs
 one launch, the C++ one loops in C++ (small matrices one per thread),
@@ -23,11 +28,12 @@ import importlib
 
 import torch
 
+from .. import arith
 from ..recording import product_count, recorded
 
 __all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b",
            "pam_bmm", "pam_bmm_exact_grad_a", "pam_bmm_exact_grad_b",
-           "backend_name", "get_backend"]
+           "backend_name", "get_backend", "offset_d"]
 
 _cache: dict = {}
 
@@ -77,6 +83,14 @@ def backend_name(device) -> str:
     return get_backend(device).__name__.split(".")[-1].replace("matmul", "triton")
 
 
+def offset_d(offset: float | None) -> int:
+    """D = P_α - B for float32: the integer an offset α adds to every PAM term's pattern
+    (0 without an offset)."""
+    if offset is None:
+        return 0
+    return arith.offset_bits(arith.check_offset(offset, "pamtorch.kernels"), torch.float32)
+
+
 def _check(op: str, name: str, t, expect_shape=None, device=None, ndim=2):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
@@ -106,66 +120,78 @@ def _check_ab(op, a, b, ndim=2):
 
 
 @recorded("pam_mm", "matmul", product_count)
-def pam_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a[M,K] @PAM b[K,N]`` -> float32 ``[M,N]``."""
+def pam_mm(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.Tensor:
+    """``a[M,K] @PAM b[K,N]`` -> float32 ``[M,N]`` (terms with ``offset`` α if given)."""
     _check_ab("pam_mm", a, b)
-    return get_backend(a.device).pam_mm(a, b)
+    offset_d(offset)
+    return get_backend(a.device).pam_mm(a, b, offset)
 
 
 @recorded("pam_mm_exact_grad_a", "matmul", product_count)
-def pam_mm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
-    """Exact derivative of ``a @PAM b`` w.r.t. ``a`` for upstream ``dc[M,N]`` -> ``[M,K]``."""
+def pam_mm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                        offset: float | None = None) -> torch.Tensor:
+    """Exact derivative of ``a @PAM b`` (with ``offset``) w.r.t. ``a`` for upstream
+    ``dc[M,N]`` -> ``[M,K]``."""
     op = "pam_mm_exact_grad_a"
     _check_ab(op, a, b)
     _check(op, "dc", dc, (a.shape[0], b.shape[1]), a.device)
-    return get_backend(a.device).pam_mm_exact_grad_a(a, b, dc)
+    offset_d(offset)
+    return get_backend(a.device).pam_mm_exact_grad_a(a, b, dc, offset)
 
 
 @recorded("pam_mm_exact_grad_b", "matmul", product_count)
-def pam_mm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
-    """Exact derivative of ``a @PAM b`` w.r.t. ``b`` for upstream ``dc[M,N]`` -> ``[K,N]``."""
+def pam_mm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                        offset: float | None = None) -> torch.Tensor:
+    """Exact derivative of ``a @PAM b`` (with ``offset``) w.r.t. ``b`` for upstream
+    ``dc[M,N]`` -> ``[K,N]``."""
     op = "pam_mm_exact_grad_b"
     _check_ab(op, a, b)
     _check(op, "dc", dc, (a.shape[0], b.shape[1]), a.device)
-    return get_backend(a.device).pam_mm_exact_grad_b(a, b, dc)
+    offset_d(offset)
+    return get_backend(a.device).pam_mm_exact_grad_b(a, b, dc, offset)
 
 
-def _per_batch(fn, out_shape, device, *ts):
+def _per_batch(fn, out_shape, device, *ts, offset=None):
     out = torch.empty(out_shape, dtype=torch.float32, device=device)
     for i in range(out_shape[0]):
-        out[i].copy_(fn(*(t[i] for t in ts)))
+        out[i].copy_(fn(*(t[i] for t in ts), offset))
     return out
 
 
 @recorded("pam_bmm", "matmul", product_count)
-def pam_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def pam_bmm(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.Tensor:
     """Batched ``a[B,M,K] @PAM b[B,K,N]`` -> float32 ``[B,M,N]`` (any strides)."""
     _check_ab("pam_bmm", a, b, 3)
+    offset_d(offset)
     be = get_backend(a.device)
     if hasattr(be, "pam_bmm"):
-        return be.pam_bmm(a, b)
-    return _per_batch(be.pam_mm, (a.shape[0], a.shape[1], b.shape[2]), a.device, a, b)
+        return be.pam_bmm(a, b, offset)
+    return _per_batch(be.pam_mm, (a.shape[0], a.shape[1], b.shape[2]), a.device, a, b, offset=offset)
 
 
 @recorded("pam_bmm_exact_grad_a", "matmul", product_count)
-def pam_bmm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+def pam_bmm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                         offset: float | None = None) -> torch.Tensor:
     """Batched exact derivative w.r.t. ``a`` -> ``[B,M,K]``."""
     op = "pam_bmm_exact_grad_a"
     _check_ab(op, a, b, 3)
     _check(op, "dc", dc, (a.shape[0], a.shape[1], b.shape[2]), a.device, ndim=3)
+    offset_d(offset)
     be = get_backend(a.device)
     if hasattr(be, op):
-        return getattr(be, op)(a, b, dc)
-    return _per_batch(be.pam_mm_exact_grad_a, a.shape, a.device, a, b, dc)
+        return getattr(be, op)(a, b, dc, offset)
+    return _per_batch(be.pam_mm_exact_grad_a, a.shape, a.device, a, b, dc, offset=offset)
 
 
 @recorded("pam_bmm_exact_grad_b", "matmul", product_count)
-def pam_bmm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+def pam_bmm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                         offset: float | None = None) -> torch.Tensor:
     """Batched exact derivative w.r.t. ``b`` -> ``[B,K,N]``."""
     op = "pam_bmm_exact_grad_b"
     _check_ab(op, a, b, 3)
     _check(op, "dc", dc, (a.shape[0], a.shape[1], b.shape[2]), a.device, ndim=3)
+    offset_d(offset)
     be = get_backend(a.device)
     if hasattr(be, op):
-        return getattr(be, op)(a, b, dc)
-    return _per_batch(be.pam_mm_exact_grad_b, b.shape, a.device, a, b, dc)
+        return getattr(be, op)(a, b, dc, offset)
+    return _per_batch(be.pam_mm_exact_grad_b, b.shape, a.device, a, b, dc, offset=offset)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from . import offset_d
+
 __all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b", "pam_terms", "exact_grad_terms"]
 
 _BIAS = 0x3F800000
@@ -38,16 +40,17 @@ def _to_f32(bits: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.int32).view(torch.float32)
 
 
-def pam_terms(ua: torch.Tensor, ub: torch.Tensor, specials: bool = True) -> torch.Tensor:
+def pam_terms(ua: torch.Tensor, ub: torch.Tensor, specials: bool = True, d: int = 0) -> torch.Tensor:
     """Elementwise PAM of two broadcastable int64 pattern tensors (from ``_u32``),
-    returned as float32. ``specials=False`` skips the inf/NaN rules (faster) and is only
-    valid when neither operand holds inf/NaN."""
+    returned as float32: pattern |a| + |b| - B + d, ``d`` the offset's P_α - B.
+    ``specials=False`` skips the inf/NaN rules (faster) and is only valid when neither
+    operand holds inf/NaN."""
     pa = ua & _ABS
     pb = ub & _ABS
     s = (ua ^ ub) & _SIGN
     za = pa < _MINN
     zb = pb < _MINN
-    t = pa + pb - _BIAS
+    t = pa + pb - (_BIAS - d)
     zero = (t < _MINN) | za | zb
     mag = t.clamp_(max=_INF).masked_fill_(zero, 0)
     if specials:
@@ -64,15 +67,16 @@ def pam_terms(ua: torch.Tensor, ub: torch.Tensor, specials: bool = True) -> torc
 
 
 def exact_grad_terms(ud: torch.Tensor, uq: torch.Tensor, mo: torch.Tensor,
-                     specials: bool = True) -> torch.Tensor:
+                     specials: bool = True, d: int = 0) -> torch.Tensor:
     """One term of an exact gradient, elementwise (int64 patterns, broadcastable):
-    dC * sign(q) * 2^(E_q + c), c = [mant(q) + mo >= 2^23], by exponent arithmetic on
-    dC's pattern (flush to 0 below the smallest normal, inf on overflow). q zero/subnormal
-    gives dC*0 (NaN for an inf/NaN dC); q inf/NaN gives PAM(q, dC)."""
+    dC * sign(q) * 2^(E_q + floor((mant(q) + mo + d) / 2^23)) (without offset, d = 0:
+    2^(E_q + carry)), by exponent arithmetic on dC's pattern (flush to 0 below the
+    smallest normal, inf on overflow). q zero/subnormal gives dC*0 (NaN for an inf/NaN
+    dC); q inf/NaN gives PAM(q, dC) with the offset."""
     pd = ud & _ABS
     pq = uq & _ABS
     s = (ud ^ uq) & _SIGN
-    e = (pq >> 23) - 127 + (((pq & 0x7FFFFF) + mo) >> 23)
+    e = (pq >> 23) - 127 + (((pq & 0x7FFFFF) + mo + d) >> 23)  # arithmetic shift: floor
     t = pd + (e << 23)
     zero = (t < _MINN) | (pd < _MINN) | (pq < _MINN)
     mag = t.clamp_(max=_INF).masked_fill_(zero, 0)
@@ -83,7 +87,7 @@ def exact_grad_terms(ud: torch.Tensor, uq: torch.Tensor, mo: torch.Tensor,
         bits = bits.masked_fill_((dinf & (pq < _MINN)) | (pd > _INF), _QNAN)
         qspec = pq >= _INF
         if bool(qspec.any()):
-            pamq = _u32(pam_terms(uq, ud, True))
+            pamq = _u32(pam_terms(uq, ud, True, d))
             bits = torch.where(qspec, pamq, bits)
     return _to_f32(bits)
 
@@ -141,27 +145,38 @@ def _reduce_generic(X, Q, Mo, term_fn) -> torch.Tensor:
     return out
 
 
-def pam_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """C[i,j] = sum_k PAM(a[i,k], b[k,j]) (float32, sequential accumulation over k)."""
+def pam_mm(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.Tensor:
+    """C[i,j] = sum_k PAM(a[i,k], b[k,j]) (float32, sequential accumulation over k); with
+    ``offset`` α each term is PAM(a[i,k], b[k,j], offset=α)."""
     _check(a, "a")
     _check(b, "b")
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"pam_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
     a = a.detach().cpu()
     b = b.detach().cpu()
-    return _reduce_generic(a, b, None, lambda xs, qs, mo, spec: pam_terms(xs, qs, spec))
+    d = offset_d(offset)
+    return _reduce_generic(a, b, None, lambda xs, qs, mo, spec: pam_terms(xs, qs, spec, d))
 
 
-def pam_mm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
-    """dA[i,k] = sum_j dC[i,j] * sign(B[k,j]) * 2^(E_B[k,j] + c(A[i,k], B[k,j]))."""
+def _grad_terms(offset):
+    d = offset_d(offset)
+    return lambda xs, qs, mo, spec: exact_grad_terms(xs, qs, mo, spec, d)
+
+
+def pam_mm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                        offset: float | None = None) -> torch.Tensor:
+    """dA[i,k] = sum_j dC[i,j] * sign(B[k,j]) * 2^(E_B[k,j] + c(A[i,k], B[k,j])); with an
+    offset α the exponent also gets E_α and the carry counts α's mantissa too."""
     a, b, dc = _check3(a, b, dc)
-    return _reduce_generic(dc, b.t(), a, exact_grad_terms)
+    return _reduce_generic(dc, b.t(), a, _grad_terms(offset))
 
 
-def pam_mm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
-    """dB[k,j] = sum_i dC[i,j] * sign(A[i,k]) * 2^(E_A[i,k] + c(A[i,k], B[k,j]))."""
+def pam_mm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                        offset: float | None = None) -> torch.Tensor:
+    """dB[k,j] = sum_i dC[i,j] * sign(A[i,k]) * 2^(E_A[i,k] + c(A[i,k], B[k,j])) (offset as
+    in :func:`pam_mm_exact_grad_a`)."""
     a, b, dc = _check3(a, b, dc)
-    return _reduce_generic(dc.t(), a, b.t(), exact_grad_terms).t().contiguous()
+    return _reduce_generic(dc.t(), a, b.t(), _grad_terms(offset)).t().contiguous()
 
 
 def _check3(a, b, dc):

@@ -798,27 +798,20 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: boo
 # products
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-           derivative: str | None = None, offset: float | None = None) -> torch.Tensor:
-    """PAM ``x @ weight^T + bias`` (:func:`pamtorch.matmul.linear`). With ``offset`` α the
-    product (before the bias) is PAM-multiplied by α, one PAM per output (an approximation
-    of applying α to every product term)."""
-    if offset is None:
-        return _mm.linear(x, weight, bias, derivative=derivative)
-    out = _ag.mul(_mm.linear(x, weight, None, derivative=derivative), offset, derivative=derivative)
-    return out if bias is None else out + bias
+           derivative: str | None = None, offset: float | None = None,
+           mantissa_bits: int | None = None) -> torch.Tensor:
+    """PAM ``x @ weight^T + bias`` (:func:`pamtorch.matmul.linear`); ``offset`` α applies to
+    every product term, ``mantissa_bits`` rounds the operands."""
+    return _mm.linear(x, weight, bias, derivative=derivative, offset=offset, mantissa_bits=mantissa_bits)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,
            padding=0, dilation=1, groups: int = 1, *, derivative: str | None = None,
-           offset: float | None = None) -> torch.Tensor:
-    """PAM 2-D convolution (:func:`pamtorch.matmul.conv2d`); ``offset`` as in :func:`linear`."""
-    if offset is None:
-        return _mm.conv2d(x, weight, bias, stride, padding, dilation, groups, derivative=derivative)
-    out = _mm.conv2d(x, weight, None, stride, padding, dilation, groups, derivative=derivative)
-    out = _ag.mul(out, offset, derivative=derivative)
-    if bias is not None:
-        out = out + bias.reshape(-1, 1, 1)
-    return out
+           offset: float | None = None, mantissa_bits: int | None = None) -> torch.Tensor:
+    """PAM 2-D convolution (:func:`pamtorch.matmul.conv2d`); ``offset`` and
+    ``mantissa_bits`` as in :func:`linear`."""
+    return _mm.conv2d(x, weight, bias, stride, padding, dilation, groups, derivative=derivative,
+                      offset=offset, mantissa_bits=mantissa_bits)
 
 
 # ---------------------------------------------------------------------------
@@ -836,10 +829,7 @@ def _kinds(config, derivative):
 def _pa_matmul(a, b, op):
     if not op.pa:
         return torch.matmul(a, b)
-    out = _mm.matmul(a, b, derivative=op.derivative)
-    if op.offset is not None:
-        out = _ag.mul(out, op.offset, derivative=op.derivative)
-    return out
+    return _mm.matmul(a, b, derivative=op.derivative, offset=op.offset, mantissa_bits=op.mantissa_bits)
 
 
 def attention_forward(q, k, v, mask=None, dropout_p: float = 0.0, scale: float | None = None, *,
@@ -1006,7 +996,7 @@ def multi_head_attention_forward(query, key, value, embed_dim_to_check: int, num
     def lin(x, w, b):
         if not mop.pa:
             return _F.linear(x, w, b)
-        return linear(x, w, b, derivative=mop.derivative, offset=mop.offset)
+        return linear(x, w, b, derivative=mop.derivative, offset=mop.offset, mantissa_bits=mop.mantissa_bits)
 
     if not use_separate_proj_weight:
         if in_proj_weight is None:

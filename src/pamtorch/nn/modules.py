@@ -6,7 +6,8 @@ uses one op kind's settings: ``matmul`` for Linear, Conv2d and the attention pro
 ``norm`` for LayerNorm and RMSNorm, ``nonlinear`` for GELU, ``softmax`` for Softmax (and
 the attention softmax), ``elementwise`` for Dropout (the PAM by ``1/(1-p)``) and
 ``loss`` for the losses. Where that kind has ``pa=False`` the stock torch forward runs.
-``offset`` is supported for the matmul kind only (NotImplementedError elsewhere).
+``offset`` and ``mantissa_bits`` are supported for the matmul kind only
+(NotImplementedError elsewhere; the mode rounds every routed op, see docs/numerics.md).
 
 ``from_module(mod, config)`` turns a stock module into the PA one in place (its class is
 swapped; the Parameter objects, buffers, hooks and state_dict keys stay), which is what
@@ -45,9 +46,11 @@ class PAModule:
         return self.config.kind(self._pa_kind)
 
     def _no_offset(self):
-        if self.op.offset is not None:
-            raise NotImplementedError(f"pamtorch.nn.{type(self).__name__}: a PAM offset is "
-                                      f"implemented for the 'matmul' kind only, not '{self._pa_kind}'")
+        for name in ("offset", "mantissa_bits"):
+            if getattr(self.op, name) is not None:
+                raise NotImplementedError(f"pamtorch.nn.{type(self).__name__}: {name} is implemented "
+                                          f"for the 'matmul' kind's modules only, not '{self._pa_kind}' "
+                                          "(pamtorch.mode applies it to every op)")
 
     @classmethod
     def from_module(cls, mod: nn.Module, config: Optional[Config] = None):
@@ -79,7 +82,8 @@ class Linear(PAModule, nn.Linear):
         op = self.op
         if not op.pa:
             return F.linear(x, self.weight, self.bias)
-        return PF.linear(x, self.weight, self.bias, derivative=op.derivative, offset=op.offset)
+        return PF.linear(x, self.weight, self.bias, derivative=op.derivative, offset=op.offset,
+                         mantissa_bits=op.mantissa_bits)
 
 
 class Conv2d(PAModule, nn.Conv2d):
@@ -100,7 +104,8 @@ class Conv2d(PAModule, nn.Conv2d):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return PF.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation,
-                         self.groups, derivative=op.derivative, offset=op.offset)
+                         self.groups, derivative=op.derivative, offset=op.offset,
+                         mantissa_bits=op.mantissa_bits)
 
 
 class LayerNorm(PAModule, nn.LayerNorm):

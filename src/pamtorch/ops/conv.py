@@ -13,7 +13,8 @@ accumulation, in the order of the reduction index):
 
 The backward is the backward of that product: ``dA = dC ·̂ B^T`` and ``dB = A^T ·̂ dC``
 ("approx"), or the exact piecewise-constant derivative of the PAM product (the config's
-``derivative="exact"``, without an offset) by exponent arithmetic; ``dC`` is ``dy``
+``derivative="exact"``; with an offset, that of the offset terms) by exponent arithmetic;
+the kind's offset and mantissa bits apply as in :mod:`.matmul`; ``dC`` is ``dy``
 reshaped (convolution) or ``im2col(dy)`` (transposed), and ``dx`` is ``col2im(dB)`` or
 ``dB`` reshaped. im2col copies values and col2im adds them; the bias gradient is a sum.
 """
@@ -25,10 +26,8 @@ from typing import NamedTuple
 
 import torch.nn.functional as F
 
-from .. import kernels
-from ..matmul import _f32
 from .table import implements, passes_through, aten, arg
-from .matmul import bmm
+from .matmul import bmm, bmm_exact_grad_a, bmm_exact_grad_b
 
 # nn.ConvNd's reflect/replicate padding modes pad with these before the convolution (F.pad,
 # aten.pad, is their composite): they copy values, and their backward sums the gradients of
@@ -203,21 +202,17 @@ def conv_forward(x, w, bias, p: ConvParams, opcfg):
     return y.contiguous()
 
 
-def _exact(opcfg) -> bool:
-    return opcfg.derivative == "exact" and opcfg.offset is None
-
-
 def _grad_a(a, b, dc, opcfg):
-    """dA of C = A ·̂ B for upstream dC."""
-    if _exact(opcfg) and a.numel() and b.numel():
-        return kernels.pam_bmm_exact_grad_a(_f32(a), _f32(b), _f32(dc)).to(a.dtype)
+    """dA of C = A ·̂ B for upstream dC (the kind's offset per term in both kinds)."""
+    if opcfg.derivative == "exact" and a.numel() and b.numel():
+        return bmm_exact_grad_a(a, b, dc, opcfg)
     return bmm(dc, b.transpose(1, 2), opcfg)
 
 
 def _grad_b(a, b, dc, opcfg):
     """dB of C = A ·̂ B for upstream dC."""
-    if _exact(opcfg) and a.numel() and b.numel():
-        return kernels.pam_bmm_exact_grad_b(_f32(a), _f32(b), _f32(dc)).to(b.dtype)
+    if opcfg.derivative == "exact" and a.numel() and b.numel():
+        return bmm_exact_grad_b(a, b, dc, opcfg)
     return bmm(a.transpose(1, 2), dc, opcfg)
 
 

@@ -38,13 +38,13 @@ def scalar_mul(x, c, cfg=None, optimizer=None):
     return out if c > 0 else -out
 
 
-def scalar_div(x, c, optimizer=None):
-    """``x ÷̂ c`` = PAD(x, c); in the optimizer, for a Python number 1/2 <= |c| <= 2,
-    ``scalar_mul(x, 1/c)`` with 1/c a Python float (Adam's √(1 - β2^t) near 1, whose PAD
-    would apply 1 to 2 times the correction)."""
+def scalar_div(x, c, optimizer=None, cfg=None):
+    """``x ÷̂ c`` = PAD(x, c) (with ``cfg``'s offset and mantissa bits); in the optimizer,
+    for a Python number 1/2 <= |c| <= 2, ``scalar_mul(x, 1/c)`` with 1/c a Python float
+    (Adam's √(1 - β2^t) near 1, whose PAD would apply 1 to 2 times the correction)."""
     if not _near_one(x, c, optimizer):
-        return pad(x, c)
-    return scalar_mul(x, 1 / c, optimizer=True)
+        return pad(x, c, cfg)
+    return scalar_mul(x, 1 / c, cfg, optimizer=True)
 
 
 def scalar_scale(x, s, optimizer=None):
@@ -87,7 +87,7 @@ passes_through("conj _conj conj_physical conj_physical_ resolve_conj resolve_neg
 
 @implements([aten.div, aten.div_], "elementwise")
 def _pa_div(func, args, kwargs, cfg):
-    out = scalar_div(args[0], args[1]) if isinstance(args[0], torch.Tensor) else pad(args[0], args[1])
+    out = scalar_div(args[0], args[1], cfg=cfg) if isinstance(args[0], torch.Tensor) else pad(args[0], args[1], cfg)
     mode = kwargs.get("rounding_mode")
     if mode == "floor":
         out = torch.floor(out)
@@ -107,7 +107,7 @@ def _pa_addcmul(func, args, kwargs, cfg):
 def _pa_addcdiv(func, args, kwargs, cfg):
     inp, t1, t2 = args[:3]
     value = kwargs.get("value", args[3] if len(args) > 3 else 1)
-    return inplace(func, args, inp + scalar_scale(pad(t1, t2), value))
+    return inplace(func, args, inp + scalar_scale(pad(t1, t2, cfg), value))
 
 
 @implements([aten.lerp, aten.lerp_], "elementwise")
@@ -116,28 +116,39 @@ def _pa_lerp(func, args, kwargs, cfg):
     return inplace(func, args, start + scalar_mul(end - start, weight, cfg))
 
 
-def _unary(fn):
+def _rounded(fn, x, cfg, *rest):
+    """fn(x, *rest) with x and the result rounded to the kind's mantissa bits."""
+    k = cfg.mantissa_bits
+    if k is None or not isinstance(x, torch.Tensor):
+        return fn(x, *rest)
+    return arith.round_mantissa(fn(arith.round_mantissa(x, k), *rest), k)
+
+
+def _unary(fn, takes_offset=False):
     def impl(func, args, kwargs, cfg):
         x = args[0]
-        return inplace(func, args, fn(x))
+        if takes_offset:  # exp and log: the offset enters their inner PAM / PAD
+            off = arith.round_offset(cfg.offset, x.dtype, cfg.mantissa_bits)
+            return inplace(func, args, _rounded(fn, x, cfg, off))
+        return inplace(func, args, _rounded(fn, x, cfg))
     return impl
 
 
-for _ops, _fn in [
-    ([aten.sqrt, aten.sqrt_], arith.pa_sqrt),
-    ([aten.rsqrt, aten.rsqrt_], arith.pa_rsqrt),
-    ([aten.exp, aten.exp_], arith.pa_exp),
-    ([aten.log, aten.log_], arith.pa_log),
-    ([aten.exp2, aten.exp2_], arith.paexp2),
-    ([aten.log2, aten.log2_], arith.palog2),
-    ([aten.reciprocal, aten.reciprocal_], arith.pa_reciprocal),
+for _ops, _fn, _off in [
+    ([aten.sqrt, aten.sqrt_], arith.pa_sqrt, False),
+    ([aten.rsqrt, aten.rsqrt_], arith.pa_rsqrt, False),
+    ([aten.exp, aten.exp_], arith.pa_exp, True),
+    ([aten.log, aten.log_], arith.pa_log, True),
+    ([aten.exp2, aten.exp2_], arith.paexp2, False),
+    ([aten.log2, aten.log2_], arith.palog2, False),
+    ([aten.reciprocal, aten.reciprocal_], arith.pa_reciprocal, False),
 ]:
-    implements(_ops, "elementwise")(_unary(_fn))
+    implements(_ops, "elementwise")(_unary(_fn, _off))
 
 
 @implements([aten.pow, aten.pow_], "elementwise")
 def _pa_pow(func, args, kwargs, cfg):
-    return inplace(func, args, pow_any(args[0], args[1]))
+    return inplace(func, args, _rounded(pow_any, args[0], cfg, args[1]))
 
 
 def pow_any(x, p):
@@ -225,7 +236,7 @@ def _pa_mean(func, args, kwargs, cfg):
         n = math.prod(x.shape[d] for d in dims)
     if dtype is torch.float64:
         return arith.pad(s, torch.tensor(float(n), dtype=torch.float64, device=s.device))
-    return pad(s, float(n))
+    return pad(s, float(n), cfg)
 
 
 def norm2(x, dim=None, keepdim=False):

@@ -1,5 +1,9 @@
 """Matrix products: mm, addmm, bmm, baddbmm, mv, dot (PAM products, float32 sums).
 
+The kind's ``offset`` α applies per product term, ``sum_k PAM(a_k, b_k, offset=α)`` (the
+kernels add one integer constant to every term's pattern), and its ``mantissa_bits`` k
+rounds the operands (and α) to k bits before the product; the sum is float32.
+
 The argument checks raise torch's own errors (type and message), so code that catches
 them, and the user reading them, sees no difference under the mode.
 """
@@ -7,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels
+from .. import arith, kernels
 from ..matmul import _f32, _mm32
 from .table import implements, aten, cpp_type_name, pam, scalar_type_name, scale
 
@@ -43,25 +47,40 @@ def check_bmm(a, b):
                            f"{scalar_type_name(b.dtype)}")
 
 
+def _operands(opcfg, *ts):
+    """``ts`` rounded to the kind's mantissa bits, as float32, and the offset the terms take
+    (α rounded to the operands' dtype and to those bits)."""
+    k = opcfg.mantissa_bits
+    return [_f32(arith.round_mantissa(t, k)) for t in ts] + [arith.round_offset(opcfg.offset, ts[0].dtype, k)]
+
+
 def mm(a, b, opcfg):
-    """a @PAM b for 2-D a, b of one dtype (checked as torch.mm checks), offset applied."""
+    """a @PAM b for 2-D a, b of one dtype (checked as torch.mm checks), offset per term."""
     check_mm(a, b)
-    out = _mm32(_f32(a), _f32(b)).to(a.dtype)
-    if opcfg.offset is not None:
-        out = pam(out, opcfg.offset)
-    return out
+    a32, b32, off = _operands(opcfg, a, b)
+    return _mm32(a32, b32, off).to(a.dtype)
 
 
 def bmm(a, b, opcfg):
     """Batched a @PAM b for 3-D a, b of one dtype (checked as torch.bmm checks)."""
     check_bmm(a, b)
     if a.numel() == 0 or b.numel() == 0:
-        out = torch.zeros((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype, device=a.device)
-    else:
-        out = kernels.pam_bmm(_f32(a), _f32(b)).to(a.dtype)
-    if opcfg.offset is not None:
-        out = pam(out, opcfg.offset)
-    return out
+        return torch.zeros((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype, device=a.device)
+    a32, b32, off = _operands(opcfg, a, b)
+    return kernels.pam_bmm(a32, b32, off).to(a.dtype)
+
+
+def bmm_exact_grad_a(a, b, dc, opcfg):
+    """dA of C = a @PAM b (3-D, the kind's offset and mantissa bits) for upstream ``dc``:
+    the exact piecewise-constant derivative."""
+    a32, b32, dc32, off = _operands(opcfg, a, b, dc)
+    return kernels.pam_bmm_exact_grad_a(a32, b32, dc32, off).to(a.dtype)
+
+
+def bmm_exact_grad_b(a, b, dc, opcfg):
+    """dB of C = a @PAM b, as :func:`bmm_exact_grad_a`."""
+    a32, b32, dc32, off = _operands(opcfg, a, b, dc)
+    return kernels.pam_bmm_exact_grad_b(a32, b32, dc32, off).to(b.dtype)
 
 
 def _beta_alpha(kwargs):

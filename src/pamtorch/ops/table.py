@@ -43,9 +43,11 @@ def implements(ops, kind: str):
 
     ``impl`` computes the functional result; the ``.out`` overloads (``torch.mul(a, b,
     out=c)``) are handled here for every op: ``impl`` runs without the out arguments and
-    its result is written into them (see :func:`write_out`)."""
+    its result is written into them (see :func:`write_out`). For the kinds in
+    ``BOUNDARY_ROUNDED`` the config's ``mantissa_bits`` is applied here too (see
+    :func:`_round_boundary`)."""
     def deco(fn):
-        entry = _Entry(kind, _with_out(fn, kind))
+        entry = _Entry(kind, _with_out(_round_boundary(fn) if kind in BOUNDARY_ROUNDED else fn, kind))
         for op in ops:
             OP_TABLE[op] = entry
         return fn
@@ -79,6 +81,51 @@ def functional_overload(func):
             (c for c in cands if not out_names(c) and [(a.name, str(a.type)) for a in c._schema.arguments] == sig),
             func)
     return g
+
+
+# Kinds whose implementations are composite PA functions (nn.functional's forwards and
+# backwards) that take no mantissa width: under ``mantissa_bits`` the float operands and
+# results of their aten ops are rounded at the op's boundary. The matrix products, the
+# elementwise and the optimizer ops round inside, at each PAM/PAD (``pam``/``pad`` below).
+BOUNDARY_ROUNDED = ("softmax", "norm", "loss", "nonlinear")
+
+
+def _written(func) -> set:
+    """Names of the arguments aten overload ``func`` writes (``self`` of ``tanh_``)."""
+    return {a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+
+
+def _round_boundary(fn):
+    """``fn`` with its float operands and results rounded to ``opcfg.mantissa_bits``;
+    arguments the op writes are rounded in place (before: the operand; after: the result)."""
+    def impl(func, args, kwargs, opcfg):
+        k = opcfg.mantissa_bits
+        if k is None:
+            return fn(func, args, kwargs, opcfg)
+
+        written_ids: set = set()
+
+        def rnd(x, inplace=False):
+            if isinstance(x, (list, tuple)):
+                return type(x)(rnd(y, inplace) for y in x)
+            if isinstance(x, torch.Tensor) and x.dtype in arith.SUPPORTED_DTYPES:
+                if inplace:
+                    written_ids.add(id(x))
+                    return x.copy_(arith.round_mantissa(x, k))
+                # a result that is a written argument was rounded in place already
+                return x if id(x) in written_ids else arith.round_mantissa(x, k)
+            return x
+
+        names = [a.name for a in func._schema.arguments]
+        written = _written(func)
+        args = tuple(rnd(x, i < len(names) and names[i] in written) for i, x in enumerate(args))
+        kwargs = {n: rnd(x, n in written) for n, x in kwargs.items()}
+        result = fn(func, args, kwargs, opcfg)
+        outs = [x for i, x in enumerate(args) if i < len(names) and names[i] in written]
+        rnd(outs + [x for n, x in kwargs.items() if n in written], inplace=True)
+        return rnd(result)
+    impl.__wrapped__ = fn
+    return impl
 
 
 def _with_out(fn, kind):
@@ -226,20 +273,27 @@ def promote(a, b):
     return a, b
 
 
+def _pa_binary(op, a, b, opcfg):
+    a, b = promote(a, b)
+    if opcfg is None:
+        return op(a, b)
+    k = opcfg.mantissa_bits
+    off = arith.round_offset(opcfg.offset, a.dtype, k)
+    return arith.round_mantissa(op(arith.round_mantissa(a, k), arith.round_mantissa(b, k), off), k)
+
+
 def pam(a, b, opcfg: OpConfig | None = None):
-    """PAM of tensors or Python numbers, with ``opcfg``'s offset if it has one. Always a
-    new tensor: ``x * 1`` is PAM(x, 1) (x with subnormals flushed), never x itself."""
-    a, b = promote(a, b)
-    out = arith.pam(a, b)
-    if opcfg is not None and opcfg.offset is not None:
-        out = arith.pam(out, torch.tensor(opcfg.offset, dtype=out.dtype, device=out.device))
-    return out
+    """PAM of tensors or Python numbers, with ``opcfg``'s offset α (the pattern
+    P_a + P_b - B + (P_α - B)) and mantissa bits (operands, α and result rounded) if it
+    has them. Always a new tensor: ``x * 1`` is PAM(x, 1) (x with subnormals flushed),
+    never x itself."""
+    return _pa_binary(arith.pam, a, b, opcfg)
 
 
-def pad(a, b):
-    """PAD of tensors or Python numbers; always a new tensor, like :func:`pam`."""
-    a, b = promote(a, b)
-    return arith.pad(a, b)
+def pad(a, b, opcfg: OpConfig | None = None):
+    """PAD of tensors or Python numbers (with ``opcfg``'s offset, the pattern
+    P_a - P_b + B - (P_α - B), and mantissa bits); always a new tensor, like :func:`pam`."""
+    return _pa_binary(arith.pad, a, b, opcfg)
 
 
 def inplace(func, args, out):

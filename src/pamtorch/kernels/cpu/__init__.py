@@ -75,7 +75,7 @@ import warnings
 
 import torch
 
-from .. import _per_batch, torch_fallback
+from .. import _per_batch, offset_d, torch_fallback
 
 __all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b", "pam_bmm", "pam_bmm_exact_grad_a",
            "pam_bmm_exact_grad_b", "available", "backend", "load_extension", "status"]
@@ -543,38 +543,41 @@ def _check_grad(a, b, dc):
         raise ValueError(f"dc must have shape {want} (rows of a, columns of b), got {tuple(dc.shape)}")
 
 
-def pam_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def pam_mm(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.Tensor:
     """C[i,j] = sum_k PAM(a[i,k], b[k,j]), float32 accumulation in k order.
 
-    PAM: pattern |a|+|b|-1.0 as integers, sign XOR, zero/subnormal operand -> signed 0,
-    results below the smallest normal -> signed 0, at or above inf -> signed inf,
-    NaN in -> NaN, inf*0 -> NaN."""
+    PAM: pattern |a|+|b|-1.0 (+ D = P_α - 1.0 with an ``offset`` α) as integers, sign XOR,
+    zero/subnormal operand -> signed 0, results below the smallest normal -> signed 0,
+    at or above inf -> signed inf, NaN in -> NaN, inf*0 -> NaN."""
     _check_mm(a, b)
     ext = load_extension()
     if ext is None:
-        return torch_fallback.pam_mm(a, b)
-    return ext.pam_mm(a.detach(), b.detach(), -1)
+        return torch_fallback.pam_mm(a, b, offset)
+    return ext.pam_mm(a.detach(), b.detach(), -1, offset_d(offset))
 
 
-def pam_mm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
-    """Exact derivative of sum(dc * pam_mm(a, b)) w.r.t. a:
-    dA[i,k] = sum_j dC[i,j] * sign(B[k,j]) * 2^(E_B[k,j] + c), c = [mant(A[i,k]) + mant(B[k,j]) >= 2^23].
+def pam_mm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                        offset: float | None = None) -> torch.Tensor:
+    """Exact derivative of sum(dc * pam_mm(a, b, offset)) w.r.t. a:
+    dA[i,k] = sum_j dC[i,j] * sign(B[k,j]) * 2^(E_B[k,j] + c), c = [mant(A[i,k]) + mant(B[k,j]) >= 2^23]
+    (with an offset α: 2^(E_B + E_α + floor((mant(A) + mant(B) + mant(α)) / 2^23))).
     The power of two is applied by exponent arithmetic (flush/inf); B zero -> term dC*0;
     B inf/NaN -> PAM(B, dC)."""
     _check_grad(a, b, dc)
     ext = load_extension()
     if ext is None:
-        return torch_fallback.pam_mm_exact_grad_a(a, b, dc)
-    return ext.pam_mm_exact_grad_a(a.detach(), b.detach(), dc.detach(), -1)
+        return torch_fallback.pam_mm_exact_grad_a(a, b, dc, offset)
+    return ext.pam_mm_exact_grad_a(a.detach(), b.detach(), dc.detach(), -1, offset_d(offset))
 
 
-def pam_mm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+def pam_mm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                        offset: float | None = None) -> torch.Tensor:
     """Exact derivative w.r.t. b: dB[k,j] = sum_i dC[i,j] * sign(A[i,k]) * 2^(E_A[i,k] + c)."""
     _check_grad(a, b, dc)
     ext = load_extension()
     if ext is None:
-        return torch_fallback.pam_mm_exact_grad_b(a, b, dc)
-    return ext.pam_mm_exact_grad_b(a.detach(), b.detach(), dc.detach(), -1)
+        return torch_fallback.pam_mm_exact_grad_b(a, b, dc, offset)
+    return ext.pam_mm_exact_grad_b(a.detach(), b.detach(), dc.detach(), -1, offset_d(offset))
 
 
 def _check_bmm(op, a, b, dc=None, dc_shape=None):
@@ -586,28 +589,33 @@ def _check_bmm(op, a, b, dc=None, dc_shape=None):
         raise ValueError(f"{op}: dc must have shape {dc_shape}, got {tuple(dc.shape)}")
 
 
-def pam_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def pam_bmm(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.Tensor:
     """Batched :func:`pam_mm`: ``[B,M,K] x [B,K,N] -> [B,M,N]``; small matrices run one per thread."""
     _check_bmm("pam_bmm", a, b)
     ext = load_extension()
     if ext is None:
-        return _per_batch(torch_fallback.pam_mm, (a.shape[0], a.shape[1], b.shape[2]), a.device, a, b)
-    return ext.pam_bmm(a.detach(), b.detach(), -1)
+        return _per_batch(torch_fallback.pam_mm, (a.shape[0], a.shape[1], b.shape[2]), a.device, a, b,
+                          offset=offset)
+    return ext.pam_bmm(a.detach(), b.detach(), -1, offset_d(offset))
 
 
-def pam_bmm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+def pam_bmm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                         offset: float | None = None) -> torch.Tensor:
     """Batched :func:`pam_mm_exact_grad_a` -> ``[B,M,K]``."""
     _check_bmm("pam_bmm_exact_grad_a", a, b, dc, (a.shape[0], a.shape[1], b.shape[2]))
     ext = load_extension()
     if ext is None:
-        return _per_batch(torch_fallback.pam_mm_exact_grad_a, tuple(a.shape), a.device, a, b, dc)
-    return ext.pam_bmm_exact_grad_a(a.detach(), b.detach(), dc.detach(), -1)
+        return _per_batch(torch_fallback.pam_mm_exact_grad_a, tuple(a.shape), a.device, a, b, dc,
+                          offset=offset)
+    return ext.pam_bmm_exact_grad_a(a.detach(), b.detach(), dc.detach(), -1, offset_d(offset))
 
 
-def pam_bmm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+def pam_bmm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                         offset: float | None = None) -> torch.Tensor:
     """Batched :func:`pam_mm_exact_grad_b` -> ``[B,K,N]``."""
     _check_bmm("pam_bmm_exact_grad_b", a, b, dc, (a.shape[0], a.shape[1], b.shape[2]))
     ext = load_extension()
     if ext is None:
-        return _per_batch(torch_fallback.pam_mm_exact_grad_b, tuple(b.shape), a.device, a, b, dc)
-    return ext.pam_bmm_exact_grad_b(a.detach(), b.detach(), dc.detach(), -1)
+        return _per_batch(torch_fallback.pam_mm_exact_grad_b, tuple(b.shape), a.device, a, b, dc,
+                          offset=offset)
+    return ext.pam_bmm_exact_grad_b(a.detach(), b.detach(), dc.detach(), -1, offset_d(offset))

@@ -20,6 +20,10 @@
 //    overflow or underflow; otherwise a separate multiply and add are used.
 //  * Inf/NaN operands are packed as zeros and their terms are added afterwards with the
 //    exact scalar rule (IEEE addition makes the position of an inf/NaN term irrelevant).
+//  * An offset alpha (0.5 <= alpha <= 2) enters every term as the integer D = bits(alpha) -
+//    bits(1.0), |D| <= 2^23, added to the product pattern; in the exact gradients it adds
+//    E_alpha to the exponent and alpha's mantissa to the carry. Every entry takes D
+//    (0: no offset).
 
 #include <torch/extension.h>
 
@@ -101,15 +105,15 @@ bool cpu_has_avx2_fma() {
 }
 
 // ---------------------------------------------------------------- scalar exact rules
-// PAM of two float32 patterns.
-inline float pam_scalar(uint32_t a, uint32_t b) {
+// PAM of two float32 patterns, offset D added to the product pattern.
+inline float pam_scalar(uint32_t a, uint32_t b, int64_t D) {
   const uint32_t Pa = a & 0x7FFFFFFFu, Pb = b & 0x7FFFFFFFu;
   const uint32_t s = (a ^ b) & 0x80000000u;
   if (Pa > INFP || Pb > INFP) return bitsf(QNAN);
   const bool za = Pa < MINNORM, zb = Pb < MINNORM;
   if (Pa == INFP || Pb == INFP) return (za || zb) ? bitsf(QNAN) : bitsf(s | INFP);
   if (za || zb) return bitsf(s);
-  const int64_t sum = (int64_t)Pa + (int64_t)Pb - (int64_t)BIAS;
+  const int64_t sum = (int64_t)Pa + (int64_t)Pb - (int64_t)BIAS + D;
   if (sum < (int64_t)MINNORM) return bitsf(s);
   if (sum >= (int64_t)INFP) return bitsf(s | INFP);
   return bitsf(s | (uint32_t)sum);
@@ -120,17 +124,18 @@ inline uint32_t mant_of(uint32_t u) {
   return ((u & 0x7FFFFFFFu) >= MINNORM) ? (u & 0x7FFFFFu) : 0u;
 }
 
-// One term of an exact gradient: dC * sign(q) * 2^(E_q + c), c = [mant(q) + mo >= 2^23],
-// by exponent arithmetic on dC's pattern. q inf/NaN -> PAM(q, dC). q zero -> dC*0.
-inline float eterm(uint32_t d, uint32_t q, uint32_t mo) {
+// One term of an exact gradient: dC * sign(q) * 2^(E_q + floor((mant(q) + mo + D) / 2^23))
+// (D = 0: 2^(E_q + c), c the carry of mant(q) + mo), by exponent arithmetic on dC's
+// pattern. q inf/NaN -> PAM(q, dC). q zero -> dC*0.
+inline float eterm(uint32_t d, uint32_t q, uint32_t mo, int64_t D) {
   const uint32_t Pq = q & 0x7FFFFFFFu, Pd = d & 0x7FFFFFFFu;
-  if (Pq >= INFP) return pam_scalar(q, d);
+  if (Pq >= INFP) return pam_scalar(q, d, D);
   const uint32_t s = (d ^ q) & 0x80000000u;
   if (Pd > INFP) return bitsf(QNAN);
   if (Pq < MINNORM) return Pd == INFP ? bitsf(QNAN) : bitsf(s);
   if (Pd == INFP) return bitsf(s | INFP);
   if (Pd < MINNORM) return bitsf(s);
-  const int64_t e = (int64_t)(Pq >> 23) - 127 + (int64_t)(((Pq & 0x7FFFFFu) + mo) >> 23);
+  const int64_t e = (int64_t)(Pq >> 23) - 127 + (((int64_t)(Pq & 0x7FFFFFu) + mo + D) >> 23);
   const int64_t t = (int64_t)Pd + e * (int64_t)MINNORM;
   if (t < (int64_t)MINNORM) return bitsf(s);
   if (t >= (int64_t)INFP) return bitsf(s | INFP);
@@ -286,7 +291,7 @@ Stats stats2d(const at::Tensor& t) {
 // ---------------------------------------------------------------- scalar exact paths
 // Portable path (and the exact route for rare special combinations). Summation is
 // sequential over the reduction index, like the vector kernels.
-void fwd_scalar(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
+void fwd_scalar(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, int64_t D) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   const float* A = a.data_ptr<float>();
   const float* B = b.data_ptr<float>();
@@ -303,7 +308,7 @@ void fwd_scalar(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
       for (int64_t k = 0; k < K; ++k) {
         const uint32_t ua = fbits(A[i * as0 + k * as1]);
         const float* brow = B + k * bs0;
-        for (int64_t j = 0; j < N; ++j) crow[j] += pam_scalar(ua, fbits(brow[j * bs1]));
+        for (int64_t j = 0; j < N; ++j) crow[j] += pam_scalar(ua, fbits(brow[j * bs1]), D);
       }
     }
   }
@@ -314,7 +319,7 @@ void fwd_scalar(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
 // grad_b: X = dC^T (N,M), Q[t=i, c=k] = A[i,k], Mo[j,k] = B[k,j] -> out = dB^T
 void egrad_scalar(const float* X, int64_t xs0, int64_t xs1, const float* Q, int64_t qs0,
                   int64_t qs1, const float* Mo, int64_t ms0, int64_t ms1, float* O, int64_t os0,
-                  int64_t os1, int64_t R, int64_t Cc, int64_t T) {
+                  int64_t os1, int64_t R, int64_t Cc, int64_t T, int64_t D) {
   const int nt = num_threads();
 #pragma omp parallel num_threads(nt)
   {
@@ -330,7 +335,7 @@ void egrad_scalar(const float* X, int64_t xs0, int64_t xs1, const float* Q, int6
       for (int64_t t = 0; t < T; ++t) {
         const uint32_t d = fbits(X[r * xs0 + t * xs1]);
         const float* qrow = Q + t * qs0;
-        for (int64_t c = 0; c < Cc; ++c) acc[c] += eterm(d, fbits(qrow[c * qs1]), mo[c]);
+        for (int64_t c = 0; c < Cc; ++c) acc[c] += eterm(d, fbits(qrow[c * qs1]), mo[c], D);
       }
       for (int64_t c = 0; c < Cc; ++c) O[r * os0 + c * os1] = acc[c];
     }
@@ -341,15 +346,17 @@ void egrad_scalar(const float* X, int64_t xs0, int64_t xs1, const float* Q, int6
 // ================================================================ AVX2 forward kernels
 // Modes (chosen per call from operand statistics):
 //  F0  : no zero/special anywhere, no product can underflow below 0 or overflow.
-//        x = bits(a) + (bits(b) - 1.0 pattern)  (sign of the product lands in bit 31),
+//        x = bits(a) + (bits(b) - 1.0 pattern + D)  (sign of the product lands in bit 31),
 //        acc += x.                                                   [2 ops]
 //  FB  : B has zeros: acc = fma(x, mB, acc), mB = 1.0 / 0.0           [2 ops]
-//  FA  : A has zeros (B none): acc = fma(x, mA, acc), mA broadcast    [2 ops]
+//  FA  : A has zeros (B none): acc = fma(x, mA, acc), mA broadcast; a zero a is packed
+//        as 1.0 pattern - D, so that its x is b itself (finite) times 0  [2 ops]
 //  FAB : both: x &= maskA (broadcast), acc = fma(x, mB, acc)          [3 ops]
 //  G   : general finite inputs (underflow/overflow possible):
-//        s = |a| + (|b| - 0x7F800000); s = min(max(s, -2^30), HI_a);
-//        x = s + OFF_a (OFF = 2^30 + sign_a*2^31); acc = fma(x, sB, acc), sB = +-1/0.
-//        HI = 0x3F800000 (clamps to inf) or -2^30 for a zero a.      [5 ops]
+//        s = |a| + (|b| - 0x7F800000) (a non-normal b: |b| taken as 0);
+//        s = min(max(s, LO), HI_a); x = s + OFF_a; acc = fma(x, sB, acc), sB = +-1/0.
+//        LO = -2^30 - D (pattern 0), HI = 0x3F800000 - D (pattern inf) or LO for a zero
+//        a, OFF = 2^30 + D + sign_a*2^31.                             [5 ops]
 // In all fast modes a product pattern in [0, 2^23) is a subnormal, read as 0 under DAZ.
 enum FwdMode { F0 = 0, FB = 1, FA = 2, FAB = 3, FG = 4 };
 
@@ -376,7 +383,7 @@ template <int MODE, int MR>
 __attribute__((target("avx2,fma"))) inline void fwd_ukernel(int64_t kc, const int32_t* const* arow,
                                                             const int32_t* __restrict Ap,
                                                             const int32_t* __restrict Bp, float* C,
-                                                            int64_t ldc, bool load) {
+                                                            int64_t ldc, bool load, int32_t lo) {
   constexpr int BS = FwdTraits<MODE>::BS;
   constexpr int AS = FwdA<MODE>::AS;
   constexpr bool PACKED = FwdA<MODE>::PACKED;
@@ -389,7 +396,7 @@ __attribute__((target("avx2,fma"))) inline void fwd_ukernel(int64_t kc, const in
   const int32_t* ap[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) ap[r] = PACKED ? nullptr : arow[r];
-  const __m256i LO = _mm256_set1_epi32(-0x40000000);
+  const __m256i LO = _mm256_set1_epi32(lo);
   for (int64_t k = 0; k < kc; ++k) {
     __m256i pb[FNV];
     __m256 mb[FNV];
@@ -451,6 +458,7 @@ struct FwdArgs {
   const int32_t* Ap;  // packed A strips [ceil(M/MR)][K][AS][MR] (FA/FAB/FG)
   const int32_t* Bp;  // [ceil(N/16)][K][BS][16]
   float* C;           // (M, N) contiguous
+  int32_t lo;         // FG's lower clamp, -2^30 - D
 };
 
 template <int MODE, int MR>
@@ -479,12 +487,12 @@ __attribute__((target("avx2,fma"))) void fwd_macro(const FwdArgs& g, int64_t ic,
         }
         float* cp = g.C + ir * g.N + jr;
         if (mr == MR && nr == FNR) {
-          fwd_ukernel<MODE, MR>(kc, ar, astrip, bstrip, cp, g.N, load);
+          fwd_ukernel<MODE, MR>(kc, ar, astrip, bstrip, cp, g.N, load, g.lo);
         } else {
           if (load)
             for (int64_t r = 0; r < mr; ++r)
               for (int64_t c = 0; c < nr; ++c) tmp[r * FNR + c] = cp[r * g.N + c];
-          fwd_ukernel<MODE, MR>(kc, ar, astrip, bstrip, tmp, FNR, load);
+          fwd_ukernel<MODE, MR>(kc, ar, astrip, bstrip, tmp, FNR, load, g.lo);
           for (int64_t r = 0; r < mr; ++r)
             for (int64_t c = 0; c < nr; ++c) cp[r * g.N + c] = tmp[r * FNR + c];
         }
@@ -523,8 +531,10 @@ void fwd_run(const FwdArgs& g) {
 template <bool GEN, int BS>
 inline __attribute__((always_inline)) void pack_b_strip_body(const float* B, int64_t K, int64_t j0,
                                                               int64_t nr, int64_t s0, int64_t s1,
-                                                              int32_t* o) {
-  const int32_t pad = GEN ? -0x40000000 : 0;
+                                                              int32_t D, int32_t* o) {
+  // GEN: a non-normal b counts as |b| = 0, so that s stays below the clamps' HI and a
+  // zero a's x stays finite (its sB is 0)
+  const int32_t pad = GEN ? -(int32_t)INFP : 0;
   for (int64_t k = 0; k < K; ++k) {
     int32_t* ok = o + k * BS * FNR;
     const float* brow = B + k * s0 + j0 * s1;
@@ -536,7 +546,7 @@ inline __attribute__((always_inline)) void pack_b_strip_body(const float* B, int
         std::memcpy(&u, brow + c, 4);
         const uint32_t P = u & 0x7FFFFFFFu;
         const bool norm = (P - MINNORM) < (INFP - MINNORM);
-        pb[c] = GEN ? (norm ? (int32_t)(P - INFP) : pad) : (norm ? (int32_t)(u - BIAS) : 0);
+        pb[c] = GEN ? (norm ? (int32_t)(P - INFP) : pad) : (norm ? (int32_t)(u - BIAS + (uint32_t)D) : 0);
         const float one = GEN ? ((u >> 31) ? -1.f : 1.f) : 1.f;
         m[c] = norm ? one : 0.f;
       }
@@ -545,7 +555,7 @@ inline __attribute__((always_inline)) void pack_b_strip_body(const float* B, int
         const uint32_t u = c < nr ? fbits(brow[c * s1]) : 0u;
         const uint32_t P = u & 0x7FFFFFFFu;
         const bool norm = c < nr && (P - MINNORM) < (INFP - MINNORM);
-        pb[c] = GEN ? (norm ? (int32_t)(P - INFP) : pad) : (norm ? (int32_t)(u - BIAS) : 0);
+        pb[c] = GEN ? (norm ? (int32_t)(P - INFP) : pad) : (norm ? (int32_t)(u - BIAS + (uint32_t)D) : 0);
         const float one = GEN ? ((u >> 31) ? -1.f : 1.f) : 1.f;
         m[c] = norm ? one : 0.f;
       }
@@ -558,12 +568,12 @@ inline __attribute__((always_inline)) void pack_b_strip_body(const float* B, int
 template <bool GEN, int BS>
 __attribute__((target("avx2,fma"))) void pack_b_strip_avx2(const float* B, int64_t K, int64_t j0,
                                                             int64_t nr, int64_t s0, int64_t s1,
-                                                            int32_t* o) {
-  pack_b_strip_body<GEN, BS>(B, K, j0, nr, s0, s1, o);
+                                                            int32_t D, int32_t* o) {
+  pack_b_strip_body<GEN, BS>(B, K, j0, nr, s0, s1, D, o);
 }
 
 void pack_b_fwd(const float* B, int64_t K, int64_t N, int64_t s0, int64_t s1, int BS, bool general,
-                int32_t* out) {
+                int32_t D, int32_t* out) {
   const int64_t ns = (N + FNR - 1) / FNR;
   const int nt = num_threads();
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -571,11 +581,11 @@ void pack_b_fwd(const float* B, int64_t K, int64_t N, int64_t s0, int64_t s1, in
     int32_t* o = out + st * K * BS * FNR;
     const int64_t j0 = st * FNR, nr = std::min<int64_t>(FNR, N - j0);
     if (general)
-      pack_b_strip_avx2<true, 2>(B, K, j0, nr, s0, s1, o);
+      pack_b_strip_avx2<true, 2>(B, K, j0, nr, s0, s1, D, o);
     else if (BS == 2)
-      pack_b_strip_avx2<false, 2>(B, K, j0, nr, s0, s1, o);
+      pack_b_strip_avx2<false, 2>(B, K, j0, nr, s0, s1, D, o);
     else
-      pack_b_strip_avx2<false, 1>(B, K, j0, nr, s0, s1, o);
+      pack_b_strip_avx2<false, 1>(B, K, j0, nr, s0, s1, D, o);
   }
 }
 
@@ -583,7 +593,7 @@ void pack_b_fwd(const float* B, int64_t K, int64_t N, int64_t s0, int64_t s1, in
 template <int MODE, int MR>
 __attribute__((target("avx2,fma"))) void pack_a_strip_avx2(const float* A, int64_t i0, int64_t M,
                                                             int64_t K, int64_t s0, int64_t s1,
-                                                            int32_t* o) {
+                                                            int32_t D, int32_t* o) {
   constexpr int AS = MODE == FG ? 3 : 2;
   const float* rows[MR];
   bool valid[MR];
@@ -601,28 +611,29 @@ __attribute__((target("avx2,fma"))) void pack_a_strip_avx2(const float* A, int64
       const uint32_t P = u & 0x7FFFFFFFu;
       const bool norm = (P - MINNORM) < (INFP - MINNORM);
       if (MODE == FA) {
-        ok[r] = norm ? (int32_t)u : (int32_t)BIAS;
+        ok[r] = norm ? (int32_t)u : (int32_t)BIAS - D;
         ok[MR + r] = norm ? 0x3F800000 : 0;  // 1.0f / 0.0f
       } else if (MODE == FAB) {
         ok[r] = (int32_t)u;
         ok[MR + r] = norm ? -1 : 0;
       } else {  // FG
         ok[r] = norm ? (int32_t)P : 0;
-        ok[MR + r] = norm ? 0x3F800000 : -0x40000000;
-        ok[2 * MR + r] = (int32_t)(0x40000000u | (u & 0x80000000u));
+        ok[MR + r] = norm ? 0x3F800000 - D : -0x40000000 - D;
+        ok[2 * MR + r] = (int32_t)((uint32_t)(0x40000000 + D) | (u & 0x80000000u));
       }
     }
   }
 }
 
 template <int MODE, int MR>
-void pack_a_strips(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1, int32_t* out) {
+void pack_a_strips(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1, int32_t D,
+                   int32_t* out) {
   constexpr int AS = MODE == FG ? 3 : 2;
   const int64_t ns = (M + MR - 1) / MR;
   const int nt = num_threads();
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t st = 0; st < ns; ++st)
-    pack_a_strip_avx2<MODE, MR>(A, st * MR, M, K, s0, s1, out + st * K * AS * MR);
+    pack_a_strip_avx2<MODE, MR>(A, st * MR, M, K, s0, s1, D, out + st * K * AS * MR);
 }
 
 // contiguous copy of A's bits (F0/FB when A's rows are strided)
@@ -653,7 +664,8 @@ constexpr int mr_of(int mode) {
 // ================================================================ AVX2 exact-grad kernels
 // out[r, c] = sum_t X[r,t] * w,  w = bits((Mo[r,c] + Q[t,c]) & 0xFF800000)
 //   = sign(q) * 2^(E_q + c) with c the mantissa carry (Q holds the raw pattern of the
-//   operand, or 0 where it is zero/subnormal/special; Mo the other operand's mantissa).
+//   operand plus the offset's D, or 0 where it is zero/subnormal/special; Mo the other
+//   operand's mantissa).
 // EF: fused multiply-add (only when no term can overflow/underflow); EM: mul then add.
 constexpr int GNV = 2, GNR = 16;
 
@@ -767,10 +779,12 @@ void eg_run(const EgArgs& g) {
 #define PAM_AVX2_FN
 #endif
 
-// Q strips: Qp[strip][t][c] = q(Q[t, strip*16 + c]), q = raw pattern if normal, else 0.
+// Q strips: Qp[strip][t][c] = q(Q[t, strip*16 + c]), q = raw pattern + D if normal, else 0
+// (adding the mantissa of the other operand and masking to sign and exponent then gives
+// sign(q) 2^(E_q + E_alpha + carry); the caller has checked that exponent is normal).
 // (only used by the vector path, hence compiled for AVX2)
 PAM_AVX2_FN void pack_q_strip(const float* Q, int64_t T, int64_t c0, int64_t nr, int64_t s0,
-                              int64_t s1, int32_t* o) {
+                              int64_t s1, int32_t D, int32_t* o) {
   if (s1 == 1 && s0 != 1) {  // rows of Q contiguous: read 16 consecutive values per t
     for (int64_t t = 0; t < T; ++t) {
       const float* src = Q + t * s0 + c0;
@@ -780,13 +794,13 @@ PAM_AVX2_FN void pack_q_strip(const float* Q, int64_t T, int64_t c0, int64_t nr,
           uint32_t u;
           std::memcpy(&u, src + c, 4);
           const uint32_t P = u & 0x7FFFFFFFu;
-          q[c] = ((P - MINNORM) < (INFP - MINNORM)) ? (int32_t)u : 0;
+          q[c] = ((P - MINNORM) < (INFP - MINNORM)) ? (int32_t)(u + (uint32_t)D) : 0;
         }
       } else {
         for (int c = 0; c < 16; ++c) {
           const uint32_t u = c < nr ? fbits(src[c]) : 0u;
           const uint32_t P = u & 0x7FFFFFFFu;
-          q[c] = ((P - MINNORM) < (INFP - MINNORM)) ? (int32_t)u : 0;
+          q[c] = ((P - MINNORM) < (INFP - MINNORM)) ? (int32_t)(u + (uint32_t)D) : 0;
         }
       }
       std::memcpy(o + t * 16, q, sizeof(q));
@@ -802,17 +816,17 @@ PAM_AVX2_FN void pack_q_strip(const float* Q, int64_t T, int64_t c0, int64_t nr,
     for (int64_t t = 0; t < T; ++t) {
       const uint32_t u = fbits(src[t * s0]);
       const uint32_t P = u & 0x7FFFFFFFu;
-      o[t * 16 + c] = ((P - MINNORM) < (INFP - MINNORM)) ? (int32_t)u : 0;
+      o[t * 16 + c] = ((P - MINNORM) < (INFP - MINNORM)) ? (int32_t)(u + (uint32_t)D) : 0;
     }
   }
 }
 
-void pack_q(const float* Q, int64_t T, int64_t Cc, int64_t s0, int64_t s1, int32_t* out) {
+void pack_q(const float* Q, int64_t T, int64_t Cc, int64_t s0, int64_t s1, int32_t D, int32_t* out) {
   const int64_t ns = (Cc + 15) / 16;
   const int nt = num_threads();
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t st = 0; st < ns; ++st)
-    pack_q_strip(Q, T, st * 16, std::min<int64_t>(16, Cc - st * 16), s0, s1, out + st * T * 16);
+    pack_q_strip(Q, T, st * 16, std::min<int64_t>(16, Cc - st * 16), s0, s1, D, out + st * T * 16);
 }
 
 // mantissas of Mo (R, Cc) -> (Rpad, Cpad) row-major, zero padded
@@ -844,6 +858,11 @@ void pack_mant(const float* Mo, int64_t R, int64_t Cc, int64_t s0, int64_t s1, i
   }
 }
 
+void check_offset(int64_t D) {
+  TORCH_CHECK(D >= -(int64_t)MINNORM && D <= (int64_t)MINNORM,
+              "offset D = bits(alpha) - bits(1.0) must lie in [-2^23, 2^23] (0.5 <= alpha <= 2), got ", D);
+}
+
 void check2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
@@ -851,11 +870,12 @@ void check2d(const at::Tensor& t, const char* name) {
 }
 
 // ---------------------------------------------------------------- forward entry
-at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path) {
+at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path, int64_t D) {
   check2d(a, "a");
   check2d(b, "b");
   TORCH_CHECK(a.size(1) == b.size(0), "pam_mm: shapes ", a.sizes(), " and ", b.sizes(),
               " cannot be multiplied");
+  check_offset(D);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, a.options());
   ThreadCap cap(M * N * K);
@@ -863,15 +883,15 @@ at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path) {
   const bool vec = cpu_has_avx2_fma() && path != 0;
   if (!vec) {
     g_last_mode = 100;
-    fwd_scalar(a, b, c);
+    fwd_scalar(a, b, c, D);
     return c;
   }
 #if PAM_X86
   const Stats sa = stats2d(a), sb = stats2d(b);
   bool p1 = true;  // every nonzero product pattern in [0, 0x7F800000)
   if (sa.nnorm > 0 && sb.nnorm > 0) {
-    p1 = (int64_t)sa.minP + (int64_t)sb.minP - (int64_t)BIAS >= 0 &&
-         (int64_t)sa.maxP + (int64_t)sb.maxP - (int64_t)BIAS < (int64_t)INFP;
+    p1 = (int64_t)sa.minP + (int64_t)sb.minP - (int64_t)BIAS + D >= 0 &&
+         (int64_t)sa.maxP + (int64_t)sb.maxP - (int64_t)BIAS + D < (int64_t)INFP;
   }
   const bool za = sa.nzero + sa.nspec > 0, zb = sb.nzero + sb.nspec > 0;
   int mode;
@@ -890,9 +910,11 @@ at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path) {
   const int BS = (mode == F0 || mode == FA) ? 1 : 2;
   const int64_t ns = (N + FNR - 1) / FNR;
   at::Tensor bp = at::empty({ns * K * BS * FNR}, a.options().dtype(at::kInt));
-  pack_b_fwd(b.data_ptr<float>(), K, N, b.stride(0), b.stride(1), BS, mode == FG,
+  const int32_t D32 = (int32_t)D;
+  pack_b_fwd(b.data_ptr<float>(), K, N, b.stride(0), b.stride(1), BS, mode == FG, D32,
              bp.data_ptr<int32_t>());
-  FwdArgs g{M, N, K, nullptr, 0, nullptr, bp.data_ptr<int32_t>(), c.data_ptr<float>()};
+  FwdArgs g{M, N, K, nullptr, 0, nullptr, bp.data_ptr<int32_t>(), c.data_ptr<float>(),
+            -0x40000000 - D32};
   at::Tensor ap;
   if (mode == F0 || mode == FB) {
     if (a.stride(1) == 1) {
@@ -910,11 +932,11 @@ at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path) {
     const float* A = a.data_ptr<float>();
     int32_t* P = ap.data_ptr<int32_t>();
     if (mode == FA)
-      pack_a_strips<FA, mr_of(FA)>(A, M, K, a.stride(0), a.stride(1), P);
+      pack_a_strips<FA, mr_of(FA)>(A, M, K, a.stride(0), a.stride(1), D32, P);
     else if (mode == FAB)
-      pack_a_strips<FAB, mr_of(FAB)>(A, M, K, a.stride(0), a.stride(1), P);
+      pack_a_strips<FAB, mr_of(FAB)>(A, M, K, a.stride(0), a.stride(1), D32, P);
     else
-      pack_a_strips<FG, mr_of(FG)>(A, M, K, a.stride(0), a.stride(1), P);
+      pack_a_strips<FG, mr_of(FG)>(A, M, K, a.stride(0), a.stride(1), D32, P);
     g.Ap = ap.data_ptr<int32_t>();
   }
   switch (mode) {
@@ -945,12 +967,12 @@ at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path) {
         for (int64_t k = 0; k < K; ++k) {
           const uint32_t ua = fbits(A[i * as0 + k * as1]);
           if ((ua & 0x7FFFFFFFu) >= INFP)
-            for (int64_t j = 0; j < N; ++j) C[i * N + j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]));
+            for (int64_t j = 0; j < N; ++j) C[i * N + j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]), D);
         }
       for (size_t s = 0; s < bspec.size(); s += 2) {
         const int64_t k = bspec[s], j = bspec[s + 1];
         const uint32_t ua = fbits(A[i * as0 + k * as1]);
-        if ((ua & 0x7FFFFFFFu) < INFP) C[i * N + j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]));
+        if ((ua & 0x7FFFFFFFu) < INFP) C[i * N + j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]), D);
       }
     }
   }
@@ -960,7 +982,8 @@ at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path) {
 
 // ---------------------------------------------------------------- exact-gradient entry
 // which = 0: dA = grad_a(a, b, dc) (M, K);  which = 1: dB = grad_b (K, N)
-at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t which, int64_t path) {
+at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t which, int64_t path,
+                          int64_t D) {
   check2d(a, "a");
   check2d(b, "b");
   check2d(dc, "dc");
@@ -969,6 +992,7 @@ at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t whi
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(dc.size(0) == M && dc.size(1) == N, "dc must have shape (", M, ", ", N, "), got ",
               dc.sizes());
+  check_offset(D);
   ThreadCap cap(M * N * K);
   // Generic form: out[R, Cc] = sum_t eterm(X[r,t], Q[t,c], mant(Mo[r,c])), see egrad_scalar.
   at::Tensor X, Q, Mo, out;
@@ -989,13 +1013,15 @@ at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t whi
   const Stats sq = stats2d(Q), sx = stats2d(X);
   bool fused = false, ok = vec;
   if (vec) {
+    // the weight is 2^(E_q + E_alpha + c), c in [0, cmax]: it must be a normal float
+    const int ea = (int)(D >> 23), cmax = (D & 0x7FFFFF) ? 2 : 1;
     const int qmax = sq.nnorm ? sq.emax() : -1000;
-    if (sq.nnorm && qmax > 126) ok = false;        // 2^(E+1) would not be a float
+    if (sq.nnorm && (qmax + ea + cmax > 127 || sq.emin() + ea < -126)) ok = false;
     if (sq.ninf > 0 && sx.ninf > 0) ok = false;    // inf*inf terms: exact scalar route
     if (sq.nnorm == 0 || sx.nnorm == 0) {
       fused = true;
     } else {
-      fused = sx.emax() + qmax <= 126 && sx.emin() + sq.emin() >= -126;
+      fused = sx.emax() + qmax + ea + cmax <= 127 && sx.emin() + sq.emin() + ea >= -126;
     }
     if (path == 1) fused = false;
   }
@@ -1004,7 +1030,7 @@ at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t whi
     g_last_mode = 100;
     egrad_scalar(X.data_ptr<float>(), X.stride(0), X.stride(1), Q.data_ptr<float>(), Q.stride(0),
                  Q.stride(1), Mo.data_ptr<float>(), Mo.stride(0), Mo.stride(1),
-                 out.data_ptr<float>(), os0, os1, R, Cc, T);
+                 out.data_ptr<float>(), os0, os1, R, Cc, T, D);
     return out;
   }
 #if PAM_X86
@@ -1015,7 +1041,7 @@ at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t whi
   const int64_t Rpad = (R + MRP - 1) / MRP * MRP, Cpad = ns * GNR;
   at::Tensor qp = at::empty({ns * T * GNR}, a.options().dtype(at::kInt));
   at::Tensor mp = at::empty({Rpad * Cpad}, a.options().dtype(at::kInt));
-  pack_q(Q.data_ptr<float>(), T, Cc, Q.stride(0), Q.stride(1), qp.data_ptr<int32_t>());
+  pack_q(Q.data_ptr<float>(), T, Cc, Q.stride(0), Q.stride(1), (int32_t)D, qp.data_ptr<int32_t>());
   // read the mantissa operand row-wise (grad_b's is B transposed: let torch's blocked
   // transpose do the strided part)
   at::Tensor Moc = Mo.stride(1) == 1 ? Mo : Mo.contiguous();
@@ -1045,18 +1071,18 @@ at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t whi
     for (int64_t r = 0; r < R; ++r)
       for (size_t s = 0; s < qspec.size(); s += 2) {
         const int64_t t = qspec[s], cc = qspec[s + 1];
-        O[r * os0 + cc * os1] += pam_scalar(fbits(Qd[t * qs0 + cc * qs1]), fbits(Xp[r * xs0 + t * xs1]));
+        O[r * os0 + cc * os1] += pam_scalar(fbits(Qd[t * qs0 + cc * qs1]), fbits(Xp[r * xs0 + t * xs1]), D);
       }
   }
 #endif
   return out;
 }
 
-at::Tensor pam_mm_exact_grad_a(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path) {
-  return pam_exact_grad(a, b, dc, 0, path);
+at::Tensor pam_mm_exact_grad_a(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path, int64_t D) {
+  return pam_exact_grad(a, b, dc, 0, path, D);
 }
-at::Tensor pam_mm_exact_grad_b(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path) {
-  return pam_exact_grad(a, b, dc, 1, path);
+at::Tensor pam_mm_exact_grad_b(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path, int64_t D) {
+  return pam_exact_grad(a, b, dc, 1, path, D);
 }
 
 // ---------------------------------------------------------------- batched entries
@@ -1089,24 +1115,24 @@ void check3(const at::Tensor& a, const at::Tensor& b) {
               b.sizes(), " cannot be batch-multiplied");
 }
 
-at::Tensor pam_bmm(at::Tensor a, at::Tensor b, int64_t path) {
+at::Tensor pam_bmm(at::Tensor a, at::Tensor b, int64_t path, int64_t D) {
   check3(a, b);
   const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
   return batched(a.size(0), {a.size(0), M, N}, a.options(), M * N * K,
-                 [&](int64_t i) { return pam_mm(a.select(0, i), b.select(0, i), path); });
+                 [&](int64_t i) { return pam_mm(a.select(0, i), b.select(0, i), path, D); });
 }
-at::Tensor pam_bmm_exact_grad_a(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path) {
+at::Tensor pam_bmm_exact_grad_a(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path, int64_t D) {
   check3(a, b);
   const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
   return batched(a.size(0), {a.size(0), M, K}, a.options(), M * N * K, [&](int64_t i) {
-    return pam_exact_grad(a.select(0, i), b.select(0, i), dc.select(0, i), 0, path);
+    return pam_exact_grad(a.select(0, i), b.select(0, i), dc.select(0, i), 0, path, D);
   });
 }
-at::Tensor pam_bmm_exact_grad_b(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path) {
+at::Tensor pam_bmm_exact_grad_b(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path, int64_t D) {
   check3(a, b);
   const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
   return batched(a.size(0), {a.size(0), K, N}, a.options(), M * N * K, [&](int64_t i) {
-    return pam_exact_grad(a.select(0, i), b.select(0, i), dc.select(0, i), 1, path);
+    return pam_exact_grad(a.select(0, i), b.select(0, i), dc.select(0, i), 1, path, D);
   });
 }
 
@@ -1119,18 +1145,19 @@ void register_elementwise(pybind11::module& m);  // pa_elementwise.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_elementwise(m);
+  // path: -1 automatic, 0 portable scalar, 1 AVX2 general modes; D: the offset's bits(alpha) - bits(1.0)
   m.def("pam_mm", &pam_mm, "C = sum_k PAM(A[i,k], B[k,j])", py::arg("a"), py::arg("b"),
-        py::arg("path") = -1);
+        py::arg("path") = -1, py::arg("D") = 0);
   m.def("pam_mm_exact_grad_a", &pam_mm_exact_grad_a, "exact dA", py::arg("a"), py::arg("b"),
-        py::arg("dc"), py::arg("path") = -1);
+        py::arg("dc"), py::arg("path") = -1, py::arg("D") = 0);
   m.def("pam_mm_exact_grad_b", &pam_mm_exact_grad_b, "exact dB", py::arg("a"), py::arg("b"),
-        py::arg("dc"), py::arg("path") = -1);
+        py::arg("dc"), py::arg("path") = -1, py::arg("D") = 0);
   m.def("pam_bmm", &pam_bmm, "C[i] = pam_mm(A[i], B[i])", py::arg("a"), py::arg("b"),
-        py::arg("path") = -1);
+        py::arg("path") = -1, py::arg("D") = 0);
   m.def("pam_bmm_exact_grad_a", &pam_bmm_exact_grad_a, "batched exact dA", py::arg("a"),
-        py::arg("b"), py::arg("dc"), py::arg("path") = -1);
+        py::arg("b"), py::arg("dc"), py::arg("path") = -1, py::arg("D") = 0);
   m.def("pam_bmm_exact_grad_b", &pam_bmm_exact_grad_b, "batched exact dB", py::arg("a"),
-        py::arg("b"), py::arg("dc"), py::arg("path") = -1);
+        py::arg("b"), py::arg("dc"), py::arg("path") = -1, py::arg("D") = 0);
   m.def("cpu_path", &cpu_path);
   m.def("last_mode", &last_mode);
 }

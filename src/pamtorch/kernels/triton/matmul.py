@@ -6,6 +6,10 @@ Three entry points, the same as the C++ CPU kernel and the pure-torch fallback:
 * ``pam_mm_exact_grad_a(a, b, dc[M,N]) -> [M,K]``: exact derivative w.r.t. ``a``.
 * ``pam_mm_exact_grad_b(a, b, dc) -> [K,N]``: exact derivative w.r.t. ``b``.
 
+Every entry takes ``offset`` (None, or α with 0.5 <= α <= 2): each term is then
+``PAM(A[i,k], B[k,j], offset=α)``, the integer ``D = P_α - 0x3F800000`` added to its
+pattern (``D`` is folded into ``T`` below), and the exact kernels differentiate those terms.
+
 Batched versions ``pam_bmm``, ``pam_bmm_exact_grad_a``, ``pam_bmm_exact_grad_b`` take
 ``[B,M,K]``/``[B,K,N]`` operands (any strides, stride-0 broadcast batches included) and
 run all batch entries in one launch (grid axis 1); the 2-D functions are batch 1.
@@ -24,7 +28,7 @@ other tile dimension). The same code runs under ``TRITON_INTERPRET=1`` on CPU
 tensors, where each loop step is a handful of numpy operations on a tile.
 
 Integer formulation of one PAM product (all int32, see ``_decode_x``/``_decode_y``):
-with magnitude patterns ``Pa``, ``Pb`` and ``T = Pa - 0x3F800000`` the result pattern
+with magnitude patterns ``Pa``, ``Pb`` and ``T = Pa - 0x3F800000 + D`` the result pattern
 is ``T + Pb``. Instead of forming it in a wider type, overflow and underflow are
 tested against per-operand limits that cannot overflow,
 ``T >= 0x7F800000 - Pb`` (result >= inf pattern) and ``T < 0x00800000 - Pb`` (result
@@ -43,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pamtorch.kernels import offset_d  # absolute: tests load this file on its own
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # ---- bit-pattern constants (all fit in int32) ----------------------------------------
@@ -59,9 +65,9 @@ _INT_MAX = 2147483647
 
 # sentinels of the "x" side (T, or the exponent shift of the exact kernel)
 _X_ZERO = _INT_MIN        # below every lo limit, never >= a finite hi limit
-_X_INF = 0x7F000000       # >= every normal hi limit, < the zero-y lo limit
+_X_INF = 0x7F000000       # >= every normal hi limit and the zero-y hi, < the zero-y lo limit
 # limits of the "y" side for zero and infinite y
-_Y_ZERO_HI = 0x40000001   # above every normal x (T <= 0x40000000): no overflow ...
+_Y_ZERO_HI = 0x41000000   # above every normal x (T, shift <= 0x40800000 for |D| <= 2^23): no overflow ...
 _Y_ZERO_LO = _INT_MAX     # ... always underflow (x_inf: both -> NaN)
 _Y_INF_HI = _INT_MIN      # always overflow ...
 _Y_INF_LO = _INT_MIN + 1  # ... underflow only for x_zero (-> NaN)
@@ -90,13 +96,13 @@ def _neg_zeros_2d(m: tl.constexpr, n: tl.constexpr):
 
 
 @triton.jit
-def _decode_x_fwd(x):
-    """Left operand of a forward PAM: (T code, sign bit, NaN-or--0.0 float)."""
+def _decode_x_fwd(x, D):
+    """Left operand of a forward PAM with offset D: (T code, sign bit, NaN-or--0.0 float)."""
     xi = _bits(x)
     p = xi & 0x7FFFFFFF
     s = xi ^ p
     t = tl.where(p < 0x00800000, -2147483648,
-                 tl.where(p >= 0x7F800000, 0x7F000000, p - 0x3F800000))
+                 tl.where(p >= 0x7F800000, 0x7F000000, p - (0x3F800000 - D)))
     nan = _nan_term(p > 0x7F800000)
     return t, s, nan
 
@@ -109,7 +115,7 @@ def _decode_y(y):
     s = yi ^ p
     zero = p < 0x00800000
     inf = p >= 0x7F800000
-    hi = tl.where(zero, 0x40000001, tl.where(inf, -2147483648, 0x7F800000 - p))
+    hi = tl.where(zero, 0x41000000, tl.where(inf, -2147483648, 0x7F800000 - p))
     lo = tl.where(zero, 2147483647, tl.where(inf, -2147483647, 0x00800000 - p))
     nan = _nan_term(p > 0x7F800000)
     return p, hi, lo, s, nan
@@ -127,7 +133,7 @@ def _combine(x, p, hi, lo, s):
 @triton.jit
 def _pam_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   stride_ab, stride_bb, stride_cb,
+                   stride_ab, stride_bb, stride_cb, D,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)  # one batch entry per grid row (2-D: batch 0)
@@ -156,7 +162,7 @@ def _pam_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
     for k in range(0, K):
         a = tl.load(a_ptrs, mask=mask_m, other=0.0)
         b = tl.load(b_ptrs, mask=mask_n, other=0.0)
-        t, sa, na = _decode_x_fwd(a)
+        t, sa, na = _decode_x_fwd(a, D)
         pb, hi, lo, sb, nb = _decode_y(b)
         nan_m += na
         nan_n += nb
@@ -175,10 +181,11 @@ def _pam_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
 def _pam_mm_exact_grad_a_kernel(a_ptr, b_ptr, g_ptr, o_ptr, M, N, K,
                                 stride_am, stride_ak, stride_bk, stride_bn,
                                 stride_gm, stride_gn, stride_om, stride_ok,
-                                stride_ab, stride_bb, stride_gb, stride_ob,
+                                stride_ab, stride_bb, stride_gb, stride_ob, D,
                                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                                 GROUP_M: tl.constexpr):
-    """dA[i,k] = sum_j PAM-shift of dC[i,j] by sign(B[k,j]) 2^(E_B[k,j] + carry)."""
+    """dA[i,k] = sum_j PAM-shift of dC[i,j] by sign(B[k,j]) 2^(E_B[k,j] + carry), with the
+    offset D = E_α·2^23 + M_α: 2^(E_B + E_α + floor((M_A + M_B + M_α) / 2^23))."""
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     a_ptr += batch * stride_ab
@@ -221,14 +228,17 @@ def _pam_mm_exact_grad_a_kernel(a_ptr, b_ptr, g_ptr, o_ptr, M, N, K,
         bi = _bits(b)
         pb = bi & 0x7FFFFFFF
         sb = bi ^ pb
-        bzero = pb < 0x00800000
-        x0 = tl.where(bzero, -2147483648,
-                      tl.where(pb >= 0x7F800000, 0x7F000000, (pb & 0x7F800000) - 0x3F800000))
-        thr = 0x00800000 - tl.where(bzero, 0, pb & 0x007FFFFF)
+        bnorm = (pb >= 0x00800000) & (pb < 0x7F800000)
+        x0 = tl.where(pb < 0x00800000, -2147483648,
+                      tl.where(pb >= 0x7F800000, 0x7F000000,
+                               (pb & 0x7F800000) - 0x3F800000 + (D & -8388608)))
+        # B's and α's mantissa (0 for a zero/special B, whose sentinel must stay exact):
+        # adding A's and masking to whole binades gives floor(sum / 2^23) << 23
+        mb = tl.where(bnorm, (pb & 0x007FFFFF) + (D & 0x007FFFFF), 0)
         nb = _nan_term(pb > 0x7F800000)
         nan_m += ng
         nan_k += nb
-        x = x0[None, :] + tl.where(ma >= thr[None, :], 0x00800000, 0)
+        x = x0[None, :] + ((ma + mb[None, :]) & -8388608)
         acc += _combine(x, pg[:, None], hi[:, None], lo[:, None], sg[:, None] ^ sb[None, :])
         g_ptrs += stride_gn
         b_ptrs += stride_bn
@@ -294,14 +304,15 @@ def _check(name, t, ndim=2):
                          f"TRITON_INTERPRET=1 set before import), got device {t.device}")
 
 
-def _launch(kernel, names, rows, cols, tensors, sizes, strides):
+def _launch(kernel, names, rows, cols, tensors, sizes, strides, D):
     """Launch over batches (leading dim of every tensor in ``tensors``), in chunks of
-    the grid's y limit. ``strides``: the per-matrix strides (batch stride is dim 0)."""
+    the grid's y limit. ``strides``: the per-matrix strides (batch stride is dim 0);
+    ``D``: the offset's integer."""
     nb = tensors[0].shape[0]
     for b0 in range(0, nb, _MAX_GRID_Y):
         part = [t[b0:b0 + _MAX_GRID_Y] for t in tensors]
         bstrides = [t.stride(0) for t in part]
-        args = (*part, *sizes, *strides, *bstrides)
+        args = (*part, *sizes, *strides, *bstrides, D)
         n = part[0].shape[0]
         if INTERPRET:
             meta = _interp_meta(*names)
@@ -313,7 +324,7 @@ def _launch(kernel, names, rows, cols, tensors, sizes, strides):
             kernel[grid](*args)
 
 
-def _bmm(a, b):
+def _bmm(a, b, offset):
     """c[B,M,N] = a[B,M,K] @PAM b[B,K,N] (validated float32 3-D tensors)."""
     nb, M, K = a.shape
     N = b.shape[2]
@@ -321,11 +332,12 @@ def _bmm(a, b):
         return torch.zeros((nb, M, N), dtype=torch.float32, device=a.device)
     c = torch.empty((nb, M, N), dtype=torch.float32, device=a.device)
     _launch(_mm, ("BLOCK_M", "BLOCK_N"), M, N, (a, b, c), (M, N, K),
-            (a.stride(1), a.stride(2), b.stride(1), b.stride(2), c.stride(1), c.stride(2)))
+            (a.stride(1), a.stride(2), b.stride(1), b.stride(2), c.stride(1), c.stride(2)),
+            offset_d(offset))
     return c
 
 
-def _grad(x, y, g, out):
+def _grad(x, y, g, out, offset):
     """out[B,M,K] = exact grad w.r.t. x of (x[B,M,K] @PAM y[B,K,N]) for upstream g[B,M,N]."""
     nb, M, K = x.shape
     N = y.shape[2]
@@ -335,7 +347,7 @@ def _grad(x, y, g, out):
         return out.zero_()
     _launch(_grad_kernel, ("BLOCK_M", "BLOCK_K"), M, K, (x, y, g, out), (M, N, K),
             (x.stride(1), x.stride(2), y.stride(1), y.stride(2),
-             g.stride(1), g.stride(2), out.stride(1), out.stride(2)))
+             g.stride(1), g.stride(2), out.stride(1), out.stride(2)), offset_d(offset))
     return out
 
 
@@ -355,41 +367,42 @@ def _check_grad_args(a, b, dc, ndim=2):
         raise ValueError(f"dc: expected shape {want}, got {tuple(dc.shape)}")
 
 
-def pam_mm(a, b):
+def pam_mm(a, b, offset=None):
     """``C = A @PAM B`` for float32 ``a[M,K]``, ``b[K,N]`` (any strides)."""
     _check_ab(a, b, 2)
-    return _bmm(a[None], b[None])[0]
+    return _bmm(a[None], b[None], offset)[0]
 
 
-def pam_mm_exact_grad_a(a, b, dc):
+def pam_mm_exact_grad_a(a, b, dc, offset=None):
     """Exact derivative of ``a @PAM b`` w.r.t. ``a`` for upstream ``dc``: ``[M,K]``."""
     _check_grad_args(a, b, dc)
-    return pam_bmm_exact_grad_a(a[None], b[None], dc[None])[0]
+    return pam_bmm_exact_grad_a(a[None], b[None], dc[None], offset)[0]
 
 
-def pam_mm_exact_grad_b(a, b, dc):
+def pam_mm_exact_grad_b(a, b, dc, offset=None):
     """Exact derivative of ``a @PAM b`` w.r.t. ``b`` for upstream ``dc``: ``[K,N]``."""
     _check_grad_args(a, b, dc)
-    return pam_bmm_exact_grad_b(a[None], b[None], dc[None])[0]
+    return pam_bmm_exact_grad_b(a[None], b[None], dc[None], offset)[0]
 
 
-def pam_bmm(a, b):
+def pam_bmm(a, b, offset=None):
     """Batched ``a[B,M,K] @PAM b[B,K,N]`` in one launch (any strides, stride-0 batches too)."""
     _check_ab(a, b, 3)
-    return _bmm(a, b)
+    return _bmm(a, b, offset)
 
 
-def pam_bmm_exact_grad_a(a, b, dc):
+def pam_bmm_exact_grad_a(a, b, dc, offset=None):
     """Batched exact derivative w.r.t. ``a``: ``[B,M,K]``."""
     _check_grad_args(a, b, dc, 3)
     out = torch.empty(a.shape, dtype=torch.float32, device=a.device)
-    return _grad(a, b, dc, out)
+    return _grad(a, b, dc, out, offset)
 
 
-def pam_bmm_exact_grad_b(a, b, dc):
+def pam_bmm_exact_grad_b(a, b, dc, offset=None):
     """Batched exact derivative w.r.t. ``b``: ``[B,K,N]``."""
     _check_grad_args(a, b, dc, 3)
     out = torch.empty(b.shape, dtype=torch.float32, device=b.device)
     # dB^T = grad_a(B^T, A^T, dC^T): views only, the output written through its strides
-    _grad(b.transpose(1, 2), a.transpose(1, 2), dc.transpose(1, 2), out.transpose(1, 2))
+    # (the carry, and the offset's share of it, are symmetric in the two mantissas)
+    _grad(b.transpose(1, 2), a.transpose(1, 2), dc.transpose(1, 2), out.transpose(1, 2), offset)
     return out
