@@ -37,12 +37,16 @@ def test_profile_splits_the_step_by_kind_and_part(profile):
     assert groups["matmul"]["fp32_ms"] > 0 and groups["pass-through"]["fp32_ms"] > 0
     assert r["pa_ops"] > 0 and r["fp32_ops"] > 0
     assert r["crossing_us"] > 0 and r["function_crossing_us"] > 0
+    # torch.profiler's step-wide line: allocations and copies are part of all aten time
+    for costs in (r["aten_ms"], r["fp32_aten_ms"]):
+        assert 0 < costs["allocation"] + costs["conversion/copy"] < costs["all"]
 
 
 def test_profile_table_has_a_row_per_group_and_a_share_column(profile):
     text = bench.format_profile_table(profile)
     assert "Other jobs shared the machine" in text
     assert "x fp32" in text and "% of PA step" in text and "mode dispatch" in text
+    assert "Step-wide (torch.profiler" in text
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| matmul ")]
     assert len(rows) == 1 and float(rows[0][6]) > 0
 
@@ -56,7 +60,7 @@ def test_profiled_mode_trains_exactly_as_the_mode():
     torch.manual_seed(1)
     with M.mode(cfg):
         bench._train_step(task, hp, m1, o1, batch)
-    _, ProfiledPAMode, *_ = bench._profile_classes()
+    ProfiledPAMode, *_ = bench._profile_classes()
     from pamtorch.kernels import cpu
     prof = bench._Profile()
     saved = bench._install(prof, cpu.load_extension(), PF)

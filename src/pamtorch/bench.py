@@ -331,13 +331,18 @@ def format_step_table(rows) -> str:
 # where a step's time goes
 
 PROFILE_KINDS = ("matmul", "softmax", "norm", "loss", "optimizer", "elementwise", "nonlinear")
-PROFILE_PARTS = ("kernel", "torch op", "conversion", "allocation", "python", "dispatch")
-# aten ops run inside PA implementations, by what they cost
+# a group's parts: the compiled PA kernels; the rest of pamtorch's PA ops (their Python
+# and the torch ops they run, which no mode sees); exact torch ops the mode ran as they
+# are (pass-through ops, and ops of a kind the config leaves exact); the mode's handler
+# with the crossing into it
+PROFILE_PARTS = ("kernel", "python", "torch op", "dispatch")
+PROFILE_HEADS = ("PA kernels", "rest of the PA ops", "exact torch ops", "mode dispatch")
+# torch.profiler's aten ops, by what they cost (the step-wide line under each table)
 _ALLOCATION = frozenset(
     "empty empty_like empty_strided empty_permuted zeros zeros_like ones ones_like full full_like "
     "new_empty new_empty_strided new_zeros new_ones new_full scalar_tensor lift_fresh "
-    "lift_fresh_copy".split())
-_CONVERSION = frozenset("_to_copy clone contiguous copy_".split())
+    "lift_fresh_copy resize_".split())
+_CONVERSION = frozenset("_to_copy clone copy_".split())
 # pamtorch.nn.functional's raw forward/backward functions (run by the function-level
 # routes and their autograd backward), by op kind
 _RAW_KINDS = (("log_softmax", "loss"), ("softmax", "softmax"), ("layer_norm", "norm"),
@@ -395,32 +400,15 @@ def _profile_classes():
 
     M = importlib.import_module("pamtorch.mode")  # the module (pamtorch.mode is also the function)
 
-    class InnerTimer(TorchDispatchMode):
-        """Times the aten ops a PA implementation runs (no mode sees them otherwise)."""
-
-        def __init__(self, prof):
-            super().__init__()
-            self.prof = prof
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            part = "allocation" if name in _ALLOCATION else "conversion" if name in _CONVERSION else "torch op"
-            prof = self.prof
-            frame = prof.enter(None, part)
-            try:
-                return func(*args, **(kwargs or {}))
-            finally:
-                prof.leave(frame, prof.charge.get("inner", 0.0))
-
     class ProfiledPAMode(M.PAMode):
         """:class:`pamtorch.mode.PAMode` with its parts timed: the handler itself
         ("dispatch": classification, table lookup, config, recorder loop), pass-through ops,
-        and each routed op's work with the aten ops inside it. The same paths as PAMode's
-        ``__torch_dispatch__`` (``_facts``, ``_decide``, then ``_route``), the same results."""
+        and each routed op's work. The same paths as PAMode's ``__torch_dispatch__``
+        (``_facts``, ``_decide``, then ``_route``), the same results."""
 
         def __init__(self, config, prof):
             super().__init__(config)
-            self.prof, self.inner = prof, InnerTimer(prof)
+            self.prof = prof
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             prof = self.prof
@@ -440,14 +428,7 @@ def _profile_classes():
             prof.stack[-1][0] = kind  # the handler's own time counts to this op's kind
             if impl is None:  # left exact by the config
                 return prof.call(kind, "torch op", func, *args, **kwargs)
-            frame = prof.enter(kind, "python")
-            try:
-                with self.inner:
-                    return impl(func, args, kwargs, opcfg)
-            finally:
-                frame[2] += prof.charge.get("enter", 0.0)
-                prof.instrumentation += prof.charge.get("enter", 0.0)
-                prof.leave(frame, prof.charge.get("call", 0.0))
+            return prof.call(kind, "python", impl, func, args, kwargs, opcfg)
 
     class OpTimer(TorchDispatchMode):
         """fp32: each aten op's time, by the kind the PA mode would give it."""
@@ -469,32 +450,29 @@ def _profile_classes():
     class NullDispatch(TorchDispatchMode):
         """Runs every aten op as is: what any Python dispatch mode costs."""
 
-        calls = 0
-
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += 1
             return func(*args, **(kwargs or {}))
 
     class NullFunction(TorchFunctionMode):
+        """Runs every torch function as is, counting them."""
+
         calls = 0
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             self.calls += 1
             return func(*args, **(kwargs or {}))
 
-    return InnerTimer, ProfiledPAMode, OpTimer, NullDispatch, NullFunction
+    return ProfiledPAMode, OpTimer, NullDispatch, NullFunction
 
 
 def _calibrate(n: int = 2000) -> dict:
-    """What timing one region adds to its parent, in seconds: a Python call wrapped by
-    ``_Profile.call`` ("call"), an aten op seen by the inner timing mode ("inner"), and
-    entering/leaving that mode ("enter"); and what an aten op costs more under a
-    pass-through Python dispatch mode ("crossing") or function mode ("function crossing");
-    medians of 5 rounds."""
-    InnerTimer, _, _, NullDispatch, NullFunction = _profile_classes()
+    """Costs in seconds, medians of 5 rounds: what timing a Python call with
+    ``_Profile.call`` adds to its parent ("call"), and what an aten op costs more under a
+    pass-through Python dispatch mode ("crossing") or function mode ("function crossing")."""
+    _, _, NullDispatch, NullFunction = _profile_classes()
     x = torch.zeros(1)
     noop = lambda: None  # noqa: E731
-    out = {"call": [], "inner": [], "enter": [], "crossing": [], "function crossing": []}
+    out = {"call": [], "crossing": [], "function crossing": []}
     for _ in range(5):
         prof = _Profile()
         top = prof.enter("cal", "python")
@@ -502,22 +480,7 @@ def _calibrate(n: int = 2000) -> dict:
             prof.call(None, "torch op", noop)
         prof.leave(top)
         out["call"].append(prof.self_t[("cal", "python")] / n)
-        prof = _Profile()
-        inner = InnerTimer(prof)
-        top = prof.enter("cal", "python")
-        with inner:
-            for _ in range(n):
-                x.neg()
-        prof.leave(top)
         base = _time(lambda: [x.neg() for _ in range(n)])
-        # the whole loop under the mode, less the same loop without it, per op
-        whole = prof.self_t[("cal", "python")] + prof.self_t[("cal", "torch op")]
-        out["inner"].append(max(0.0, (whole - base) / n))
-        t0 = time.perf_counter()
-        for _ in range(n // 10):
-            with inner:
-                pass
-        out["enter"].append((time.perf_counter() - t0) / (n // 10))
         for key, null in (("crossing", NullDispatch()), ("function crossing", NullFunction())):
             with null:
                 t = _time(lambda: [x.neg() for _ in range(n)])
@@ -555,6 +518,27 @@ def _restore(saved):
         setattr(obj, name, fn)
 
 
+def _aten_costs(run) -> dict:
+    """Self CPU time per step, in seconds, of the aten ops of ``run()`` (one step), as
+    torch.profiler records them: "allocation", "conversion/copy" and "all" aten ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        run()
+    out = {"allocation": 0.0, "conversion/copy": 0.0, "all": 0.0}
+    for e in p.key_averages():
+        if not e.key.startswith("aten::"):
+            continue
+        t = e.self_cpu_time_total / 1e6
+        name = e.key[len("aten::"):]
+        out["all"] += t
+        if name in _ALLOCATION:
+            out["allocation"] += t
+        elif name in _CONVERSION:
+            out["conversion/copy"] += t
+    return out
+
+
 def bench_profile(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "pam-full"), reps: int = 5,
                   threads=None, train_args=(), seed: int = 0) -> list:
     """Where a training step's time goes, under each arithmetic ``variant`` against fp32.
@@ -565,28 +549,30 @@ def bench_profile(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "pam-full
     fp32 with each aten op timed, and each variant under a timing subclass of the mode.
     The timed PA step is split into exclusive (self) times by op kind (the config field
     that decides the op: matmul, softmax, norm, loss, optimizer, elementwise, nonlinear;
-    pass-through ops outside any PA op on their own) and, within a kind, by part: the
-    compiled PA kernels (packing included), exact torch ops (an exact op of a kind the
-    config leaves exact, or the additions, sums and selects inside a PA op),
-    conversions/copies (``_to_copy``, ``clone``, ``copy_``), allocations (``empty``,
-    ``full``, ``scalar_tensor``, ...), pamtorch's Python around them, and the mode's
-    handler (classification, table lookup, config, recorder loop). What is left of the
-    step is the rest: the model's and autograd's own time and the crossings into the
-    Python modes. The timers' calibrated cost is taken out of the times. fp32's aten ops
-    are grouped by the kind the mode would give them.
+    pass-through ops outside any PA op on their own) and, within a kind, by part
+    (:data:`PROFILE_PARTS`): the compiled PA kernels (their packing included), the rest of
+    pamtorch's PA ops (Python, and the torch ops it runs: additions, sums, selects,
+    conversions, allocations), exact torch ops the mode ran as they are, and the mode's
+    handler (classification, table lookup, config, recorder loop) with the crossing into
+    Python. What is left of the step is the rest: the model's and autograd's own time and
+    the crossings into the function mode. The timers' calibrated cost is taken out.
+    fp32's aten ops are grouped by the kind the mode would give them. After the timed
+    steps, one step of each under torch.profiler gives the step-wide time of allocations
+    and conversions/copies (inside the PA ops included).
 
     Returns one dict per variant (see :func:`format_profile_table`)."""
-    M = importlib.import_module("pamtorch.mode")  # the module (pamtorch.mode is also the function)
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
     from .config import Config
     from .kernels import cpu
     from .nn import functional as PF
     from .recipes import train as T
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+    M = importlib.import_module("pamtorch.mode")
     variants = tuple(v for v in variants if v != "fp32")  # fp32 is always the baseline
     if not variants:
         raise T.UserError("bench profile: name at least one variant besides fp32 (e.g. pam-full)")
-    _, ProfiledPAMode, OpTimer, NullDispatch, NullFunction = _profile_classes()
+    ProfiledPAMode, OpTimer, NullDispatch, NullFunction = _profile_classes()
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -627,20 +613,25 @@ def bench_profile(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "pam-full
                 else:
                     yield
 
-        for step in range(reps + 2):  # two warm-up steps
-            if step == 2:
+        def step(how, v, batch, i):
+            model, opt = models[how, v]
+            torch.manual_seed(i)
+            with context(how, v):
+                _train_step(task, hp, model, opt, batch)
+
+        for i in range(reps + 2):  # two warm-up steps
+            if i == 2:
                 for prof in profs.values():
                     prof.__init__(charge)
-                for n in nulls:
-                    n.calls = 0
-            batch = task.batch(step, hp.batch_size, seed)
-            for (how, v), (model, opt) in models.items():
-                torch.manual_seed(step)
+                nulls[0].calls = 0
+            batch = task.batch(i, hp.batch_size, seed)
+            for how, v in models:
                 t0 = time.perf_counter()
-                with context(how, v):
-                    _train_step(task, hp, model, opt, batch)
-                if step >= 2:
+                step(how, v, batch, i)
+                if i >= 2:
                     times[how, v].append(time.perf_counter() - t0)
+        batch = task.batch(reps + 2, hp.batch_size, seed)
+        costs = {v: _aten_costs(lambda v=v: step("plain", v, batch, reps + 2)) for v in ["fp32", *variants]}
         med = {k: statistics.median(t) for k, t in times.items()}
         fp32 = profs["fp32"]
         fp32_by_kind = {}
@@ -651,9 +642,9 @@ def bench_profile(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "pam-full
         out = []
         for v in variants:
             prof = profs[v]
-            total = sum(times["timed", v]) / reps - prof.instrumentation / reps
-            kinds = [k for k in PROFILE_KINDS] + sorted({k for k, _ in prof.self_t if k not in PROFILE_KINDS
-                                                         and k is not None}) + [None]
+            total = (sum(times["timed", v]) - prof.instrumentation) / reps
+            kinds = list(PROFILE_KINDS) + sorted({k for k, _ in prof.self_t if k not in PROFILE_KINDS
+                                                  and k is not None}) + [None]
             groups = []
             for kind in kinds:
                 parts = {p: prof.self_t.get((kind, p), 0.0) / reps for p in PROFILE_PARTS}
@@ -663,18 +654,19 @@ def bench_profile(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "pam-full
                                "fp32_ms": fp32_by_kind.get(kind, 0.0) * 1e3,
                                "pa_ms": sum(parts.values()) * 1e3,
                                "parts_ms": {p: t * 1e3 for p, t in parts.items()}})
-            pa_ops = sum(c for (_, p), c in prof.calls.items() if p == "dispatch") / reps
             rest = total - sum(g["pa_ms"] for g in groups) / 1e3
             groups.append({"group": "rest", "ops": None, "fp32_ms": fp32_rest * 1e3, "pa_ms": rest * 1e3,
                            "parts_ms": {}})
             out.append({"recipe": recipe, "preset": hp.preset, "variant": v, "threads": torch.get_num_threads(),
                         "batch_size": hp.batch_size, "t_fp32_ms": med["plain", "fp32"] * 1e3,
                         "t_null_ms": med["plain", "null"] * 1e3, "t_pa_ms": med["plain", v] * 1e3,
-                        "x_fp32": med["plain", v] / med["plain", "fp32"],
-                        "t_profiled_ms": total * 1e3, "t_profiled_fp32_ms": sum(times["timed", "fp32"]) / reps * 1e3,
-                        "fp32_ops": fp32_ops, "pa_ops": pa_ops, "crossing_us": charge["crossing"] * 1e6,
+                        "x_fp32": med["plain", v] / med["plain", "fp32"], "t_profiled_ms": total * 1e3,
+                        "fp32_ops": fp32_ops,
+                        "pa_ops": sum(c for (_, p), c in prof.calls.items() if p == "dispatch") / reps,
+                        "function_calls": nulls[0].calls / reps, "crossing_us": charge["crossing"] * 1e6,
                         "function_crossing_us": charge["function crossing"] * 1e6,
-                        "function_calls": nulls[0].calls / reps,
+                        "aten_ms": {k: t * 1e3 for k, t in costs[v].items()},
+                        "fp32_aten_ms": {k: t * 1e3 for k, t in costs["fp32"].items()},
                         "groups": groups})
         return out
     finally:
@@ -682,30 +674,37 @@ def bench_profile(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "pam-full
 
 
 def format_profile_table(results) -> str:
-    """Markdown of bench_profile's results: per variant a line of step times and a table
-    of groups, each with its share of the profiled PA step and its parts."""
+    """Markdown of bench_profile's results: per variant a line of step times, a table of
+    groups (each with its share of the profiled PA step, split into its parts) and a line
+    of the step-wide allocation and conversion time."""
     lines = ["Other jobs shared the machine while this ran: compare the ratios and shares, which "
              "come from one interleaved run, not the absolute times. Shares are of the profiled PA "
-             "step (the timers' own calibrated cost taken out); a group's parts add up to its share."]
-    heads = ["PA kernels", "exact torch ops", "conversion/copy", "allocation", "pamtorch Python", "mode dispatch"]
+             "step (mean over the steps, the timers' calibrated cost taken out); a group's parts add "
+             "up to its share. PA kernels include their packing; 'rest of the PA ops' is pamtorch's "
+             "Python in the op implementations and the torch ops they run (no mode sees those); "
+             "exact torch ops are the ones the mode ran as they are."]
     for r in results:
+        a, f = r["aten_ms"], r["fp32_aten_ms"]
         lines += ["", f"**{r['recipe']} ({r['preset']}, batch {r['batch_size']}, {r['threads']} threads), "
                       f"{r['variant']}**: step {r['t_pa_ms']:.1f} ms = **{r['x_fp32']:.2f}x fp32** "
                       f"({r['t_fp32_ms']:.1f} ms); fp32 under pass-through Python modes {r['t_null_ms']:.1f} ms. "
                       f"{r['pa_ops']:.0f} aten ops reach the dispatch mode per PA step ({r['fp32_ops']:.0f} per "
                       f"fp32 step), each crossing into Python for about {r['crossing_us']:.1f} us (counted in "
-                      f"'mode dispatch'); about {r['function_calls']:.0f} torch function calls per step cross into "
-                      f"the function mode for {r['function_crossing_us']:.1f} us each (in 'rest'). Profiled PA "
-                      f"step {r['t_profiled_ms']:.1f} ms.",
+                      f"'mode dispatch'); {r['function_calls']:.0f} torch function calls per step cross into "
+                      f"the function mode for about {r['function_crossing_us']:.1f} us each (in 'rest'). "
+                      f"Profiled PA step {r['t_profiled_ms']:.1f} ms.",
                   "",
-                  "| group | ops/step | fp32 ms | PA ms | x fp32 | % of PA step | " + " | ".join(heads) + " |",
-                  "|" + "---|" * (6 + len(heads))]
+                  "| group | ops/step | fp32 ms | PA ms | x fp32 | % of PA step | " + " | ".join(PROFILE_HEADS) + " |",
+                  "|" + "---|" * (6 + len(PROFILE_HEADS))]
         total = r["t_profiled_ms"]
+        pct = lambda ms: f"{100 * ms / total:.1f}"  # noqa: E731
         for g in r["groups"]:
-            pct = lambda ms: f"{100 * ms / total:.1f}"  # noqa: E731
             x = f"{g['pa_ms'] / g['fp32_ms']:.2f}" if g["fp32_ms"] > 0.05 else "-"
             ops = "-" if g["ops"] is None else f"{g['ops']:.0f}"
             parts = [pct(g["parts_ms"][p]) if g["parts_ms"] else "" for p in PROFILE_PARTS]
             lines.append(f"| {g['group']} | {ops} | {g['fp32_ms']:.1f} | {g['pa_ms']:.1f} | {x} | "
                          f"{pct(g['pa_ms'])} | " + " | ".join(parts) + " |")
+        lines += ["", f"Step-wide (torch.profiler, aten self time): allocation {a['allocation']:.1f} ms, "
+                      f"conversion/copy {a['conversion/copy']:.1f} ms of {a['all']:.1f} ms in aten ops "
+                      f"(fp32: {f['allocation']:.1f}, {f['conversion/copy']:.1f} of {f['all']:.1f} ms)."]
     return "\n".join(lines)
