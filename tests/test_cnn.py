@@ -151,9 +151,13 @@ def test_cnn_smoke_in_each_arithmetic(tmp_path):
         assert m["completed"] and m["arith"] == arith and m["optimizer"] == "sgd" and m["augment"] is False
         assert 1.0 < m["valid_loss"] < 4.0 and 0 <= m["accuracy"] <= 1 and m["macs_per_step"] > 0
         assert all(1.0 < v < 4.0 for v in losses(out))
-    train(TINY + ["--set", "model=vgg", "--arith", "pam-conv", "--steps", "2", "--eval-every", "2",
-                  "--out", str(tmp_path / "vgg")])
+    state = torch.load(tmp_path / "pam-full" / "checkpoint.pt", weights_only=True)["optimizer"]
+    assert state["param_groups"][0]["nesterov"] and "momentum_buffer" in next(iter(state["state"].values()))
+    train(TINY + ["--set", "model=vgg", "--arith", "pam-conv", "--optimizer", "adamw", "--steps", "2",
+                  "--eval-every", "2", "--out", str(tmp_path / "vgg")])
     assert metrics(tmp_path / "vgg")["model_config"]["model"] == "vgg"
+    assert "exp_avg" in next(iter(torch.load(tmp_path / "vgg" / "checkpoint.pt", weights_only=True)
+                                   ["optimizer"]["state"].values()))
     assert metrics(tmp_path / "pam-conv")["derivatives"] == {"matmul": "approx"}
 
 

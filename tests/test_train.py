@@ -390,3 +390,16 @@ def test_deit_tiny_preset_in_a_run(tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert (m["warmup_steps"], m["min_lr"], m["clip"], m["augment"], m["lr"]) == (5 * (1437 // 16), 1e-5, 0.0, True, 5e-4)
     assert (m["model_config"]["drop_path"], m["model_config"]["ln_eps"]) == (0.1, 1e-6)
+
+
+@pytest.mark.parametrize("arg,expected", [
+    (["--accum", "0"], "argument --accum: expected a positive integer, got '0'"),
+    (["--max-tokens", "-5"], "argument --max-tokens: expected a positive integer"),
+    (["--eval-arith", "fast"], "argument --eval-arith: invalid choice: 'fast'"),
+    (["--optimizer", "adam"], "argument --optimizer: invalid choice: 'adam'"),
+])
+def test_new_arguments_refuse_bad_values_in_one_line(capsys, arg, expected):
+    with pytest.raises(SystemExit) as e:
+        T.main(["vit"] + [f"{arg[0]}={arg[1]}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and expected in err, err

@@ -1,9 +1,10 @@
 """``pamtorch train RECIPE``: the training loop shared by the recipes (vit, cnn, translate, lm).
 
 AdamW (or SGD with Nesterov momentum, the cnn recipe's) with linear warmup and cosine decay, label
-smoothing, gradient clipping, dropout, gradient accumulation (``--accum``); a tqdm progress bar; per-step JSONL logs, ``metrics.json``, plots and atomic checkpoints in ``--out``;
-exact ``--resume``; ``--compare`` of arithmetic variants; DistributedDataParallel under torchrun
-with a multiplication-free gradient average (all-reduce SUM, then ``pamtorch.div`` by world size).
+smoothing, gradient clipping, dropout, gradient accumulation (``--accum``); a tqdm progress bar;
+per-step JSONL logs, ``metrics.json``, plots and atomic checkpoints in ``--out``; exact ``--resume``;
+``--compare`` of arithmetic variants; DistributedDataParallel under torchrun with a
+multiplication-free gradient average (all-reduce SUM, then ``pamtorch.div`` by world size).
 
 A run's folder is kept: training into an ``--out`` that holds a run needs ``--resume`` (continue it)
 or ``--overwrite`` (replace it). ``--resume`` refuses settings that differ from the checkpoint's
