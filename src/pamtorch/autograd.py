@@ -31,6 +31,7 @@ __all__ = [
     "prepare_operands",
     "prepare_operand",
     "mul", "div", "exp2", "log2", "exp", "log", "sqrt", "rsqrt", "reciprocal", "pow",
+    "round_mantissa", "rounded_call",
 ]
 
 DERIVATIVES = ("approx", "exact", "ste")
@@ -474,3 +475,43 @@ def pow(x, p, *, mantissa_bits: int | None = None,  # noqa: A001 - mirrors torch
     if isinstance(p, torch.Tensor) or not _is_number(p):
         raise TypeError(f"pamtorch.pow: exponent 'p' must be a Python number, got {type(p).__name__}")
     return _unary("pow", x, float(p), derivative=derivative, mantissa_bits=mantissa_bits)
+
+
+# ---------------------------------------------------------------------------
+# narrow mantissas at an op's boundary
+
+class _RoundMantissa(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.k = k
+        return arith.round_mantissa(x, k)
+
+    @staticmethod
+    def backward(ctx, g):
+        return arith.round_mantissa(g, ctx.k), None
+
+
+def round_mantissa(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x rounded to ``k`` mantissa bits, ties to even (:func:`pamtorch.arith.round_mantissa`);
+    the derivative passes the upstream gradient straight through, rounded to k bits too."""
+    return _RoundMantissa.apply(x, arith.check_mantissa_bits(k, "pamtorch.round_mantissa"))
+
+
+def rounded_call(fn, k: int, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with its float tensor operands and results (nested in lists
+    and tuples too) rounded to ``k`` mantissa bits by :func:`round_mantissa`: a composite
+    op's boundary. With ``inplace=True`` the rounded result is written into the first
+    argument, which is returned."""
+    def rnd(x):
+        if isinstance(x, (list, tuple)):
+            return type(x)(rnd(y) for y in x)
+        if isinstance(x, torch.Tensor) and x.dtype in arith.SUPPORTED_DTYPES:
+            return round_mantissa(x, k)
+        return x
+
+    inplace = kwargs.pop("inplace", False)
+    if inplace:
+        kwargs["inplace"] = False
+    out = rnd(fn(*rnd(args), **{n: rnd(v) for n, v in kwargs.items()}))
+    return args[0].copy_(out) if inplace else out
+

@@ -46,6 +46,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .autograd import rounded_call
 from .config import KINDS, Config, OpConfig
 from .matmul import bmm as _pa_bmm, linear as _pa_linear, matmul as _pa_matmul
 from .nn import functional as PF
@@ -633,6 +634,9 @@ class _PAFunctionMode(TorchFunctionMode):
         if kind is not None:
             op = self.config.kind(kind)
             if op.pa and op.derivative != "approx":
+                if op.mantissa_bits is not None:  # the route's operands and results, as at dispatch
+                    return rounded_call(_FUNCTION_ROUTES[func], op.mantissa_bits, *args, **kwargs,
+                                        derivative=op.derivative)
                 return _FUNCTION_ROUTES[func](*args, **kwargs, derivative=op.derivative)
         mm = self.config.matmul
         if mm.pa and mm.derivative != "approx":
