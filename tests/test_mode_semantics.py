@@ -136,6 +136,8 @@ def _attention_and_losses():
     y, _ = attn(seq, seq, seq, need_weights=False)
     q = y.reshape(2, 3, 2, 2).transpose(1, 2)
     z = F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(2, 3, 4)
+    # the fused CPU attention as C++ callers reach it (nn.MultiheadAttention is routed above it)
+    z = z + torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q)[0].transpose(1, 2).reshape(2, 3, 4)
     logits = torch.nn.Linear(4, 5)(z + y).reshape(6, 5)
     target = torch.tensor([0, 1, 2, 3, 4, 0])
     loss = (F.cross_entropy(logits, target) + F.mse_loss(logits, logits.detach() * 0.5)
