@@ -45,7 +45,7 @@ def test_profile_splits_the_step_by_kind_and_part(profile):
 def test_profile_table_has_a_row_per_group_and_a_share_column(profile):
     text = bench.format_profile_table(profile)
     assert "Other jobs shared the machine" in text
-    assert "x fp32" in text and "% of PA step" in text and "mode dispatch" in text
+    assert "x fp32" in text and "% of PA step" in text and "mode handler" in text and "crossings" in text
     assert "Step-wide (torch.profiler" in text
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| matmul ")]
     assert len(rows) == 1 and float(rows[0][6]) > 0

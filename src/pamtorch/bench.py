@@ -334,9 +334,8 @@ PROFILE_KINDS = ("matmul", "softmax", "norm", "loss", "optimizer", "elementwise"
 # a group's parts: the compiled PA kernels; the rest of pamtorch's PA ops (their Python
 # and the torch ops they run, which no mode sees); exact torch ops the mode ran as they
 # are (pass-through ops, and ops of a kind the config leaves exact); the mode's handler
-# with the crossing into it
 PROFILE_PARTS = ("kernel", "python", "torch op", "dispatch")
-PROFILE_HEADS = ("PA kernels", "rest of the PA ops", "exact torch ops", "mode dispatch")
+PROFILE_HEADS = ("PA kernels", "rest of the PA ops", "exact torch ops", "mode handler")
 # torch.profiler's aten ops, by what they cost (the step-wide line under each table)
 _ALLOCATION = frozenset(
     "empty empty_like empty_strided empty_permuted zeros zeros_like ones ones_like full full_like "
@@ -355,8 +354,7 @@ class _Profile:
 
     A region's kind is given or inherited from the enclosing region (None: outside any PA
     op). ``charge`` holds calibrated costs (see :func:`_calibrate`): what timing a region
-    adds to its parent, booked as "instrumentation", not as the parent's time, and what
-    crossing into a Python dispatch mode costs."""
+    adds to its parent is booked as "instrumentation", not as the parent's time."""
 
     def __init__(self, charge=None):
         self.self_t: dict = {}
@@ -372,18 +370,19 @@ class _Profile:
         self.stack.append(frame)
         return frame
 
-    def leave(self, frame, charge=0.0, crossing=0.0):
-        """End ``frame``; ``charge`` (the timer's own cost) and ``crossing`` (the estimated
-        cost of reaching this frame's Python mode from C++, booked to this frame's
-        kind and part) are taken out of the parent's time."""
+    def leave(self, frame, charge=0.0):
+        """End ``frame``; ``charge`` (the timer's own cost) is taken out of the parent's time."""
         dt = time.perf_counter() - frame[3]
         self.stack.pop()
-        key = (frame[0], frame[1])
-        self.self_t[key] = self.self_t.get(key, 0.0) + dt - frame[2] + crossing
-        self.calls[key] = self.calls.get(key, 0) + 1
+        self.add(frame[0], frame[1], dt - frame[2])
         self.instrumentation += charge
         if self.stack:
-            self.stack[-1][2] += dt + charge + crossing
+            self.stack[-1][2] += dt + charge
+
+    def add(self, kind, part, t):
+        key = (kind, part)
+        self.self_t[key] = self.self_t.get(key, 0.0) + t
+        self.calls[key] = self.calls.get(key, 0) + 1
 
     def call(self, kind, part, fn, *args, **kwargs):
         frame = self.enter(kind, part)
@@ -417,11 +416,17 @@ def _profile_classes():
                 kwargs = kwargs or {}
                 o = M._facts(func)
                 d = M._FREE if o.free else M._decide(o, func, args, kwargs)
-                if d is M._FREE:
-                    return prof.call(None, "torch op", func, *args, **kwargs)
+                if d is M._FREE:  # timed in place: a pass-through op is the most frequent call
+                    t0 = time.perf_counter()
+                    try:
+                        return func(*args, **kwargs)
+                    finally:
+                        dt = time.perf_counter() - t0
+                        frame[2] += dt
+                        prof.add(frame[0], "torch op", dt)
                 return self._route(o, func, d, args, kwargs)
             finally:
-                prof.leave(frame, prof.charge.get("call", 0.0), prof.charge.get("crossing", 0.0))
+                prof.leave(frame, prof.charge.get("call", 0.0))
 
         def _work(self, kind, impl, func, args, kwargs, opcfg):
             prof = self.prof
@@ -553,9 +558,9 @@ def bench_profile(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "pam-full
     (:data:`PROFILE_PARTS`): the compiled PA kernels (their packing included), the rest of
     pamtorch's PA ops (Python, and the torch ops it runs: additions, sums, selects,
     conversions, allocations), exact torch ops the mode ran as they are, and the mode's
-    handler (classification, table lookup, config, recorder loop) with the crossing into
-    Python. What is left of the step is the rest: the model's and autograd's own time and
-    the crossings into the function mode. The timers' calibrated cost is taken out.
+    handler (classification, table lookup, config, recorder loop). What is left of the
+    step is the rest: the model's and autograd's own time and the crossings into the
+    Python modes. The timers' calibrated cost is taken out.
     fp32's aten ops are grouped by the kind the mode would give them. After the timed
     steps, one step of each under torch.profiler gives the step-wide time of allocations
     and conversions/copies (inside the PA ops included).
@@ -682,28 +687,32 @@ def format_profile_table(results) -> str:
              "step (mean over the steps, the timers' calibrated cost taken out); a group's parts add "
              "up to its share. PA kernels include their packing; 'rest of the PA ops' is pamtorch's "
              "Python in the op implementations and the torch ops they run (no mode sees those); "
-             "exact torch ops are the ones the mode ran as they are."]
+             "exact torch ops are the ones the mode ran as they are; the mode handler is its "
+             "classification, table lookup, config and recorder loop. The crossings into the mode "
+             "(ops/step x the calibrated cost of one) are an estimate inside the other columns: in PA "
+             "kernels for the aten ops a compiled kernel runs, in rest for the others."]
     for r in results:
         a, f = r["aten_ms"], r["fp32_aten_ms"]
         lines += ["", f"**{r['recipe']} ({r['preset']}, batch {r['batch_size']}, {r['threads']} threads), "
                       f"{r['variant']}**: step {r['t_pa_ms']:.1f} ms = **{r['x_fp32']:.2f}x fp32** "
                       f"({r['t_fp32_ms']:.1f} ms); fp32 under pass-through Python modes {r['t_null_ms']:.1f} ms. "
                       f"{r['pa_ops']:.0f} aten ops reach the dispatch mode per PA step ({r['fp32_ops']:.0f} per "
-                      f"fp32 step), each crossing into Python for about {r['crossing_us']:.1f} us (counted in "
-                      f"'mode dispatch'); {r['function_calls']:.0f} torch function calls per step cross into "
-                      f"the function mode for about {r['function_crossing_us']:.1f} us each (in 'rest'). "
-                      f"Profiled PA step {r['t_profiled_ms']:.1f} ms.",
+                      f"fp32 step), each crossing into Python for about {r['crossing_us']:.1f} us; "
+                      f"{r['function_calls']:.0f} torch function calls per step cross into the function mode for "
+                      f"about {r['function_crossing_us']:.1f} us each. Profiled PA step {r['t_profiled_ms']:.1f} ms.",
                   "",
-                  "| group | ops/step | fp32 ms | PA ms | x fp32 | % of PA step | " + " | ".join(PROFILE_HEADS) + " |",
-                  "|" + "---|" * (6 + len(PROFILE_HEADS))]
+                  "| group | ops/step | fp32 ms | PA ms | x fp32 | % of PA step | " + " | ".join(PROFILE_HEADS) +
+                  " | (crossings into the mode, est.) |",
+                  "|" + "---|" * (7 + len(PROFILE_HEADS))]
         total = r["t_profiled_ms"]
         pct = lambda ms: f"{100 * ms / total:.1f}"  # noqa: E731
         for g in r["groups"]:
             x = f"{g['pa_ms'] / g['fp32_ms']:.2f}" if g["fp32_ms"] > 0.05 else "-"
             ops = "-" if g["ops"] is None else f"{g['ops']:.0f}"
             parts = [pct(g["parts_ms"][p]) if g["parts_ms"] else "" for p in PROFILE_PARTS]
+            crossing = "" if g["ops"] is None else pct(g["ops"] * r["crossing_us"] / 1e3)
             lines.append(f"| {g['group']} | {ops} | {g['fp32_ms']:.1f} | {g['pa_ms']:.1f} | {x} | "
-                         f"{pct(g['pa_ms'])} | " + " | ".join(parts) + " |")
+                         f"{pct(g['pa_ms'])} | " + " | ".join(parts) + f" | {crossing} |")
         lines += ["", f"Step-wide (torch.profiler, aten self time): allocation {a['allocation']:.1f} ms, "
                       f"conversion/copy {a['conversion/copy']:.1f} ms of {a['all']:.1f} ms in aten ops "
                       f"(fp32: {f['allocation']:.1f}, {f['conversion/copy']:.1f} of {f['all']:.1f} ms)."]
