@@ -12,7 +12,6 @@ import torch.nn as nn
 from pamtorch.recipes import cnn
 from pamtorch.recipes import data as D
 from pamtorch.recipes import train as T
-from pamtorch.recipes.data import UserError
 from test_data import write_cifar, write_mnist
 
 TINY = ["cnn", "--set", "widths=4,8,8", "--set", "blocks=1", "--batch-size", "16", "--no-progress", "--threads", "1"]
