@@ -250,7 +250,6 @@ def check_mantissa_bits(k, where: str = "pamtorch") -> int | None:
     return k
 
 
-@recorded("round_mantissa", "other")
 def round_mantissa(x: torch.Tensor, k: int | None) -> torch.Tensor:
     """x rounded to ``k`` mantissa bits, ties to even, on the bit pattern (integer ops).
 

@@ -24,6 +24,7 @@ modules are imported on first use.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -36,6 +37,18 @@ __all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b",
            "backend_name", "get_backend", "offset_d"]
 
 _cache: dict = {}
+
+
+def _below_modes(fn):
+    """Run a kernel entry below Python dispatch: the aten calls a kernel makes inside (its
+    allocations, views and copies; tens of thousands a step for the batched C++ loop) are
+    its own business, not ops for an active ``pamtorch.mode`` or audit to route or record.
+    The entry itself is recorded by ``@recorded``, which wraps this."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch._C._DisableTorchDispatch():
+            return fn(*args, **kwargs)
+    return run
 
 
 def _triton_backend():
@@ -120,6 +133,7 @@ def _check_ab(op, a, b, ndim=2):
 
 
 @recorded("pam_mm", "matmul", product_count)
+@_below_modes
 def pam_mm(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.Tensor:
     """``a[M,K] @PAM b[K,N]`` -> float32 ``[M,N]`` (terms with ``offset`` α if given)."""
     _check_ab("pam_mm", a, b)
@@ -128,6 +142,7 @@ def pam_mm(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> tor
 
 
 @recorded("pam_mm_exact_grad_a", "matmul", product_count)
+@_below_modes
 def pam_mm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
                         offset: float | None = None) -> torch.Tensor:
     """Exact derivative of ``a @PAM b`` (with ``offset``) w.r.t. ``a`` for upstream
@@ -140,6 +155,7 @@ def pam_mm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
 
 
 @recorded("pam_mm_exact_grad_b", "matmul", product_count)
+@_below_modes
 def pam_mm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
                         offset: float | None = None) -> torch.Tensor:
     """Exact derivative of ``a @PAM b`` (with ``offset``) w.r.t. ``b`` for upstream
@@ -159,6 +175,7 @@ def _per_batch(fn, out_shape, device, *ts, offset=None):
 
 
 @recorded("pam_bmm", "matmul", product_count)
+@_below_modes
 def pam_bmm(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.Tensor:
     """Batched ``a[B,M,K] @PAM b[B,K,N]`` -> float32 ``[B,M,N]`` (any strides)."""
     _check_ab("pam_bmm", a, b, 3)
@@ -170,6 +187,7 @@ def pam_bmm(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> to
 
 
 @recorded("pam_bmm_exact_grad_a", "matmul", product_count)
+@_below_modes
 def pam_bmm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
                          offset: float | None = None) -> torch.Tensor:
     """Batched exact derivative w.r.t. ``a`` -> ``[B,M,K]``."""
@@ -184,6 +202,7 @@ def pam_bmm_exact_grad_a(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
 
 
 @recorded("pam_bmm_exact_grad_b", "matmul", product_count)
+@_below_modes
 def pam_bmm_exact_grad_b(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
                          offset: float | None = None) -> torch.Tensor:
     """Batched exact derivative w.r.t. ``b`` -> ``[B,K,N]``."""
