@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pamtorch
 from pamtorch import arith
@@ -244,3 +245,41 @@ def test_exact_softmax_route_takes_torch_softmax_positional_dtype(call):
     with mode(cfg):
         y = torch.softmax(x, 1, torch.float16) if call == "torch" else x.softmax(1, torch.float16)
     assert y.dtype == torch.float16
+
+
+def test_a_failing_optimizer_step_does_not_leave_later_ops_in_the_optimizer_kind():
+    """The step's post hook never runs when step raises; leaving the mode restores the depth."""
+    from pamtorch.ops.table import OPTIMIZER_STEP
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    p.grad = torch.ones(3)
+
+    def closure():
+        raise RuntimeError("the closure fails inside the step")
+
+    with pytest.raises(RuntimeError, match="closure fails"):
+        with mode(Config.full()):
+            opt.step(closure)
+    assert OPTIMIZER_STEP[0] == 0
+
+
+@pytest.mark.parametrize("fn", ["batch_norm", "group_norm", "instance_norm"])
+def test_exact_norm_derivative_takes_the_function_route(fn):
+    """A config asking the norm kind for exact derivatives gets them for batch, group and
+    instance norm too: the gradient differs from the approx one, the forward does not."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 3, 3)
+    w, b = torch.randn(4), torch.randn(4)
+    calls = {"batch_norm": lambda t: F.batch_norm(t, None, None, w, b, training=True),
+             "group_norm": lambda t: F.group_norm(t, 2, w, b),
+             "instance_norm": lambda t: F.instance_norm(t, weight=w, bias=b)}
+    outs, grads = [], []
+    for kind in ("approx", "exact"):
+        t = x.clone().requires_grad_()
+        with mode(Config.full().replace(norm=OpConfig(derivative=kind))):
+            y = calls[fn](t)
+            (y * y).sum().backward()
+        outs.append(y.detach())
+        grads.append(t.grad)
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(grads[0], grads[1]) and torch.isfinite(grads[1]).all()

@@ -52,6 +52,7 @@ from .matmul import bmm as _pa_bmm, linear as _pa_linear, matmul as _pa_matmul
 from .nn import functional as PF
 from .ops import OP_TABLE, PASS_THROUGH, UnsupportedOpError, implements, op_kind
 from .ops import activations as _activations
+from .ops import norms as _norms
 from .ops.table import ACTIVE as _ACTIVE, COMPLEX_OK, OPTIMIZER_STEP
 from .recording import RECORDERS, exact_by_request, routing
 
@@ -600,6 +601,15 @@ for _f in _MATH_SDPA:
 _FUNCTION_ROUTES.update(_activations.FUNCTION_ROUTES)
 _FUNCTION_KINDS.update(dict.fromkeys(_activations.FUNCTION_ROUTES, "nonlinear"))
 _FUNCTION_OPS.update(_activations.FUNCTION_OPS)
+# batch, group and instance norm: kind "norm", exact/ste derivatives by the same route
+_NORM_ROUTES = {F.batch_norm: _norms.batch_norm, F.group_norm: _norms.group_norm,
+                F.instance_norm: _norms.instance_norm}
+_FUNCTION_ROUTES.update(_NORM_ROUTES)
+_FUNCTION_KINDS.update(dict.fromkeys(_NORM_ROUTES, "norm"))
+_BN_OPS = ("native_batch_norm", "native_batch_norm_backward", "_native_batch_norm_legit",
+           "_native_batch_norm_legit_no_training", "_batch_norm_with_update", "batch_norm_backward")
+_FUNCTION_OPS.update({F.batch_norm: _BN_OPS, F.instance_norm: _BN_OPS,
+                      F.group_norm: ("native_group_norm", "native_group_norm_backward")})
 
 
 class _PAFunctionMode(TorchFunctionMode):
@@ -690,10 +700,13 @@ def _entered(dispatch: PAMode, leave_exact=()):
     # modules' math; with them off the stock math path runs, and is routed op by op
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    # an optimizer step that raises never runs its post hook: restore the step depth on exit
+    in_optimizer = _IN_OPTIMIZER[0]
     try:
         with _PAFunctionMode(dispatch.config, leave_exact), dispatch:
             yield
     finally:
+        _IN_OPTIMIZER[0] = in_optimizer
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in hooks:
             h.remove()
