@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,20 +26,11 @@ except ImportError:  # run from a checkout without an install
 import torch  # noqa: E402
 
 import pamtorch  # noqa: E402
+from pamtorch.bench import machine  # noqa: E402
 from pamtorch.config import Config  # noqa: E402
 from pamtorch.mode import UnsupportedOpError  # noqa: E402
 
 import model_zoo as Z  # noqa: E402
-
-
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def run_case(case, steps: int) -> dict:
@@ -101,7 +91,7 @@ def main(argv=None):
         print(case.name, r, flush=True)
         rows.append((case, r))
     cmd = "python benchmarks/models.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = f"Command: `{cmd.strip()}`\n\nMachine: {_machine()}\n\n{table(rows, args.steps)}\n"
+    text = f"Command: `{cmd.strip()}`\n\nMachine: {machine()}\n\n{table(rows, args.steps)}\n"
     print(text)
     if args.out:
         begin, end = "<!-- MODELS-TABLE -->", "<!-- /MODELS-TABLE -->"

@@ -200,6 +200,8 @@ def test_bench_output_error_is_one_line(capsys, tmp_path):
                                    "--output", str(tmp_path / "missing" / "B.md")])
     assert line.startswith(f"pamtorch: error: {tmp_path / 'missing' / 'B.md'}: No such file or directory")
     assert "a positive integer" in one_line_error(capsys, ["bench", "matmul", "--reps", "0"])
+    line = one_line_error(capsys, ["bench", "step", "--recipe", "vit", "--no-append", "--train-args", "--bogus"])
+    assert line.startswith("pamtorch: error: unrecognized arguments: --bogus")
 
 
 # ----------------------------------------------------------------------------- item 6: --out holds a run

@@ -18,10 +18,25 @@ import time
 
 import torch
 
-__all__ = ["bench_matmul", "format_matmul_table", "packing_bytes", "bench_elementwise",
+__all__ = ["machine", "bench_matmul", "format_matmul_table", "packing_bytes", "bench_elementwise",
            "format_elementwise_table", "bench_step", "format_step_table", "bench_profile",
            "format_profile_table"]
 
+
+
+def machine() -> str:
+    """The CPU model, core count, torch version and thread count, for a benchmark's header."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 def packing_bytes(M: int, K: int, N: int) -> dict:
     """Upper bounds of the extra (packing) memory of the compiled kernels, in bytes.
@@ -238,7 +253,6 @@ def _step_setup(recipe: str, train_args, seed: int):
     """(task, settings) for one benchmark model: a ``pamtorch train`` recipe with
     ``train_args``, or the stock encoder (:class:`_EncoderTask`, AdamW lr 1e-3, weight
     decay 0.01, clipping at 1)."""
-    import argparse
     import types
 
     from .recipes import train as T
@@ -251,7 +265,7 @@ def _step_setup(recipe: str, train_args, seed: int):
         hp = types.SimpleNamespace(preset="stock", batch_size=16, lr=1e-3, betas=(0.9, 0.999),
                                    weight_decay=0.01, clip=1.0)
         return _EncoderTask(), hp
-    p = argparse.ArgumentParser()
+    p = T.ArgumentParser(prog=f"pamtorch bench --train-args ({recipe})")
     T.add_arguments(p)
     args = p.parse_args([recipe, *train_args])
     mod = T.get_recipe(recipe)
@@ -281,7 +295,7 @@ def _copies(task, hp, n):
     return out
 
 
-def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-full", "paper"),
+def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-full", "paper-exact-loss"),
                reps: int = 10, threads=None, train_args=(), seed: int = 0) -> list:
     """Time one training step (forward, loss, backward, clipping, AdamW) of ``pamtorch train
     RECIPE``'s model (or of the stock ``encoder``, :class:`_EncoderTask`) under each

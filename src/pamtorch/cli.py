@@ -16,22 +16,6 @@ def _check(args) -> int:
     return run_check(args.n)
 
 
-def _machine() -> str:
-    import os
-    import platform
-
-    import torch
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
-
-
 def _bench(args) -> int:
     import datetime
     import shlex
@@ -57,7 +41,7 @@ def _bench(args) -> int:
     print(table)
     if not args.no_append:
         with open(args.output, "a") as f:
-            f.write(f"\n### {datetime.date.today()}: `{command}`\n\nMachine: {_machine()}\n\n{table}\n")
+            f.write(f"\n### {datetime.date.today()}: `{command}`\n\nMachine: {bench.machine()}\n\n{table}\n")
         print(f"appended to {args.output}")
     return 0
 
@@ -80,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recipe", default="translate", choices=(*RECIPES, "encoder"),
                    help="step, profile: the pamtorch train recipe whose training step is timed, or "
                         "encoder (a stock nn.TransformerEncoder)")
-    b.add_argument("--variants", default="fp32,pam-matmul,pam-full,paper",
+    b.add_argument("--variants", default="fp32,pam-matmul,pam-full,paper-exact-loss",
                    help="step: arithmetic variants, comma-separated, the first is the baseline")
     b.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="step: everything after this goes to the recipe as pamtorch train options "
