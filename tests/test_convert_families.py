@@ -139,3 +139,33 @@ def test_converted_module_keeps_state_dict_and_subclass_forward():
     with pamtorch.mode(Config.paper()):
         ref = nn.Linear.forward(m, x) + 1.0
     assert torch.equal(m(x), ref)
+
+
+def test_timm_norm_classes_are_known_by_module_and_name():
+    """timm cannot be imported here (see docs/models.md); its norm classes are matched by
+    their module and class name, as HF's are. A stand-in with timm's module path and name (a
+    LayerNorm2d, not a subclass of any torch norm) is converted and runs PA; another timm
+    class of an unknown name is not."""
+    class LayerNorm2d(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.randn(c)), nn.Parameter(torch.randn(c))
+
+        def forward(self, x):
+            y = nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias)
+            return y.permute(0, 3, 1, 2)
+
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x
+
+    LayerNorm2d.__module__ = "timm.layers.norm"
+    Custom.__module__ = "timm.layers.other"
+    m = nn.Sequential(LayerNorm2d(3), Custom())
+    convert(m, Config.full())
+    assert isinstance(m[0], ConvertedModule) and not isinstance(m[1], ConvertedModule)
+    x = torch.randn(2, 3, 4, 4)
+    with pamtorch.mode(Config.full()):
+        ref = LayerNorm2d.forward(m[0], x)
+    got = m[0](x)
+    assert torch.equal(got, ref) and not torch.equal(got, LayerNorm2d.forward(m[0], x))
