@@ -403,3 +403,48 @@ def test_new_arguments_refuse_bad_values_in_one_line(capsys, arg, expected):
         T.main(["vit"] + [f"{arg[0]}={arg[1]}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+# ----------------------------------------------------------------------------- --mantissa-bits (issue 11 item 5)
+
+
+def test_mantissa_bits_option_rounds_the_run_and_a_change_is_refused_on_resume(tmp_path, capsys):
+    """--mantissa-bits K runs Config.with_mantissa_bits(K) of the --arith preset, is stored with the
+    run's settings, and --resume refuses another K; K = 23 is float32's width (the run unchanged)."""
+    import pamtorch
+
+    assert T.arith_config("pam-full", None, 5) == pamtorch.Config.full().with_mantissa_bits(5)
+    base = TINY["vit"] + ["--arith", "pam-full", "--steps", "3", "--eval-every", "3", "--batch-size", "8"]
+    train(base + ["--out", str(tmp_path / "plain")])
+    train(base + ["--mantissa-bits", "23", "--out", str(tmp_path / "k23")])
+    train(base + ["--mantissa-bits", "5", "--out", str(tmp_path / "k5"), "--stop-at", "1"])
+    capsys.readouterr()
+    assert T.main(base + ["--mantissa-bits", "7", "--out", str(tmp_path / "k5"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mantissa_bits 5 -> 7" in err and "--allow-changes" in err
+    train(base + ["--mantissa-bits", "5", "--out", str(tmp_path / "k5"), "--resume"])
+    m = {d: json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("plain", "k23", "k5")}
+    assert (m["plain"]["mantissa_bits"], m["k23"]["mantissa_bits"], m["k5"]["mantissa_bits"]) == (None, 23, 5)
+    assert losses(tmp_path / "k23") == losses(tmp_path / "plain") != losses(tmp_path / "k5")
+    assert len(losses(tmp_path / "k5")) == 3
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--arith", "pam-full", "--mantissa-bits", "0"], "argument --mantissa-bits: Config.with_mantissa_bits: "
+                                                      "mantissa_bits must be between 1 and 23 (float32's mantissa "
+                                                      "width), got 0 (see"),
+    (["--arith", "pam-full", "--mantissa-bits", "24"], "must be between 1 and 23 (float32's mantissa width), got 24"),
+    (["--arith", "pam-full", "--mantissa-bits", "7.5"], "argument --mantissa-bits: expected an integer from 1 to 23, "
+                                                        "got '7.5'"),
+])
+def test_mantissa_bits_outside_1_to_23_is_one_line(capsys, argv, expected):
+    with pytest.raises(SystemExit) as e:
+        T.main(["vit"] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_mantissa_bits_with_fp32_is_refused(tmp_path, capsys):
+    assert T.main(TINY["vit"] + ["--mantissa-bits", "7", "--steps", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--arith fp32 has none" in err, err

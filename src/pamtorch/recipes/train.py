@@ -133,6 +133,20 @@ PROBABILITY = _number(float, 0, True, 1, False)
 SEED = _number(int, 0, True, 2 ** 32, False)
 
 
+def MANTISSA_BITS(text):
+    """An argparse ``type``: the integers ``Config.with_mantissa_bits`` accepts (its own check)."""
+    from pamtorch.arith import check_mantissa_bits
+
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to 23, got {text!r}") from None
+    try:
+        return check_mantissa_bits(k, "Config.with_mantissa_bits")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # ----------------------------------------------------------------------------- arithmetic
 
 
@@ -144,8 +158,9 @@ ARITH_NAMES = {
 }
 
 
-def arith_config(arith: str, derivative=None):
-    """The ``pamtorch.Config`` of ``--arith`` (not fp32): ``pam-conv`` or a ``Config.from_name`` name."""
+def arith_config(arith: str, derivative=None, mantissa_bits=None):
+    """The ``pamtorch.Config`` of ``--arith`` (not fp32): ``pam-conv`` or a ``Config.from_name`` name,
+    its PA kinds rounded to ``mantissa_bits`` (``Config.with_mantissa_bits``; None: full width)."""
     import pamtorch
 
     if not (hasattr(pamtorch, "mode") and hasattr(pamtorch, "Config")):
@@ -154,21 +169,26 @@ def arith_config(arith: str, derivative=None):
     try:
         if arith in ARITH_NAMES:
             cfg = pamtorch.Config.ablation(*ARITH_NAMES[arith])
-            return cfg if derivative in (None, "paper") else cfg.with_derivative(derivative)
-        return pamtorch.Config.from_name(arith, derivative)
+            cfg = cfg if derivative in (None, "paper") else cfg.with_derivative(derivative)
+        else:
+            cfg = pamtorch.Config.from_name(arith, derivative)
     except ValueError as e:
         raise UserError(f"--arith {arith}: {e} (or fp32, {', '.join(ARITH_NAMES)})") from None
+    try:
+        return cfg if mantissa_bits is None else cfg.with_mantissa_bits(mantissa_bits)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--mantissa-bits {mantissa_bits}: {e}") from None
 
 
-def arith_context(arith: str, derivative=None):
-    """A factory of context managers that run code in the chosen arithmetic.
+def arith_context(arith: str, derivative=None, mantissa_bits=None):
+    """A factory of context managers that run code in the chosen arithmetic (``arith_config``'s).
 
     All variants use the math (unfused) attention kernel and no fused transformer fast path, so the
     only difference between them is the arithmetic of the aten ops.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    mode_cfg = None if arith == "fp32" else arith_config(arith, derivative)
+    mode_cfg = None if arith == "fp32" else arith_config(arith, derivative, mantissa_bits)
 
     @contextlib.contextmanager
     def ctx():
@@ -308,6 +328,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the paper's CNN variant) or a pamtorch config preset: pam-matmul, pam-full, paper")
     p.add_argument("--derivative", choices=["approx", "exact", "paper"], default=None,
                    help="derivative of the PA operations (default: the config preset's)")
+    p.add_argument("--mantissa-bits", type=MANTISSA_BITS, default=None, metavar="K",
+                   help="round the operands and results of every PA op to K mantissa bits, 1-23 "
+                        "(Config.with_mantissa_bits; 7: bfloat16's width; default: float32's 23); "
+                        "fp32 is not rounded")
     p.add_argument("--compare", nargs="?", const=DEFAULT_COMPARE, default=None, metavar="A,B,...",
                    help=f"train several arithmetic variants with the same seed and data order "
                         f"(default {DEFAULT_COMPARE}) and write a comparison table")
@@ -659,7 +683,7 @@ def _settings(args, arith, hp, task, total, warmup) -> dict:
     if arith != "fp32":
         from pamtorch.config import KINDS
 
-        cfg = arith_config(arith, args.derivative)
+        cfg = arith_config(arith, args.derivative, args.mantissa_bits)
         derivatives = {k: cfg.kind(k).derivative for k in KINDS if cfg.kind(k).pa}
     s = {"recipe": args.recipe, "preset": hp.preset, "model_config": dataclasses.asdict(task.cfg),
          "arith": arith, "derivatives": derivatives, "seed": args.seed, "batch_size": hp.batch_size,
@@ -667,7 +691,8 @@ def _settings(args, arith, hp, task, total, warmup) -> dict:
          "steps": total, "lr": hp.lr, "min_lr": hp.min_lr, "warmup_steps": warmup,
          "weight_decay": hp.weight_decay, "label_smoothing": hp.label_smoothing, "clip": hp.clip,
          "optimizer": hp.optimizer, **({"momentum": hp.momentum} if hp.optimizer == "sgd" else {"betas": list(hp.betas)}),
-         "accum": hp.accum, "eval_arith": args.eval_arith}
+         "accum": hp.accum, "eval_arith": args.eval_arith,
+         "mantissa_bits": None if arith == "fp32" else args.mantissa_bits}
     if args.recipe in IMAGE_RECIPES:
         s.update(augment=task.augment)
     if args.recipe == "translate":
@@ -736,7 +761,10 @@ def train_one(args, arith: str, out: Path, show_progress: bool = True) -> dict:
     if hp.min_lr > hp.lr:
         raise UserError(f"--min-lr {hp.min_lr} is above the peak learning rate {hp.lr} (--lr)")
     device = resolve_device(args.device)
-    ctx = arith_context(arith, args.derivative)  # fails early if the arithmetic is unavailable
+    if arith == "fp32" and args.mantissa_bits is not None and not args.compare:
+        raise UserError(f"--mantissa-bits {args.mantissa_bits} rounds piecewise affine ops; --arith fp32 has none "
+                        f"(choose a PA --arith)")
+    ctx = arith_context(arith, args.derivative, args.mantissa_bits)  # fails early if the arithmetic is unavailable
     eval_ctx = ctx if args.eval_arith == "same" else arith_context("fp32")
     ckpt_path = out / "checkpoint.pt"
     resume = prepare_out(args, out, rank, world)
@@ -1009,7 +1037,7 @@ def run_compare(args, out: Path) -> dict:
                         f"(e.g. {DEFAULT_COMPARE})")
     for name in names:  # every mistake is found before the first variant trains
         try:
-            arith_context(name, args.derivative)
+            arith_context(name, args.derivative, args.mantissa_bits)
         except (RuntimeError, ImportError, AttributeError):
             pass  # the arithmetic is unavailable in this install: that variant's row says so
         _refuse_held_run(args, out / name)
