@@ -391,22 +391,80 @@ def test_forward_modes_bit_for_bit(ext):
     assert (ext.pam_mm(a, b, -1)[0].view(torch.int32) == 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="pam_matmul.cpp adds the terms of inf/NaN operands after "
-                   "all others: when finite terms overflow the running sum, an earlier "
-                   "opposite inf gives -inf in k order but NaN in the vector path")
-@pytest.mark.parametrize("which", ["pam_mm", "pam_mm_exact_grad_a"])
-def test_inf_operand_before_an_overflowing_sum(ext, which):
-    f = 1.5 * 2.0 ** 127
-    if which == "pam_mm":  # terms -inf, f, f
-        args = (torch.tensor([[float("-inf"), f, f]]), torch.ones(3, 1))
-        want = definition_mm(*args)
-    else:  # terms PAM(-inf, 1) = -inf, f·2^0, f·2^0
-        args = (torch.ones(1, 1), torch.tensor([[float("-inf"), 1.0, 1.0]]), torch.tensor([[1.0, f, f]]))
-        want = definition_grad_a(*args)
-    assert want[0, 0] == float("-inf")
-    fn = getattr(ext, which)
+BIG = 1.5 * 2.0 ** 127  # two of them overflow float32
+INF, NAN = float("inf"), float("nan")
+
+
+def _t(rows):
+    return torch.tensor(rows, dtype=F32)
+
+
+# Each case: args, the definition, and the wanted special entries. The vector kernels defer
+# the inf operands' terms; the finite terms BIG + BIG overflow to +inf. In k order an earlier
+# -inf term gives -inf (-inf + BIG = -inf); a -inf after the overflow gives NaN.
+INF_ORDER_CASES = {
+    # rows of a: terms -inf, BIG, BIG and BIG, BIG, -inf (inf in a)
+    "pam_mm a": ((_t([[-INF, BIG, BIG], [BIG, BIG, -INF]]), torch.ones(3, 1)), definition_mm),
+    # columns of b: the same terms, inf in b
+    "pam_mm b": ((torch.ones(1, 3), _t([[-INF, BIG], [BIG, BIG], [BIG, -INF]])), definition_mm),
+    # dA[0, k] = sum_j term(dC[0, j], B[k, j]): PAM(-inf, 1), BIG·2^0, BIG·2^0, 1·2^0 and
+    # 1·2^0, BIG·2^0, BIG·2^0, PAM(-inf, 1)
+    "pam_mm_exact_grad_a": ((torch.ones(1, 2), _t([[-INF, 1, 1, 1], [1, 1, 1, -INF]]),
+                             _t([[1, BIG, BIG, 1]])), definition_grad_a),
+    # dB[k, 0] = sum_i term(dC[i, 0], A[i, k]): the same terms, the inf in a
+    "pam_mm_exact_grad_b": ((_t([[-INF, 1], [1, 1], [1, 1], [1, -INF]]), torch.ones(2, 1),
+                             _t([[1], [BIG], [BIG], [1]])), definition_grad_b),
+}
+
+
+@pytest.mark.parametrize("case", list(INF_ORDER_CASES))
+def test_inf_operand_before_an_overflowing_sum(ext, case):
+    args, definition = INF_ORDER_CASES[case]
+    want = definition(*args)
+    assert want.ravel()[0] == -INF and np.isnan(want.ravel()[1])
+    fn = getattr(ext, case.split()[0])
     assert_bits(fn(*args, 0), want)  # the scalar path follows k order
+    assert_bits(fn(*args, 1), want)  # forced FG / unfused
     assert_bits(fn(*args, -1), want)
+    assert ext.last_mode() != 100  # the vector path ran
+    # batched: the case, then with its last argument negated (+inf first, and NaN)
+    bfn = getattr(ext, case.split()[0].replace("pam_mm", "pam_bmm"))
+    stacked = [torch.stack([x, x]) for x in args[:-1]] + [torch.stack([args[-1], -args[-1]])]
+    want_neg = definition(*[x[1] for x in stacked])
+    assert want_neg.ravel()[0] == INF and np.isnan(want_neg.ravel()[1])
+    out = bfn(*stacked, -1)
+    assert_bits(out[0], want)
+    assert_bits(out[1], want_neg)
+
+
+def test_inf_operands_with_overflow_bit_for_bit(ext):
+    """Small random products whose values (±BIG, ±2, ±1, ±0.5, 0, ±inf, NaN) overflow
+    finite sums and products next to inf operands on both sides, in every position:
+    every entry point and path equals the k-order definition."""
+    g = torch.Generator().manual_seed(5)
+    vals = _t([BIG, -BIG, 2, -2, 1, -1, 0.5, 0, INF, -INF, NAN])
+    weights = torch.tensor([4, 4, 1, 1, 1, 1, 1, 1, 1, 1, 0.2])
+
+    def draw(*shape):
+        return vals[torch.multinomial(weights, int(np.prod(shape)), True, generator=g)].reshape(shape)
+
+    for _ in range(40):
+        M, K, N = (int(v) for v in torch.randint(1, 7, (3,), generator=g))
+        a, b, dc = draw(M, K), draw(K, N), draw(M, N)
+        dc = torch.where(dc.isinf(), torch.ones(()), dc)  # dC and q both inf: the scalar route only
+        for fn, definition, args in ((ext.pam_mm, definition_mm, (a, b)),
+                                     (ext.pam_mm_exact_grad_a, definition_grad_a, (a, b, dc)),
+                                     (ext.pam_mm_exact_grad_b, definition_grad_b, (a, b, dc))):
+            want = definition(*args)
+            for path in (-1, 1, 0):
+                assert_bits(fn(*args, path), want)
+        stacked = (torch.stack([a, -a]), torch.stack([b, b]), torch.stack([dc, -dc]))
+        for fn, definition, n in ((ext.pam_bmm, definition_mm, 2),
+                                  (ext.pam_bmm_exact_grad_a, definition_grad_a, 3),
+                                  (ext.pam_bmm_exact_grad_b, definition_grad_b, 3)):
+            out = fn(*stacked[:n], -1)
+            for i in range(2):
+                assert_bits(out[i], definition(*[x[i] for x in stacked[:n]]))
 
 
 def test_exact_grads_bit_for_bit(ext):

@@ -18,8 +18,12 @@
 //    (E+c)<<23 to dC's pattern with flush to zero on underflow and inf on overflow.
 //    The fused (FMA) variant is only used when the operand ranges prove that no term can
 //    overflow or underflow; otherwise a separate multiply and add are used.
-//  * Inf/NaN operands are packed as zeros and their terms are added afterwards with the
-//    exact scalar rule (IEEE addition makes the position of an inf/NaN term irrelevant).
+//  * Inf/NaN operands are packed as zeros; afterwards their terms (each +-inf or NaN) are
+//    summed per entry with the exact scalar rule and added to the vector sum f. Their order
+//    among themselves is irrelevant, but not their place in k order: when f overflowed to
+//    the opposite inf, the k-order sum is that inf if it came before the overflow and NaN
+//    otherwise. Only such entries are recomputed in k order (needs_k_order), so every
+//    entry is the k-order sum and the finite fast path is untouched.
 //  * An offset alpha (0.5 <= alpha <= 2) enters every term as the integer D = bits(alpha) -
 //    bits(1.0), |D| <= 2^23, added to the product pattern; in the exact gradients it adds
 //    E_alpha to the exponent and alpha's mantissa to the carry. Every entry takes D
@@ -29,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -340,6 +345,30 @@ void egrad_scalar(const float* X, int64_t xs0, int64_t xs1, const float* Q, int6
       for (int64_t c = 0; c < Cc; ++c) O[r * os0 + c * os1] = acc[c];
     }
   }
+}
+
+// ---------------------------------------------------------------- deferred inf/NaN terms
+// The vector kernels pack inf/NaN operands as zeros, so their pass leaves f, the k-order sum
+// of the other terms, and the deferred terms (each +-inf or NaN, never finite) are summed
+// separately into s (+0 when there are none), in any order: that sum is NaN if one is NaN or
+// their signs differ, else the common inf. f + s is then the k-order sum, except when f and s
+// are opposite infs: f overflowed (or has an overflowed product), and in k order the result
+// is s when an inf of s's sign comes before that overflow and NaN otherwise. Only that rare
+// entry needs the sequential sum, so this says whether to recompute it.
+inline bool needs_k_order(float f, float s) { return std::isinf(f) && std::isinf(s) && f != s; }
+
+// One entry by the definition: its terms summed in k order from +0 (called under FtzGuard).
+// A NaN running sum stays NaN, so the loop stops there.
+float fwd_entry(const float* a, int64_t as1, const float* b, int64_t bs0, int64_t K, int64_t D) {
+  float acc = 0.f;
+  for (int64_t k = 0; k < K && !std::isnan(acc); ++k) acc += pam_scalar(fbits(a[k * as1]), fbits(b[k * bs0]), D);
+  return acc;
+}
+float egrad_entry(const float* x, int64_t xs1, const float* q, int64_t qs0, uint32_t mo, int64_t T,
+                  int64_t D) {
+  float acc = 0.f;
+  for (int64_t t = 0; t < T && !std::isnan(acc); ++t) acc += eterm(fbits(x[t * xs1]), fbits(q[t * qs0]), mo, D);
+  return acc;
 }
 
 #if PAM_X86
@@ -946,7 +975,8 @@ at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path, int64_t D) {
     case FAB: fwd_run<FAB, mr_of(FAB)>(g); break;
     default: fwd_run<FG, mr_of(FG)>(g); break;
   }
-  // inf/NaN operands were packed as zeros: add their terms now (exact scalar rule).
+  // inf/NaN operands were packed as zeros: sum their terms per entry (exact scalar rule) and
+  // add them, or recompute the entry in k order where that differs (see needs_k_order).
   if (sa.nspec + sb.nspec > 0) {
     const float* A = a.data_ptr<float>();
     const float* B = b.data_ptr<float>();
@@ -961,18 +991,33 @@ at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path, int64_t D) {
             bspec.push_back(j);
           }
     const int nt = num_threads();
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
-    for (int64_t i = 0; i < M; ++i) {
-      if (sa.nspec > 0)
-        for (int64_t k = 0; k < K; ++k) {
+#pragma omp parallel num_threads(nt)
+    {
+      FtzGuard g;
+      std::vector<float> S(N);  // row i's sums of deferred terms
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t i = 0; i < M; ++i) {
+        bool any = !bspec.empty();
+        std::fill(S.begin(), S.end(), 0.f);
+        if (sa.nspec > 0)
+          for (int64_t k = 0; k < K; ++k) {
+            const uint32_t ua = fbits(A[i * as0 + k * as1]);
+            if ((ua & 0x7FFFFFFFu) >= INFP) {
+              any = true;
+              for (int64_t j = 0; j < N; ++j) S[j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]), D);
+            }
+          }
+        for (size_t s = 0; s < bspec.size(); s += 2) {
+          const int64_t k = bspec[s], j = bspec[s + 1];
           const uint32_t ua = fbits(A[i * as0 + k * as1]);
-          if ((ua & 0x7FFFFFFFu) >= INFP)
-            for (int64_t j = 0; j < N; ++j) C[i * N + j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]), D);
+          if ((ua & 0x7FFFFFFFu) < INFP) S[j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]), D);
         }
-      for (size_t s = 0; s < bspec.size(); s += 2) {
-        const int64_t k = bspec[s], j = bspec[s + 1];
-        const uint32_t ua = fbits(A[i * as0 + k * as1]);
-        if ((ua & 0x7FFFFFFFu) < INFP) C[i * N + j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]), D);
+        if (!any) continue;
+        for (int64_t j = 0; j < N; ++j) {
+          if (S[j] == 0.f) continue;  // no deferred term: leave the entry (and its zero's sign)
+          float& cij = C[i * N + j];
+          cij = needs_k_order(cij, S[j]) ? fwd_entry(A + i * as0, as1, B + j * bs1, bs0, K, D) : cij + S[j];
+        }
       }
     }
   }
@@ -1054,7 +1099,8 @@ at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t whi
   else
     eg_run<false, EG_MR>(g);
   if (sq.nspec > 0) {
-    // special Q entries were packed as 0: add PAM(q, dC) terms (exact scalar rule).
+    // special Q entries were packed as 0: sum their PAM(q, dC) terms per entry (exact scalar
+    // rule) and add them, or recompute the entry in k order where that differs (needs_k_order).
     const float* Xp = X.data_ptr<float>();
     const float* Qd = Q.data_ptr<float>();
     const int64_t xs0 = X.stride(0), xs1 = X.stride(1), qs0 = Q.stride(0), qs1 = Q.stride(1);
@@ -1066,13 +1112,29 @@ at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t whi
           qspec.push_back(t);
           qspec.push_back(cc);
         }
+    const float* Mp = Mo.data_ptr<float>();
+    const int64_t ms0 = Mo.stride(0), ms1 = Mo.stride(1);
     const int nt = num_threads();
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
-    for (int64_t r = 0; r < R; ++r)
-      for (size_t s = 0; s < qspec.size(); s += 2) {
-        const int64_t t = qspec[s], cc = qspec[s + 1];
-        O[r * os0 + cc * os1] += pam_scalar(fbits(Qd[t * qs0 + cc * qs1]), fbits(Xp[r * xs0 + t * xs1]), D);
+#pragma omp parallel num_threads(nt)
+    {
+      FtzGuard g;
+      std::vector<float> S(Cc);  // row r's sums of deferred terms
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t r = 0; r < R; ++r) {
+        std::fill(S.begin(), S.end(), 0.f);
+        for (size_t s = 0; s < qspec.size(); s += 2) {
+          const int64_t t = qspec[s], cc = qspec[s + 1];
+          S[cc] += pam_scalar(fbits(Qd[t * qs0 + cc * qs1]), fbits(Xp[r * xs0 + t * xs1]), D);
+        }
+        for (int64_t cc = 0; cc < Cc; ++cc) {
+          if (S[cc] == 0.f) continue;  // no deferred term in this column
+          float& o = O[r * os0 + cc * os1];
+          o = needs_k_order(o, S[cc]) ? egrad_entry(Xp + r * xs0, xs1, Qd + cc * qs1, qs0,
+                                                    mant_of(fbits(Mp[r * ms0 + cc * ms1])), T, D)
+                                      : o + S[cc];
+        }
       }
+    }
   }
 #endif
   return out;
