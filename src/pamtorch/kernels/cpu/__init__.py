@@ -44,8 +44,8 @@ lists each instruction and the test that proves it):
   flush to zero / overflow to inf (fused into an FMA only when the operand ranges prove
   that no term can overflow or underflow);
 * inf/NaN operands are packed as zeros and their terms added afterwards with the exact
-  scalar rule (which differs from k order in one case: an opposite inf before a finite
-  sum that overflows gives NaN, not inf; see docs/numerics.md).
+  scalar rule; an entry whose other terms overflowed to the opposite inf is recomputed in
+  k order (see docs/numerics.md).
 
 The kernel picks its inner loop per call from operand statistics gathered while
 packing (zeros present in ``a`` and/or ``b``; whether any product can underflow or
