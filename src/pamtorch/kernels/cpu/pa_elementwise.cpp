@@ -11,6 +11,7 @@
 //   log(x)      palog2(x) /^ log2 e, PAD in float64   (arith.pa_log)
 //   sqrt(x), rsqrt(x)                                 (arith.pa_sqrt, arith.pa_rsqrt)
 //   exp_exact_grad(x, o, g)   the exact derivative of exp applied to g (autograd._Unary)
+//   gelu_forward(x), gelu_backward(dy, x)   nn/functional.py's GELU composition in one pass
 //
 // No floating-point multiply or divide is used: only integer adds, shifts, compares,
 // floor/round-to-integer, and conversions between float, double and int64 (exact here,
@@ -341,6 +342,136 @@ at::Tensor log(const at::Tensor& x) { return unary<log_bits>(x, "log"); }
 at::Tensor sqrt(const at::Tensor& x) { return unary<sqrt_like_bits<1>>(x, "sqrt"); }
 at::Tensor rsqrt(const at::Tensor& x) { return unary<sqrt_like_bits<-1>>(x, "rsqrt"); }
 
+// ---------------------------------------------------------------------------
+// Fused blocks: one pass per element over the compositions of pamtorch/nn/functional.py,
+// each step the same float32 operation in the same order (the float adds are IEEE adds,
+// the PA ops the ports above), so the results equal the composition bit for bit.
+
+// paexp2_32 of a float32 y, in 32-bit lanes so that the loops vectorize: |y| * 2^23 is exact in
+// float32 by exponent-field addition for |y| >= 2^-126 (below, it rounds to 0 anyway); the
+// clamp to +-255 (instead of +-512) keeps y * 2^23 in int32 and still lies beyond the inf and
+// flush boundaries (|t| >= 2^30), so the result pattern is the same.
+inline float paexp2_f32(float y) {
+  const bool hi = y > 255.0f, lo = y < -255.0f;
+  const float yc = hi ? 255.0f : (lo ? -255.0f : y);
+  const uint32_t uy = u32(yc);
+  const bool tiny = (uy & 0x7FFFFFFFu) < uint32_t(MN32);
+  // round half to even by the float add of 2^23 (|v| < 2^23; larger |v| are integers already)
+  // (every float op runs unconditionally, so that the compiler may vectorize the selects)
+  const float v = f32((uy + (23u << 23)) & 0x7FFFFFFFu);
+  const float rounded = (v + 8388608.0f) - 8388608.0f;
+  const int32_t ta = static_cast<int32_t>(v < 8388608.0f ? rounded : v);
+  const int32_t t = tiny ? 0 : ((uy & SIGN32) ? -ta : ta);
+  uint32_t r = static_cast<uint32_t>(t) + uint32_t(B32);
+  r = t >= int32_t(INF32 - B32) ? uint32_t(INF32) : r;
+  r = t < int32_t(MN32 - B32) ? 0u : r;
+  r = y != y ? uint32_t(NAN32) : r;
+  return f32(r);
+}
+
+// gelu_forward: x /^ (1 + paexp2(-(x *^ cA + ((x *^ x) *^ x) *^ cB)))
+inline uint32_t gelu_fwd_bits(uint32_t ux, uint32_t ca, uint32_t cb) {
+  const uint32_t x3 = pam_bits(pam_bits(ux, ux), ux);
+  const float h2 = f32(pam_bits(ux, ca)) + f32(pam_bits(x3, cb));
+  const float e = paexp2_f32(-h2);
+  return pad_bits(ux, u32(1.0f + e));
+}
+
+// gelu_backward: dy *^ f', f' = s + ((x /^ d) *^ (e /^ d)) *^ (A + x^2 *^ c3B), s = 1 /^ d,
+// d = 1 + e (e /^ d read as 1 where e is inf), f' = 1 above +clamp and 0 below -clamp
+struct GeluBwdConsts {
+  uint32_t ca, cb, c3b;
+  float a, clamp;
+};
+inline uint32_t gelu_bwd_bits(uint32_t udy, uint32_t ux, const GeluBwdConsts& k) {
+  const uint32_t x2 = pam_bits(ux, ux);
+  const uint32_t x3 = pam_bits(x2, ux);
+  const float h2 = f32(pam_bits(ux, k.ca)) + f32(pam_bits(x3, k.cb));
+  const float e = paexp2_f32(-h2);
+  const uint32_t d = u32(1.0f + e);
+  const float s = f32(pad_bits(u32(1.0f), d));
+  const uint32_t oms = std::isinf(e) ? u32(1.0f) : pad_bits(u32(e), d);
+  const uint32_t f = pad_bits(ux, d);
+  const float hp = k.a + f32(pam_bits(x2, k.c3b));
+  float df = s + f32(pam_bits(pam_bits(f, oms), u32(hp)));
+  const float x = f32(ux);
+  df = x > k.clamp ? 1.0f : df;
+  df = x < -k.clamp ? 0.0f : df;
+  return pam_bits(udy, u32(df));
+}
+
+inline void gelu_fwd_body(uint32_t* __restrict o, const uint32_t* __restrict a, int64_t n, uint32_t ua,
+                          uint32_t ub) {
+  for (int64_t i = 0; i < n; ++i) o[i] = gelu_fwd_bits(a[i], ua, ub);
+}
+inline void gelu_bwd_body(uint32_t* __restrict o, const uint32_t* __restrict g, const uint32_t* __restrict a,
+                          int64_t n, const GeluBwdConsts k) {
+  for (int64_t i = 0; i < n; ++i) o[i] = gelu_bwd_bits(g[i], a[i], k);
+}
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+__attribute__((target("avx2"))) void gelu_fwd_avx2(uint32_t* o, const uint32_t* a, int64_t n, uint32_t ua,
+                                                   uint32_t ub) {
+  gelu_fwd_body(o, a, n, ua, ub);
+}
+__attribute__((target("avx2"))) void gelu_bwd_avx2(uint32_t* o, const uint32_t* g, const uint32_t* a, int64_t n,
+                                                   const GeluBwdConsts k) {
+  gelu_bwd_body(o, g, a, n, k);
+}
+#endif
+
+at::Tensor gelu_forward(const at::Tensor& x, double ca, double cb) {
+  check_f32(x, "gelu_forward", "x");
+  const uint32_t ua = u32(static_cast<float>(ca)), ub = u32(static_cast<float>(cb));
+  at::Tensor out;
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(x).build();
+  iter.for_each([ua, ub](char** data, const int64_t* strides, int64_t n) {
+    if (strides[0] == 4 && strides[1] == 4) {
+      auto* o = reinterpret_cast<uint32_t*>(data[0]);
+      const auto* a = reinterpret_cast<const uint32_t*>(data[1]);
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+      if (has_avx2()) return gelu_fwd_avx2(o, a, n, ua, ub);
+#endif
+      return gelu_fwd_body(o, a, n, ua, ub);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, data[1] + i * strides[1], 4);
+      const uint32_t r = gelu_fwd_bits(u, ua, ub);
+      std::memcpy(data[0] + i * strides[0], &r, 4);
+    }
+  });
+  return iter.output();
+}
+
+at::Tensor gelu_backward(const at::Tensor& dy, const at::Tensor& x, double ca, double cb, double c3b,
+                         double a, double clamp) {
+  check_f32(dy, "gelu_backward", "dy");
+  check_f32(x, "gelu_backward", "x");
+  const GeluBwdConsts k{u32(static_cast<float>(ca)), u32(static_cast<float>(cb)), u32(static_cast<float>(c3b)),
+                        static_cast<float>(a), static_cast<float>(clamp)};
+  at::Tensor out;
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(dy).add_const_input(x).build();
+  iter.for_each([&k](char** data, const int64_t* strides, int64_t n) {
+    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 4) {
+      auto* o = reinterpret_cast<uint32_t*>(data[0]);
+      const auto* g = reinterpret_cast<const uint32_t*>(data[1]);
+      const auto* a = reinterpret_cast<const uint32_t*>(data[2]);
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+      if (has_avx2()) return gelu_bwd_avx2(o, g, a, n, k);
+#endif
+      return gelu_bwd_body(o, g, a, n, k);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t g, u;
+      std::memcpy(&g, data[1] + i * strides[1], 4);
+      std::memcpy(&u, data[2] + i * strides[2], 4);
+      const uint32_t r = gelu_bwd_bits(g, u, k);
+      std::memcpy(data[0] + i * strides[0], &r, 4);
+    }
+  });
+  return iter.output();
+}
+
 }  // namespace pa_ew
 
 void register_elementwise(pybind11::module& m) {
@@ -351,4 +482,6 @@ void register_elementwise(pybind11::module& m) {
   m.def("ew_exp_exact_grad", &pa_ew::exp_exact_grad, "exact derivative of PA exp applied to g");
   m.def("ew_sqrt", &pa_ew::sqrt, "PA sqrt of a float32 tensor");
   m.def("ew_rsqrt", &pa_ew::rsqrt, "PA rsqrt of a float32 tensor");
+  m.def("fused_gelu_forward", &pa_ew::gelu_forward, "PA GELU (nn.functional.gelu_forward) in one pass");
+  m.def("fused_gelu_backward", &pa_ew::gelu_backward, "approx PA GELU derivative applied to dy in one pass");
 }

@@ -1,0 +1,103 @@
+"""The fused float32 CPU kernels of the raw blocks (``fused_*`` in kernels/cpu/pa_elementwise.cpp)
+against the compositions of pamtorch.nn.functional they replace, bit for bit. The composition
+is run with the compiled kernels off (``arith._COMPILED = False``: every PA op on its pure-torch
+definition), which test_arith and test_nn check against the float64 reference."""
+import math
+
+import pytest
+import torch
+
+import pamtorch.nn.functional as P
+from pamtorch import arith
+from pamtorch.kernels import cpu
+
+EXT = cpu.load_extension()
+pytestmark = pytest.mark.skipif(EXT is None, reason="compiled CPU kernels unavailable")
+
+SPECIALS = [0.0, -0.0, 1e-40, -1e-40, 2.0 ** -149, -(2.0 ** -126), math.inf, -math.inf, math.nan,
+            3.4028234663852886e38, -3.4028234663852886e38, 1.0, -1.0, 10.0, -10.0, 10.000001,
+            -10.000001, 4.0, -4.0, 0.5, 88.0, -88.0, 1e-20, -1e-20]
+
+
+def values(n, seed):
+    """Random bit patterns (every exponent, NaN payloads, subnormals), the special values, and
+    a dense sweep of the range where GELU bends."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-2 ** 31, 2 ** 31, (n,), generator=g, dtype=torch.int64).to(torch.int32)
+    return torch.cat([bits.view(torch.float32), torch.tensor(SPECIALS + [-100.0], dtype=torch.float32),
+                      torch.linspace(-14, 14, 30001, dtype=torch.float32)])
+
+
+def composition(fn, *args, **kwargs):
+    """``fn`` with every compiled kernel off: the Python composition on pure-torch PA ops."""
+    old = arith._COMPILED
+    arith._COMPILED = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        arith._COMPILED = old
+
+
+def same_bits(x, y):
+    assert x.dtype == y.dtype == torch.float32 and x.shape == y.shape
+    bad = x.view(torch.int32) != y.view(torch.int32)
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} differ, e.g. {x[bad][:4].tolist()} "
+                           f"vs {y[bad][:4].tolist()}")
+
+
+def spy(monkeypatch, name):
+    """Count the calls of the extension's ``name`` (so a test knows the kernel ran)."""
+    calls = []
+    real = getattr(EXT, name)
+    monkeypatch.setattr(EXT, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+# ---------------------------------------------------------------------------- GELU
+
+def test_gelu_forward_matches_composition(monkeypatch):
+    calls = spy(monkeypatch, "fused_gelu_forward")
+    x = values(400_000, 1)
+    y = P.gelu_forward(x)
+    assert calls, "the fused kernel did not run"
+    same_bits(y, composition(P.gelu_forward, x))
+    assert torch.isnan(y[torch.isnan(x)]).all()
+    assert y[x == math.inf].eq(math.inf).all() and y[x == -100].eq(0).all()
+
+
+def test_gelu_backward_matches_composition(monkeypatch):
+    calls = spy(monkeypatch, "fused_gelu_backward")
+    x = values(400_000, 2)
+    g = torch.Generator().manual_seed(3)
+    dy_bits = values(400_000, 4)[torch.randperm(x.numel(), generator=g)]
+    for dy in (dy_bits, torch.randn(x.shape, generator=g)):
+        same_bits(P.gelu_backward(dy, x), composition(P.gelu_backward, dy, x))
+    # every special against every special
+    s = torch.tensor(SPECIALS, dtype=torch.float32)
+    dy, xs = torch.meshgrid(s, s, indexing="ij")
+    same_bits(P.gelu_backward(dy, xs), composition(P.gelu_backward, dy, xs))
+    assert len(calls) == 3
+
+
+def test_gelu_shapes_strides_broadcast_and_empty():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 40, 3, generator=g) * 4
+    dy = torch.randn(6, 40, 3, generator=g)
+    for xx, gg in [(x.transpose(0, 2), dy.transpose(0, 2)), (x[:, ::3], dy[:, ::3]), (x, dy[:1]),
+                   (x[0, 0, 0], dy[0, 0, 0]), (torch.empty(0, 3), torch.empty(0, 3))]:
+        same_bits(P.gelu_forward(xx), composition(P.gelu_forward, xx))
+        same_bits(P.gelu_backward(gg, xx), composition(P.gelu_backward, gg, xx))
+    assert P.gelu_forward(x.transpose(0, 2)).shape == (3, 40, 6)
+
+
+def test_gelu_other_dtypes_and_exact_derivative_use_the_composition(monkeypatch):
+    calls = spy(monkeypatch, "fused_gelu_forward")
+    xb = torch.randn(50, dtype=torch.bfloat16)
+    assert P.gelu_forward(xb).dtype == torch.bfloat16
+    x = torch.randn(64, requires_grad=True)
+    y = P.gelu(x, derivative="exact")  # autograd over the PA ops: the composition, not the kernel
+    assert y.grad_fn is not None and not calls
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    same_bits(y.detach(), P.gelu_forward(x.detach()))
+    assert len(calls) == 1
