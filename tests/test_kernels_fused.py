@@ -101,3 +101,58 @@ def test_gelu_other_dtypes_and_exact_derivative_use_the_composition(monkeypatch)
     assert torch.isfinite(x.grad).all()
     same_bits(y.detach(), P.gelu_forward(x.detach()))
     assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------- log-softmax
+
+def rows(shape, seed, scale=6.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * scale
+
+
+@pytest.mark.parametrize("shape,dim", [((64, 1000), -1), ((64, 1000), 0), ((7, 33, 5), 1), ((7, 33, 5), -1),
+                                       ((3, 1), -1), ((2, 5000), -1)])
+def test_log_softmax_matches_composition(monkeypatch, shape, dim):
+    fwd, bwd = spy(monkeypatch, "fused_log_softmax_forward"), spy(monkeypatch, "fused_log_softmax_backward")
+    x = rows(shape, 6)
+    x.view(-1)[5::89] = x.view(-1)[5::89].abs() + 60  # a large max: other entries flush to 0
+    if x.shape[dim] > 1:  # (a row of only -inf is NaN)
+        x.view(-1)[::97] = -math.inf  # masked entries stay -inf
+    y = P.log_softmax_forward(x, dim)
+    same_bits(y, composition(P.log_softmax_forward, x, dim))
+    for dy in (rows(shape, 7, 1.0), rows(shape, 8, 1e30)):
+        same_bits(P.log_softmax_backward(y, dy, dim), composition(P.log_softmax_backward, y, dy, dim))
+    assert len(fwd) == 1 and len(bwd) == 2, "the fused kernels did not run"
+    assert torch.isinf(y.view(-1)[::97]).all() or x.shape[dim] == 1
+
+
+def test_log_softmax_random_bits_nan_rows_and_strides():
+    """Rows of random bit patterns (NaN, inf, subnormal entries): the kernel hands rows where a
+    NaN arises back to the composition (None), so the NaN patterns are the composition's too."""
+    g = torch.Generator().manual_seed(9)
+    bits = torch.randint(-2 ** 31, 2 ** 31, (50, 300), generator=g, dtype=torch.int64).to(torch.int32)
+    x = torch.cat([bits.view(torch.float32), rows((50, 300), 10)])
+    assert EXT.fused_log_softmax_forward(x, -1) is None  # NaNs arise
+    y = P.log_softmax_forward(x, -1)
+    same_bits(y, composition(P.log_softmax_forward, x, -1))
+    for dy in (rows((100, 300), 11, 1.0), x.flip(0)):
+        same_bits(P.log_softmax_backward(y, dy, -1), composition(P.log_softmax_backward, y, dy, -1))
+    xs = rows((40, 30, 6), 12)
+    for xx, d in [(xs.transpose(0, 2), -1), (xs[:, ::3], 1), (xs.permute(2, 0, 1), 0)]:
+        yy = P.log_softmax_forward(xx, d)
+        same_bits(yy, composition(P.log_softmax_forward, xx, d))
+        dy = rows(xx.shape, 13, 1.0).transpose(0, 1).contiguous().transpose(0, 1)
+        same_bits(P.log_softmax_backward(yy, dy, d), composition(P.log_softmax_backward, yy, dy, d))
+
+
+def test_log_softmax_exact_derivative_and_other_dtypes_use_the_composition(monkeypatch):
+    calls = spy(monkeypatch, "fused_log_softmax_forward")
+    x = rows((8, 50), 14).requires_grad_()
+    y = P.log_softmax(x, -1, derivative="exact")
+    assert y.grad_fn is not None and not calls
+    y[:, 0].sum().backward()
+    assert torch.isfinite(x.grad).all()
+    same_bits(y.detach(), P.log_softmax_forward(x.detach(), -1))
+    assert len(calls) == 1
+    assert P.log_softmax_forward(x.detach().bfloat16(), -1).dtype == torch.bfloat16
+    assert P.log_softmax_forward(torch.empty(0, 4), -1).shape == (0, 4)

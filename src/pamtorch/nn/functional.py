@@ -204,6 +204,11 @@ def log_softmax_forward(x: torch.Tensor, dim: int, *, _ops=_RAW) -> torch.Tensor
     """
     if x.numel() == 0:
         return x.clone()
+    ext = _fused(x) if _ops is _RAW else None
+    if ext is not None:  # fused around torch's own amax and sum; None: a NaN arose
+        y = ext.fused_log_softmax_forward(x, dim)
+        if y is not None:
+            return y
     z = x - x.amax(dim, keepdim=True)
     return z - _ops.log(_ops.exp(z).sum(dim, keepdim=True))
 
@@ -213,6 +218,11 @@ def log_softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.T
     if y.numel() == 0:
         return torch.zeros_like(y)
     dy = dy.to(y.dtype)
+    ext = _fused(y, dy)
+    if ext is not None:  # one pass after torch's own sum of dy; None: a NaN arose
+        dx = ext.fused_log_softmax_backward(y, dy, dim)
+        if dx is not None:
+            return dx
     return dy - arith.pam(arith.pa_exp(y), dy.sum(dim, keepdim=True))
 
 

@@ -12,6 +12,8 @@
 //   sqrt(x), rsqrt(x)                                 (arith.pa_sqrt, arith.pa_rsqrt)
 //   exp_exact_grad(x, o, g)   the exact derivative of exp applied to g (autograd._Unary)
 //   gelu_forward(x), gelu_backward(dy, x)   nn/functional.py's GELU composition in one pass
+//   log_softmax_forward(x, dim), log_softmax_backward(y, dy, dim)   its log-softmax, fused
+//       around torch's own amax and sum
 //
 // No floating-point multiply or divide is used: only integer adds, shifts, compares,
 // floor/round-to-integer, and conversions between float, double and int64 (exact here,
@@ -21,6 +23,7 @@
 
 #include <ATen/TensorIterator.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -472,6 +475,146 @@ at::Tensor gelu_backward(const at::Tensor& dy, const at::Tensor& x, double ca, d
   return iter.output();
 }
 
+// log_softmax_forward along dim: z = x - amax(x), out = z - pa_log(sum(pa_exp(z))). The max and
+// the sum are torch's own reductions (at::amax, at::sum) on tensors of the composition's shape
+// and layout, so their summation order is the composition's. Which NaN pattern a float
+// subtraction of two NaNs returns depends on how torch's kernel is compiled, so when a NaN
+// arises (a NaN or inf in a row) this returns an undefined tensor (None) and the caller runs
+// the composition; without NaNs every step is an IEEE operation with one result.
+// contiguous rows (the reduced value broadcast, stride 0), compiled twice like the loops above;
+// each returns whether a NaN arose
+inline bool lsm_fwd_body(float* __restrict z, float* __restrict e, const float* __restrict x, float m,
+                         int64_t n) {
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i) {
+    z[i] = x[i] - m;
+    any |= z[i] != z[i];
+  }
+  for (int64_t i = 0; i < n; ++i) e[i] = exp32(z[i]);
+  return any;
+}
+inline bool lsm_bwd_body(float* __restrict o, const float* __restrict g, const float* __restrict y,
+                         uint32_t s, int64_t n) {
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i) o[i] = exp32(y[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    o[i] = g[i] - f32(pam_bits(u32(o[i]), s));
+    any |= o[i] != o[i];
+  }
+  return any;
+}
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+__attribute__((target("avx2"))) bool lsm_fwd_avx2(float* z, float* e, const float* x, float m, int64_t n) {
+  return lsm_fwd_body(z, e, x, m, n);
+}
+__attribute__((target("avx2"))) bool lsm_bwd_avx2(float* o, const float* g, const float* y, uint32_t s, int64_t n) {
+  return lsm_bwd_body(o, g, y, s, n);
+}
+#endif
+
+at::Tensor log_softmax_forward(const at::Tensor& x, int64_t dim) {
+  check_f32(x, "log_softmax_forward", "x");
+  const at::Tensor m = at::amax(x, {dim}, /*keepdim=*/true);
+  at::Tensor z, e;
+  std::atomic<bool> nan{false};
+  auto it1 = at::TensorIteratorConfig().add_output(z).add_output(e).add_const_input(x).add_const_input(m).build();
+  it1.for_each([&nan](char** data, const int64_t* strides, int64_t n) {
+    bool any = false;
+    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 4 && strides[3] == 0) {
+      float mv;
+      std::memcpy(&mv, data[3], 4);
+      auto* z = reinterpret_cast<float*>(data[0]);
+      auto* e = reinterpret_cast<float*>(data[1]);
+      const auto* x = reinterpret_cast<const float*>(data[2]);
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+      if (has_avx2()) any = lsm_fwd_avx2(z, e, x, mv, n); else
+#endif
+      any = lsm_fwd_body(z, e, x, mv, n);
+      n = 0;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      float xv, mv;
+      std::memcpy(&xv, data[2] + i * strides[2], 4);
+      std::memcpy(&mv, data[3] + i * strides[3], 4);
+      const float zv = xv - mv;
+      const float ev = exp32(zv);
+      any |= zv != zv;
+      std::memcpy(data[0] + i * strides[0], &zv, 4);
+      std::memcpy(data[1] + i * strides[1], &ev, 4);
+    }
+    if (any) nan.store(true, std::memory_order_relaxed);
+  });
+  if (nan.load()) return at::Tensor();
+  z = it1.output(0);
+  e = it1.output(1);
+  const at::Tensor s = at::sum(e, {dim}, /*keepdim=*/true);
+  at::Tensor out;
+  auto it2 = at::TensorIteratorConfig().add_output(out).add_const_input(z).add_const_input(s).build();
+  it2.for_each([](char** data, const int64_t* strides, int64_t n) {
+    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 0) {  // one row: log of its sum once
+      float sv;
+      std::memcpy(&sv, data[2], 4);
+      const float ls = log32(sv);
+      auto* o = reinterpret_cast<float*>(data[0]);
+      const auto* z = reinterpret_cast<const float*>(data[1]);
+      for (int64_t i = 0; i < n; ++i) o[i] = z[i] - ls;
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      float zv, sv;
+      std::memcpy(&zv, data[1] + i * strides[1], 4);
+      std::memcpy(&sv, data[2] + i * strides[2], 4);
+      const float r = zv - log32(sv);
+      std::memcpy(data[0] + i * strides[0], &r, 4);
+    }
+  });
+  return it2.output();
+}
+
+// log_softmax_backward along dim: dy - pa_exp(y) *^ sum(dy), the sum torch's own (at::sum);
+// an undefined tensor (None) where a NaN arises, as above
+at::Tensor log_softmax_backward(const at::Tensor& y, const at::Tensor& dy, int64_t dim) {
+  check_f32(y, "log_softmax_backward", "y");
+  check_f32(dy, "log_softmax_backward", "dy");
+  const at::Tensor s = at::sum(dy, {dim}, /*keepdim=*/true);
+  at::Tensor out;
+  auto iter = at::TensorIteratorConfig()
+                  .add_output(out)
+                  .add_const_input(dy)
+                  .add_const_input(y)
+                  .add_const_input(s)
+                  .build();
+  std::atomic<bool> nan{false};
+  iter.for_each([&nan](char** data, const int64_t* strides, int64_t n) {
+    bool any = false;
+    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 4 && strides[3] == 0) {
+      uint32_t sv;
+      std::memcpy(&sv, data[3], 4);
+      auto* o = reinterpret_cast<float*>(data[0]);
+      const auto* g = reinterpret_cast<const float*>(data[1]);
+      const auto* y = reinterpret_cast<const float*>(data[2]);
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+      if (has_avx2()) any = lsm_bwd_avx2(o, g, y, sv, n); else
+#endif
+      any = lsm_bwd_body(o, g, y, sv, n);
+      n = 0;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      float g, yv;
+      uint32_t sv;
+      std::memcpy(&g, data[1] + i * strides[1], 4);
+      std::memcpy(&yv, data[2] + i * strides[2], 4);
+      std::memcpy(&sv, data[3] + i * strides[3], 4);
+      const float r = g - f32(pam_bits(u32(exp32(yv)), sv));
+      any |= r != r;
+      std::memcpy(data[0] + i * strides[0], &r, 4);
+    }
+    if (any) nan.store(true, std::memory_order_relaxed);
+  });
+  if (nan.load()) return at::Tensor();
+  return iter.output();
+}
+
 }  // namespace pa_ew
 
 void register_elementwise(pybind11::module& m) {
@@ -484,4 +627,8 @@ void register_elementwise(pybind11::module& m) {
   m.def("ew_rsqrt", &pa_ew::rsqrt, "PA rsqrt of a float32 tensor");
   m.def("fused_gelu_forward", &pa_ew::gelu_forward, "PA GELU (nn.functional.gelu_forward) in one pass");
   m.def("fused_gelu_backward", &pa_ew::gelu_backward, "approx PA GELU derivative applied to dy in one pass");
+  m.def("fused_log_softmax_forward", &pa_ew::log_softmax_forward,
+        "PA log-softmax along dim; None where a NaN arises (then the composition runs)");
+  m.def("fused_log_softmax_backward", &pa_ew::log_softmax_backward,
+        "approx PA log-softmax derivative; None where a NaN arises");
 }
