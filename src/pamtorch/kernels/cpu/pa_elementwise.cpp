@@ -350,25 +350,26 @@ at::Tensor rsqrt(const at::Tensor& x) { return unary<sqrt_like_bits<-1>>(x, "rsq
 // each step the same float32 operation in the same order (the float adds are IEEE adds,
 // the PA ops the ports above), so the results equal the composition bit for bit.
 
-// paexp2_32 of a float32 y, in 32-bit lanes so that the loops vectorize: |y| * 2^23 is exact in
-// float32 by exponent-field addition for |y| >= 2^-126 (below, it rounds to 0 anyway); the
-// clamp to +-255 (instead of +-512) keeps y * 2^23 in int32 and still lies beyond the inf and
-// flush boundaries (|t| >= 2^30), so the result pattern is the same.
+// paexp2_32 of a float32 y in 32-bit lanes: |y| * 2^23 is exact in float32 by exponent-field
+// addition for |y| >= 2^-126 (below, it rounds to 0 anyway); the clamp to +-255 (instead of
+// +-512) keeps it in int32 and still lies beyond the inf and flush boundaries (|t| >= 2^30),
+// so the result pattern is the same. The comparisons are on patterns and the float add is
+// unconditional, so that the compiler may if-convert the selects.
+constexpr uint32_t P255 = 0x437F0000u, P2_23 = 0x4B000000u;  // patterns of 255 and 2^23
 inline float paexp2_f32(float y) {
-  const bool hi = y > 255.0f, lo = y < -255.0f;
-  const float yc = hi ? 255.0f : (lo ? -255.0f : y);
-  const uint32_t uy = u32(yc);
-  const bool tiny = (uy & 0x7FFFFFFFu) < uint32_t(MN32);
+  const uint32_t uy = u32(y), my = uy & 0x7FFFFFFFu;
+  const uint32_t ua = my > P255 ? P255 : my;  // |y| clamped (NaN handled below)
+  const bool tiny = ua < uint32_t(MN32);
   // round half to even by the float add of 2^23 (|v| < 2^23; larger |v| are integers already)
-  // (every float op runs unconditionally, so that the compiler may vectorize the selects)
-  const float v = f32((uy + (23u << 23)) & 0x7FFFFFFFu);
+  const uint32_t uv = ua + (23u << 23);
+  const float v = f32(uv);
   const float rounded = (v + 8388608.0f) - 8388608.0f;
-  const int32_t ta = static_cast<int32_t>(v < 8388608.0f ? rounded : v);
+  const int32_t ta = static_cast<int32_t>(uv < P2_23 ? rounded : v);
   const int32_t t = tiny ? 0 : ((uy & SIGN32) ? -ta : ta);
   uint32_t r = static_cast<uint32_t>(t) + uint32_t(B32);
   r = t >= int32_t(INF32 - B32) ? uint32_t(INF32) : r;
   r = t < int32_t(MN32 - B32) ? 0u : r;
-  r = y != y ? uint32_t(NAN32) : r;
+  r = my > uint32_t(INF32) ? uint32_t(NAN32) : r;
   return f32(r);
 }
 
@@ -403,13 +404,58 @@ inline uint32_t gelu_bwd_bits(uint32_t udy, uint32_t ux, const GeluBwdConsts& k)
   return pam_bits(udy, u32(df));
 }
 
-inline void gelu_fwd_body(uint32_t* __restrict o, const uint32_t* __restrict a, int64_t n, uint32_t ua,
-                          uint32_t ub) {
-  for (int64_t i = 0; i < n; ++i) o[i] = gelu_fwd_bits(a[i], ua, ub);
+// Contiguous blocks, one simple loop per step through buffers that stay in L1: GCC vectorizes
+// each step but paexp2's (the whole chain in one loop it does not vectorize at all).
+constexpr int64_t GELU_BLOCK = 256;
+__attribute__((always_inline)) inline void gelu_fwd_body(uint32_t* __restrict o, const uint32_t* __restrict x, int64_t n, uint32_t ca,
+                          uint32_t cb) {
+  alignas(32) uint32_t a[GELU_BLOCK], b[GELU_BLOCK];
+  for (int64_t j = 0; j < n; j += GELU_BLOCK) {
+    const int64_t m = n - j < GELU_BLOCK ? n - j : GELU_BLOCK;
+    const uint32_t* __restrict xs = x + j;
+    uint32_t* __restrict os = o + j;
+    for (int64_t i = 0; i < m; ++i) a[i] = pam_bits(xs[i], xs[i]);
+    for (int64_t i = 0; i < m; ++i) a[i] = pam_bits(a[i], xs[i]);
+    for (int64_t i = 0; i < m; ++i) a[i] = pam_bits(a[i], cb);
+    for (int64_t i = 0; i < m; ++i) b[i] = pam_bits(xs[i], ca);
+    for (int64_t i = 0; i < m; ++i) a[i] = u32(f32(b[i]) + f32(a[i]));
+    for (int64_t i = 0; i < m; ++i) a[i] = u32(1.0f + paexp2_f32(-f32(a[i])));
+    for (int64_t i = 0; i < m; ++i) os[i] = pad_bits(xs[i], a[i]);
+  }
 }
-inline void gelu_bwd_body(uint32_t* __restrict o, const uint32_t* __restrict g, const uint32_t* __restrict a,
+__attribute__((always_inline)) inline void gelu_bwd_body(uint32_t* __restrict o, const uint32_t* __restrict g, const uint32_t* __restrict x,
                           int64_t n, const GeluBwdConsts k) {
-  for (int64_t i = 0; i < n; ++i) o[i] = gelu_bwd_bits(g[i], a[i], k);
+  alignas(32) uint32_t x2[GELU_BLOCK], a[GELU_BLOCK], b[GELU_BLOCK], e[GELU_BLOCK], d[GELU_BLOCK],
+      s[GELU_BLOCK];
+  const uint32_t one = u32(1.0f), uclamp = u32(k.clamp) & 0x7FFFFFFFu;
+  for (int64_t j = 0; j < n; j += GELU_BLOCK) {
+    const int64_t m = n - j < GELU_BLOCK ? n - j : GELU_BLOCK;
+    const uint32_t* __restrict xs = x + j;
+    const uint32_t* __restrict gs = g + j;
+    uint32_t* __restrict os = o + j;
+    for (int64_t i = 0; i < m; ++i) x2[i] = pam_bits(xs[i], xs[i]);
+    for (int64_t i = 0; i < m; ++i) a[i] = pam_bits(x2[i], xs[i]);
+    for (int64_t i = 0; i < m; ++i) a[i] = pam_bits(a[i], k.cb);
+    for (int64_t i = 0; i < m; ++i) b[i] = pam_bits(xs[i], k.ca);
+    for (int64_t i = 0; i < m; ++i) a[i] = u32(f32(b[i]) + f32(a[i]));        // h2
+    for (int64_t i = 0; i < m; ++i) e[i] = u32(paexp2_f32(-f32(a[i])));
+    for (int64_t i = 0; i < m; ++i) d[i] = u32(1.0f + f32(e[i]));
+    for (int64_t i = 0; i < m; ++i) s[i] = pad_bits(one, d[i]);
+    for (int64_t i = 0; i < m; ++i) a[i] = pad_bits(e[i], d[i]);
+    for (int64_t i = 0; i < m; ++i) a[i] = (e[i] & 0x7FFFFFFFu) == uint32_t(INF32) ? one : a[i];  // 1 - s
+    for (int64_t i = 0; i < m; ++i) b[i] = pad_bits(xs[i], d[i]);                // x s
+    for (int64_t i = 0; i < m; ++i) x2[i] = pam_bits(x2[i], k.c3b);
+    for (int64_t i = 0; i < m; ++i) x2[i] = u32(k.a + f32(x2[i]));               // h'
+    for (int64_t i = 0; i < m; ++i) b[i] = pam_bits(b[i], a[i]);
+    for (int64_t i = 0; i < m; ++i) b[i] = pam_bits(b[i], x2[i]);
+    for (int64_t i = 0; i < m; ++i) b[i] = u32(f32(s[i]) + f32(b[i]));           // f'
+    for (int64_t i = 0; i < m; ++i) {  // x > clamp -> 1, x < -clamp -> 0 (NaN: neither)
+      const uint32_t mx = xs[i] & 0x7FFFFFFFu;
+      const bool big = mx > uclamp && mx <= uint32_t(INF32);
+      b[i] = big ? ((xs[i] & SIGN32) ? 0u : one) : b[i];
+    }
+    for (int64_t i = 0; i < m; ++i) os[i] = pam_bits(gs[i], b[i]);
+  }
 }
 #if defined(__x86_64__) && !defined(PAM_NO_X86)
 __attribute__((target("avx2"))) void gelu_fwd_avx2(uint32_t* o, const uint32_t* a, int64_t n, uint32_t ua,
