@@ -228,6 +228,56 @@ def test_forward_strides_and_empty(impl):
     assert impl.pam_mm(torch.ones(2, 5), torch.ones(5, 0)).shape == (2, 0)
 
 
+def same_bits(x, y):
+    """Equal bit patterns (signed zeros told apart), any NaN equal to any NaN."""
+    both_nan = torch.isnan(x) & torch.isnan(y)
+    return x.shape == y.shape and bool(torch.all(both_nan | (x.view(torch.int32) == y.view(torch.int32))))
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_small_matrices(threads):
+    """The batched entries run many small matrices one per thread, each with its own mode
+    (specials in some, none in others), views instead of copies and reused packing buffers:
+    every matrix must equal the 2-D kernel on it and the reference. Shapes leave partial
+    8-lane (statistics) and 16-column (packing) tails; the operands are also transposed views."""
+    g = torch.Generator().manual_seed(11)
+    nb, M, K, N = 24, 7, 13, 21
+    a = rand_vals((nb, M, K), g, zeros=0.05)
+    b = rand_vals((nb, K, N), g)
+    dc = rand_vals((nb, M, N), g)
+    for i in (1, 5, 9):  # specials in the tail columns of some matrices only
+        a[i, :, K - 1] = torch.tensor(SPECIALS[:M], dtype=F32)
+        b[i + 1, :, N - 1] = torch.tensor(SPECIALS[:K], dtype=F32)
+    a[13] = a[13] * 1e-30  # one matrix whose products underflow (general mode)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for x, y in ((a, b), (a.transpose(1, 2).contiguous().transpose(1, 2),
+                              b.transpose(1, 2).contiguous().transpose(1, 2))):
+            c = cpu.pam_bmm(x, y)
+            ga = cpu.pam_bmm_exact_grad_a(x, y, dc)
+            gb = cpu.pam_bmm_exact_grad_b(x, y, dc)
+            for i in range(nb):
+                assert same_bits(c[i], cpu.pam_mm(x[i], y[i])), i
+                assert same_bits(ga[i], cpu.pam_mm_exact_grad_a(x[i], y[i], dc[i])), i
+                assert same_bits(gb[i], cpu.pam_mm_exact_grad_b(x[i], y[i], dc[i])), i
+            for i in (0, 1, 2, 13):
+                assert_close(c[i], *ref_mm(x[i], y[i]))
+            # the gradient reference does not model a NaN in the operand whose mantissa is
+            # added (a for dA: matrix 1; b for dB: matrix 2)
+            for i in (0, 2, 13):
+                assert_close(ga[i], *ref_grad_a(x[i], y[i], dc[i]))
+            for i in (0, 1, 13):
+                assert_close(gb[i], *ref_grad_b(x[i], y[i], dc[i]))
+        z = cpu.pam_bmm(torch.ones(3, 2, 0), torch.ones(3, 0, 4))
+        assert z.shape == (3, 2, 4) and torch.all(z == 0)
+        z = cpu.pam_bmm_exact_grad_b(torch.ones(3, 0, 2), torch.ones(3, 2, 4), torch.ones(3, 0, 4))
+        assert z.shape == (3, 2, 4) and torch.all(z == 0)
+    finally:
+        torch.set_num_threads(old)
+
+
 @needs_ext
 def test_threads_agree():
     g = torch.Generator().manual_seed(5)

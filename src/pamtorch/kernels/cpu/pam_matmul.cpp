@@ -35,8 +35,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -81,6 +83,34 @@ struct ThreadCap {
   }
   ~ThreadCap() { g_thread_cap = old; }
 };
+
+// Per-thread packing buffers, reused across calls: a batched product of many small
+// matrices would otherwise allocate (and free) two tensors per matrix.
+struct Scratch {
+  int32_t* p = nullptr;
+  size_t cap = 0;
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  ~Scratch() { std::free(p); }
+  int32_t* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      cap = std::max(n, cap + cap / 2);
+      p = static_cast<int32_t*>(std::aligned_alloc(64, (cap * 4 + 63) / 64 * 64));
+      TORCH_CHECK(p != nullptr, "pamtorch: out of memory for a packing buffer of ", cap * 4, " bytes");
+    }
+    return p;
+  }
+};
+thread_local Scratch g_scratch_b, g_scratch_a;
+
+// A packing buffer of n int32: the thread's reused one when small (at most 4 MiB, so that
+// no thread keeps a large buffer alive), else a tensor held by the caller.
+int32_t* pack_buffer(Scratch& s, int64_t n, at::Tensor& hold) {
+  if (n <= (int64_t(1) << 20)) return s.get((size_t)std::max<int64_t>(n, 1));
+  hold = at::empty({n}, at::TensorOptions().dtype(at::kInt));
+  return hold.data_ptr<int32_t>();
+}
 
 // ---------------------------------------------------------------- FTZ/DAZ guard
 struct FtzGuard {
@@ -147,6 +177,34 @@ inline float eterm(uint32_t d, uint32_t q, uint32_t mo, int64_t D) {
   return bitsf(s | (uint32_t)t);
 }
 
+// ---------------------------------------------------------------- strided matrix view
+// A float32 matrix as a pointer and strides, with the few Tensor methods the kernels use:
+// the batched entries hand each small matrix over without creating a Tensor view for it.
+struct Mat {
+  float* p;
+  int64_t n0, n1, st0, st1;
+  Mat(float* p_, int64_t n0_, int64_t n1_, int64_t s0_, int64_t s1_)
+      : p(p_), n0(n0_), n1(n1_), st0(s0_), st1(s1_) {}
+  Mat(const at::Tensor& t)  // NOLINT: implicit, so that the 2-D entries pass their tensors
+      : p(t.data_ptr<float>()), n0(t.size(0)), n1(t.size(1)), st0(t.stride(0)), st1(t.stride(1)) {}
+  int64_t size(int d) const { return d == 0 ? n0 : n1; }
+  int64_t stride(int d) const { return d == 0 ? st0 : st1; }
+  template <typename T>
+  T* data_ptr() const {
+    static_assert(std::is_same<T, float>::value, "Mat holds float32");
+    return p;
+  }
+  void zero_() {
+    for (int64_t i = 0; i < n0; ++i)
+      for (int64_t j = 0; j < n1; ++j) p[i * st0 + j * st1] = 0.f;
+  }
+};
+
+// matrix i of a 3-D tensor
+Mat mat_of(const at::Tensor& t, int64_t i) {
+  return Mat(t.data_ptr<float>() + i * t.stride(0), t.size(1), t.size(2), t.stride(1), t.stride(2));
+}
+
 // ---------------------------------------------------------------- operand statistics
 struct Stats {
   uint32_t minP = 0x7FFFFFFFu;  // over finite normal values
@@ -202,6 +260,21 @@ inline __attribute__((always_inline)) void stats_rows_body(const float* p, int64
 }
 
 #if PAM_X86
+// add the per-lane counts to the totals and clear them
+__attribute__((target("avx2,fma"))) inline void stats_flush(__m256i& cz, __m256i& cs, __m256i& ci,
+                                                            int64_t& nz, int64_t& ns, int64_t& ni) {
+  alignas(32) int32_t t[3][8];
+  _mm256_store_si256((__m256i*)t[0], cz);
+  _mm256_store_si256((__m256i*)t[1], cs);
+  _mm256_store_si256((__m256i*)t[2], ci);
+  for (int l = 0; l < 8; ++l) {
+    nz += t[0][l];
+    ns += t[1][l];
+    ni += t[2][l];
+  }
+  cz = cs = ci = _mm256_setzero_si256();
+}
+
 __attribute__((target("avx2,fma"))) void stats_rows_avx2(const float* p, int64_t r0, int64_t r1,
                                                           int64_t cols, int64_t s0, int64_t s1,
                                                           Stats& st) {
@@ -214,9 +287,16 @@ __attribute__((target("avx2,fma"))) void stats_rows_avx2(const float* p, int64_t
   __m256i vmn = ABS, vmx = _mm256_setzero_si256();
   int64_t nz = 0, ns = 0, ni = 0;
   const int64_t cv = cols / 8 * 8;
+  // per-lane counts, summed into nz/ns/ni before a lane could reach 2^31 (and at the end)
+  __m256i cz = _mm256_setzero_si256(), cs = cz, ci = cz;
+  int64_t pending = 0;
   for (int64_t i = r0; i < r1; ++i) {
     const float* row = p + i * s0;
-    __m256i cz = _mm256_setzero_si256(), cs = cz, ci = cz;
+    if (pending + cv / 8 >= (int64_t(1) << 30)) {
+      stats_flush(cz, cs, ci, nz, ns, ni);
+      pending = 0;
+    }
+    pending += cv / 8;
     for (int64_t j = 0; j < cv; j += 8) {
       const __m256i u = _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(row + j)), ABS);
       const __m256i isz = _mm256_cmpgt_epi32(MN, u);
@@ -228,16 +308,29 @@ __attribute__((target("avx2,fma"))) void stats_rows_avx2(const float* p, int64_t
       cs = _mm256_sub_epi32(cs, iss);
       ci = _mm256_sub_epi32(ci, _mm256_cmpeq_epi32(u, INF));
     }
-    alignas(32) int32_t t[3][8];
-    _mm256_store_si256((__m256i*)t[0], cz);
-    _mm256_store_si256((__m256i*)t[1], cs);
-    _mm256_store_si256((__m256i*)t[2], ci);
-    for (int l = 0; l < 8; ++l) {
-      nz += t[0][l];
-      ns += t[1][l];
-      ni += t[2][l];
+  }
+  if (cv < cols) {  // tail columns: masked loads, the masked-off lanes count nowhere
+    const __m256i tmask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(cols - cv)),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i off = _mm256_andnot_si256(tmask, _mm256_set1_epi32(-1));
+    for (int64_t i = r0; i < r1; ++i) {
+      if (pending + 1 >= (int64_t(1) << 30)) {
+        stats_flush(cz, cs, ci, nz, ns, ni);
+        pending = 0;
+      }
+      ++pending;
+      const __m256i u = _mm256_and_si256(_mm256_maskload_epi32((const int*)(p + i * s0 + cv), tmask), ABS);
+      const __m256i isz = _mm256_and_si256(_mm256_cmpgt_epi32(MN, u), tmask);
+      const __m256i iss = _mm256_and_si256(_mm256_cmpgt_epi32(u, INF1), tmask);
+      const __m256i bad = _mm256_or_si256(_mm256_or_si256(isz, iss), off);
+      vmn = _mm256_min_epi32(vmn, _mm256_or_si256(u, _mm256_and_si256(bad, ABS)));
+      vmx = _mm256_max_epi32(vmx, _mm256_andnot_si256(bad, u));
+      cz = _mm256_sub_epi32(cz, isz);
+      cs = _mm256_sub_epi32(cs, iss);
+      ci = _mm256_sub_epi32(ci, _mm256_and_si256(_mm256_cmpeq_epi32(u, INF), tmask));
     }
   }
+  stats_flush(cz, cs, ci, nz, ns, ni);
   alignas(32) uint32_t a[8], b[8];
   _mm256_store_si256((__m256i*)a, vmn);
   _mm256_store_si256((__m256i*)b, vmx);
@@ -248,8 +341,6 @@ __attribute__((target("avx2,fma"))) void stats_rows_avx2(const float* p, int64_t
   st.nzero += nz;
   st.nspec += ns;
   st.ninf += ni;
-  if (cv < cols)  // tail columns
-    for (int64_t i = r0; i < r1; ++i) stats_rows_body<true>(p + i * s0 + cv, 0, 1, cols - cv, 0, 1, st);
 }
 #endif
 void stats_rows_generic(const float* p, int64_t r0, int64_t r1, int64_t cols, int64_t s0,
@@ -257,7 +348,7 @@ void stats_rows_generic(const float* p, int64_t r0, int64_t r1, int64_t cols, in
   stats_rows_body<false>(p, r0, r1, cols, s0, s1, st);
 }
 
-Stats stats2d(const at::Tensor& t) {
+Stats stats2d(const Mat& t) {
   const float* p = t.data_ptr<float>();
   int64_t rows = t.size(0), cols = t.size(1);
   int64_t s0 = t.stride(0), s1 = t.stride(1);
@@ -269,6 +360,16 @@ Stats stats2d(const at::Tensor& t) {
   if (rows == 0 || cols == 0) return total;
   const bool avx = cpu_has_avx2_fma();
   const int nt = num_threads();
+  if (nt == 1) {  // no team and no per-thread parts for the small products
+#if PAM_X86
+    if (avx)
+      stats_rows_avx2(p, 0, rows, cols, s0, s1, total);
+    else
+#endif
+      stats_rows_generic(p, 0, rows, cols, s0, s1, total);
+    total.nnorm = rows * cols - total.nzero - total.nspec;
+    return total;
+  }
   std::vector<Stats> part(nt);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int t_ = 0; t_ < nt; ++t_) {
@@ -296,7 +397,7 @@ Stats stats2d(const at::Tensor& t) {
 // ---------------------------------------------------------------- scalar exact paths
 // Portable path (and the exact route for rare special combinations). Summation is
 // sequential over the reduction index, like the vector kernels.
-void fwd_scalar(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, int64_t D) {
+void fwd_scalar(const Mat& a, const Mat& b, Mat& c, int64_t D) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   const float* A = a.data_ptr<float>();
   const float* B = b.data_ptr<float>();
@@ -580,10 +681,14 @@ inline __attribute__((always_inline)) void pack_b_strip_body(const float* B, int
         m[c] = norm ? one : 0.f;
       }
     } else {
+      // gather (strided, or a last strip padded with +0, which packs like a missing
+      // column), then the same vectorizable loop
+      uint32_t v[FNR];
+      for (int c = 0; c < FNR; ++c) v[c] = c < nr ? fbits(brow[c * s1]) : 0u;
       for (int c = 0; c < FNR; ++c) {
-        const uint32_t u = c < nr ? fbits(brow[c * s1]) : 0u;
+        const uint32_t u = v[c];
         const uint32_t P = u & 0x7FFFFFFFu;
-        const bool norm = c < nr && (P - MINNORM) < (INFP - MINNORM);
+        const bool norm = (P - MINNORM) < (INFP - MINNORM);
         pb[c] = GEN ? (norm ? (int32_t)(P - INFP) : pad) : (norm ? (int32_t)(u - BIAS + (uint32_t)D) : 0);
         const float one = GEN ? ((u >> 31) ? -1.f : 1.f) : 1.f;
         m[c] = norm ? one : 0.f;
@@ -899,21 +1004,21 @@ void check2d(const at::Tensor& t, const char* name) {
 }
 
 // ---------------------------------------------------------------- forward entry
-at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path, int64_t D) {
-  check2d(a, "a");
-  check2d(b, "b");
-  TORCH_CHECK(a.size(1) == b.size(0), "pam_mm: shapes ", a.sizes(), " and ", b.sizes(),
-              " cannot be multiplied");
-  check_offset(D);
+// C = sum_k PAM(A[i,k], B[k,j]) into c, a contiguous (M, N) float32 tensor (checked by the
+// callers); every element is written.
+void pam_mm_into(const Mat& a, const Mat& b, Mat c, int64_t path, int64_t D) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, a.options());
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    c.zero_();
+    return;
+  }
   ThreadCap cap(M * N * K);
-  at::Tensor c = at::empty({M, N}, a.options());  // every element is written below
   const bool vec = cpu_has_avx2_fma() && path != 0;
   if (!vec) {
     g_last_mode = 100;
     fwd_scalar(a, b, c, D);
-    return c;
+    return;
   }
 #if PAM_X86
   const Stats sa = stats2d(a), sb = stats2d(b);
@@ -938,35 +1043,32 @@ at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path, int64_t D) {
 
   const int BS = (mode == F0 || mode == FA) ? 1 : 2;
   const int64_t ns = (N + FNR - 1) / FNR;
-  at::Tensor bp = at::empty({ns * K * BS * FNR}, a.options().dtype(at::kInt));
+  at::Tensor bhold, ahold;
+  int32_t* bp = pack_buffer(g_scratch_b, ns * K * BS * FNR, bhold);
   const int32_t D32 = (int32_t)D;
-  pack_b_fwd(b.data_ptr<float>(), K, N, b.stride(0), b.stride(1), BS, mode == FG, D32,
-             bp.data_ptr<int32_t>());
-  FwdArgs g{M, N, K, nullptr, 0, nullptr, bp.data_ptr<int32_t>(), c.data_ptr<float>(),
-            -0x40000000 - D32};
-  at::Tensor ap;
+  pack_b_fwd(b.data_ptr<float>(), K, N, b.stride(0), b.stride(1), BS, mode == FG, D32, bp);
+  FwdArgs g{M, N, K, nullptr, 0, nullptr, bp, c.data_ptr<float>(), -0x40000000 - D32};
   if (mode == F0 || mode == FB) {
     if (a.stride(1) == 1) {
       g.A0 = reinterpret_cast<const int32_t*>(a.data_ptr<float>());
       g.lda = a.stride(0);
     } else {
-      ap = at::empty({M * K}, a.options().dtype(at::kInt));
-      copy_a(a.data_ptr<float>(), M, K, a.stride(0), a.stride(1), ap.data_ptr<int32_t>());
-      g.A0 = ap.data_ptr<int32_t>();
+      int32_t* ap = pack_buffer(g_scratch_a, M * K, ahold);
+      copy_a(a.data_ptr<float>(), M, K, a.stride(0), a.stride(1), ap);
+      g.A0 = ap;
       g.lda = K;
     }
   } else {
     const int MR = mr_of(mode), AS = mode == FG ? 3 : 2;
-    ap = at::empty({(M + MR - 1) / MR * MR * K * AS}, a.options().dtype(at::kInt));
+    int32_t* P = pack_buffer(g_scratch_a, (M + MR - 1) / MR * MR * K * AS, ahold);
     const float* A = a.data_ptr<float>();
-    int32_t* P = ap.data_ptr<int32_t>();
     if (mode == FA)
       pack_a_strips<FA, mr_of(FA)>(A, M, K, a.stride(0), a.stride(1), D32, P);
     else if (mode == FAB)
       pack_a_strips<FAB, mr_of(FAB)>(A, M, K, a.stride(0), a.stride(1), D32, P);
     else
       pack_a_strips<FG, mr_of(FG)>(A, M, K, a.stride(0), a.stride(1), D32, P);
-    g.Ap = ap.data_ptr<int32_t>();
+    g.Ap = P;
   }
   switch (mode) {
     case F0: fwd_run<F0, mr_of(F0)>(g); break;
@@ -1022,38 +1124,43 @@ at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path, int64_t D) {
     }
   }
 #endif
+}
+
+at::Tensor pam_mm(at::Tensor a, at::Tensor b, int64_t path, int64_t D) {
+  check2d(a, "a");
+  check2d(b, "b");
+  TORCH_CHECK(a.size(1) == b.size(0), "pam_mm: shapes ", a.sizes(), " and ", b.sizes(),
+              " cannot be multiplied");
+  check_offset(D);
+  at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+  pam_mm_into(a, b, c, path, D);
   return c;
 }
 
 // ---------------------------------------------------------------- exact-gradient entry
 // which = 0: dA = grad_a(a, b, dc) (M, K);  which = 1: dB = grad_b (K, N)
-at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t which, int64_t path,
-                          int64_t D) {
-  check2d(a, "a");
-  check2d(b, "b");
-  check2d(dc, "dc");
-  TORCH_CHECK(a.size(1) == b.size(0), "shapes ", a.sizes(), " and ", b.sizes(),
-              " cannot be multiplied");
+// out: a contiguous (M, K) (which = 0) or (K, N) float32 tensor; every element is written.
+void pam_exact_grad_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& dc, int64_t which,
+                         int64_t path, int64_t D, Mat out) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  TORCH_CHECK(dc.size(0) == M && dc.size(1) == N, "dc must have shape (", M, ", ", N, "), got ",
-              dc.sizes());
-  check_offset(D);
   ThreadCap cap(M * N * K);
   // Generic form: out[R, Cc] = sum_t eterm(X[r,t], Q[t,c], mant(Mo[r,c])), see egrad_scalar.
-  at::Tensor X, Q, Mo, out;
+  at::Tensor X, Q, Mo;
   int64_t R, Cc, T;
   if (which == 0) {
     R = M; Cc = K; T = N;
     X = dc; Q = b.t(); Mo = a;
-    out = at::zeros({M, K}, a.options());
   } else {
     R = N; Cc = K; T = M;
     X = dc.t(); Q = a; Mo = b.t();
-    out = at::zeros({K, N}, a.options());
   }
   // out element (r, c) lives at out[r*os0 + c*os1]
   const int64_t os0 = which == 0 ? K : 1, os1 = which == 0 ? 1 : N;
-  if (R == 0 || Cc == 0 || T == 0) return out;
+  if (R == 0 || Cc == 0) return;
+  if (T == 0) {
+    out.zero_();
+    return;
+  }
   const bool vec = cpu_has_avx2_fma() && path != 0;
   const Stats sq = stats2d(Q), sx = stats2d(X);
   bool fused = false, ok = vec;
@@ -1076,7 +1183,7 @@ at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t whi
     egrad_scalar(X.data_ptr<float>(), X.stride(0), X.stride(1), Q.data_ptr<float>(), Q.stride(0),
                  Q.stride(1), Mo.data_ptr<float>(), Mo.stride(0), Mo.stride(1),
                  out.data_ptr<float>(), os0, os1, R, Cc, T, D);
-    return out;
+    return;
   }
 #if PAM_X86
   g_last_mode = fused ? 10 : 11;
@@ -1084,16 +1191,16 @@ at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t whi
   const int64_t ns = (Cc + GNR - 1) / GNR;
   const int64_t MRP = EG_MR;
   const int64_t Rpad = (R + MRP - 1) / MRP * MRP, Cpad = ns * GNR;
-  at::Tensor qp = at::empty({ns * T * GNR}, a.options().dtype(at::kInt));
-  at::Tensor mp = at::empty({Rpad * Cpad}, a.options().dtype(at::kInt));
-  pack_q(Q.data_ptr<float>(), T, Cc, Q.stride(0), Q.stride(1), (int32_t)D, qp.data_ptr<int32_t>());
+  at::Tensor qhold, mhold;
+  int32_t* qp = pack_buffer(g_scratch_b, ns * T * GNR, qhold);
+  int32_t* mp = pack_buffer(g_scratch_a, Rpad * Cpad, mhold);
+  pack_q(Q.data_ptr<float>(), T, Cc, Q.stride(0), Q.stride(1), (int32_t)D, qp);
   // read the mantissa operand row-wise (grad_b's is B transposed: let torch's blocked
   // transpose do the strided part)
   at::Tensor Moc = Mo.stride(1) == 1 ? Mo : Mo.contiguous();
   pack_mant(Moc.data_ptr<float>(), R, Cc, Moc.stride(0), Moc.stride(1), Rpad, Cpad,
-            mp.data_ptr<int32_t>());
-  EgArgs g{R, Cc, T, Xc.data_ptr<float>(), Xc.stride(0), qp.data_ptr<int32_t>(),
-           mp.data_ptr<int32_t>(), Cpad, out.data_ptr<float>(), os0, os1};
+            mp);
+  EgArgs g{R, Cc, T, Xc.data_ptr<float>(), Xc.stride(0), qp, mp, Cpad, out.data_ptr<float>(), os0, os1};
   if (fused)
     eg_run<true, EG_MR>(g);
   else
@@ -1137,6 +1244,21 @@ at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t whi
     }
   }
 #endif
+}
+
+at::Tensor pam_exact_grad(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t which, int64_t path,
+                          int64_t D) {
+  check2d(a, "a");
+  check2d(b, "b");
+  check2d(dc, "dc");
+  TORCH_CHECK(a.size(1) == b.size(0), "shapes ", a.sizes(), " and ", b.sizes(),
+              " cannot be multiplied");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  TORCH_CHECK(dc.size(0) == M && dc.size(1) == N, "dc must have shape (", M, ", ", N, "), got ",
+              dc.sizes());
+  check_offset(D);
+  at::Tensor out = which == 0 ? at::empty({M, K}, a.options()) : at::empty({K, N}, a.options());
+  pam_exact_grad_into(a, b, dc, which, path, D, out);
   return out;
 }
 
@@ -1154,10 +1276,10 @@ at::Tensor pam_mm_exact_grad_b(at::Tensor a, at::Tensor b, at::Tensor dc, int64_
 template <typename F>
 at::Tensor batched(int64_t nb, at::IntArrayRef out_shape, const at::TensorOptions& opt, int64_t work,
                    F fn) {
-  at::Tensor out = at::empty(out_shape, opt);
+  at::Tensor out = at::empty(out_shape, opt);  // contiguous, so each mat_of(out, i) is
   if (nb == 0) return out;
   if (work >= (int64_t(1) << 21) || nb == 1) {
-    for (int64_t i = 0; i < nb; ++i) out.select(0, i).copy_(fn(i));
+    for (int64_t i = 0; i < nb; ++i) fn(i, mat_of(out, i));
     return out;
   }
   ThreadCap cap(nb * work);
@@ -1165,36 +1287,51 @@ at::Tensor batched(int64_t nb, at::IntArrayRef out_shape, const at::TensorOption
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t i = 0; i < nb; ++i) {
     ThreadCap inner(0);  // each matrix on its own thread
-    out.select(0, i).copy_(fn(i));
+    fn(i, mat_of(out, i));
   }
   return out;
 }
 
-void check3(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.dim() == 3 && b.dim() == 3, "pam_bmm: a and b must be 3-D, got ", a.sizes(), " and ",
+void check3(const at::Tensor& a, const at::Tensor& b, const char* op) {
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3, op, ": a and b must be 3-D, got ", a.sizes(), " and ",
               b.sizes());
-  TORCH_CHECK(a.size(0) == b.size(0) && a.size(2) == b.size(1), "pam_bmm: shapes ", a.sizes(), " and ",
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, op,
+              ": a and b must be float32");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), op, ": a and b must be CPU tensors");
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(2) == b.size(1), op, ": shapes ", a.sizes(), " and ",
               b.sizes(), " cannot be batch-multiplied");
 }
 
+void check_dc3(const at::Tensor& a, const at::Tensor& b, const at::Tensor& dc, const char* op) {
+  TORCH_CHECK(dc.dim() == 3 && dc.scalar_type() == at::kFloat && dc.device().is_cpu(), op,
+              ": dc must be a 3-D float32 CPU tensor");
+  TORCH_CHECK(dc.size(0) == a.size(0) && dc.size(1) == a.size(1) && dc.size(2) == b.size(2), op,
+              ": dc must have shape (", a.size(0), ", ", a.size(1), ", ", b.size(2), "), got ", dc.sizes());
+}
+
 at::Tensor pam_bmm(at::Tensor a, at::Tensor b, int64_t path, int64_t D) {
-  check3(a, b);
+  check3(a, b, "pam_bmm");
+  check_offset(D);
   const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
   return batched(a.size(0), {a.size(0), M, N}, a.options(), M * N * K,
-                 [&](int64_t i) { return pam_mm(a.select(0, i), b.select(0, i), path, D); });
+                 [&](int64_t i, Mat o) { pam_mm_into(mat_of(a, i), mat_of(b, i), o, path, D); });
 }
 at::Tensor pam_bmm_exact_grad_a(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path, int64_t D) {
-  check3(a, b);
+  check3(a, b, "pam_bmm_exact_grad_a");
+  check_dc3(a, b, dc, "pam_bmm_exact_grad_a");
+  check_offset(D);
   const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
-  return batched(a.size(0), {a.size(0), M, K}, a.options(), M * N * K, [&](int64_t i) {
-    return pam_exact_grad(a.select(0, i), b.select(0, i), dc.select(0, i), 0, path, D);
+  return batched(a.size(0), {a.size(0), M, K}, a.options(), M * N * K, [&](int64_t i, Mat o) {
+    pam_exact_grad_into(a.select(0, i), b.select(0, i), dc.select(0, i), 0, path, D, o);
   });
 }
 at::Tensor pam_bmm_exact_grad_b(at::Tensor a, at::Tensor b, at::Tensor dc, int64_t path, int64_t D) {
-  check3(a, b);
+  check3(a, b, "pam_bmm_exact_grad_b");
+  check_dc3(a, b, dc, "pam_bmm_exact_grad_b");
+  check_offset(D);
   const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
-  return batched(a.size(0), {a.size(0), K, N}, a.options(), M * N * K, [&](int64_t i) {
-    return pam_exact_grad(a.select(0, i), b.select(0, i), dc.select(0, i), 1, path, D);
+  return batched(a.size(0), {a.size(0), K, N}, a.options(), M * N * K, [&](int64_t i, Mat o) {
+    pam_exact_grad_into(a.select(0, i), b.select(0, i), dc.select(0, i), 1, path, D, o);
   });
 }
 
