@@ -61,6 +61,9 @@ def rows(path):
     ("--ckpt-every", "-1", "a positive integer"), ("--threads", "0", "a positive integer"),
     ("--beam", "0", "a positive integer"), ("--eval-sentences", "0", "a positive integer"),
     ("--vocab-size", "-5", "a positive integer"), ("--derivative", "exactly", "invalid choice"),
+    ("--derivative", "matmull=exact", "unknown op kind 'matmull'"),
+    ("--derivative", "matmul=exactly", "the derivative must be approx or exact"),
+    ("--derivative", "matmul=exact,matmul=approx", "op kind 'matmul' is given twice"),
 ])
 def test_bad_numbers_are_refused_by_the_parser(capsys, arg, value, expected):
     line = one_line_error(capsys, ["train", "vit", f"{arg}={value}"])  # "--lr -1e-3" reads -1e-3 as an option

@@ -35,6 +35,17 @@ def test_cli_hook_registers_train():
     assert args.arith == "pam-full" and args.derivative == "exact"
 
 
+def test_per_kind_derivatives():
+    """--derivative KIND=D,... sets only those kinds (the paper's ablations); the rest keep the preset's."""
+    cfg = T.arith_config("pam-full", "matmul=exact,softmax=exact")
+    assert cfg.matmul.derivative == "exact" and cfg.softmax.derivative == "exact"
+    assert {cfg.kind(k).derivative for k in ("norm", "loss", "optimizer", "elementwise", "nonlinear")} == {"approx"}
+    assert T.arith_config("paper-exact-loss", "matmul=exact").loss.derivative == "exact"
+    assert T.arith_config("pam-full", "exact").norm.derivative == "exact"
+    with pytest.raises(T.UserError, match="the 'softmax' kind is exact arithmetic in this --arith"):
+        T.arith_config("pam-matmul", "softmax=exact")
+
+
 def test_vit_run_writes_everything(tmp_path):
     out = tmp_path / "run"
     train(VIT + ["--steps", "12", "--eval-every", "6", "--batch-size", "32", "--out", str(out)])

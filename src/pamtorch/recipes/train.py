@@ -147,6 +147,50 @@ def MANTISSA_BITS(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+_DERIVATIVES = ("approx", "exact")
+
+
+def DERIVATIVE(text):
+    """An argparse ``type`` for ``--derivative``: ``approx``, ``exact`` or ``paper`` for every PA
+    kind, or ``KIND=approx|exact`` pairs joined by commas for some kinds (the paper's derivative
+    ablations, e.g. ``matmul=exact`` or ``softmax=exact``); the text is kept as given."""
+    from pamtorch.config import KINDS
+
+    if text in _DERIVATIVES + ("paper",):
+        return text
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from approx, exact, paper, or "
+                                         f"KIND=approx|exact[,KIND=...] with KIND one of {', '.join(KINDS)})")
+    seen = set()
+    for part in text.split(","):
+        kind, _, d = part.partition("=")
+        if kind not in KINDS:
+            raise argparse.ArgumentTypeError(f"{part!r}: unknown op kind {kind!r}; kinds are {', '.join(KINDS)}")
+        if d not in _DERIVATIVES:
+            raise argparse.ArgumentTypeError(f"{part!r}: the derivative must be approx or exact, got {d!r}")
+        if kind in seen:
+            raise argparse.ArgumentTypeError(f"{text!r}: op kind {kind!r} is given twice")
+        seen.add(kind)
+    return text
+
+
+def _with_derivative(cfg, derivative):
+    """``cfg`` with ``--derivative`` applied: one derivative for every PA kind, or per-kind pairs
+    (a kind the config leaves exact cannot take one)."""
+    if derivative in (None, "paper"):
+        return cfg
+    if "=" not in derivative:
+        return cfg.with_derivative(derivative)
+    kinds = {}
+    for part in derivative.split(","):
+        kind, _, d = part.partition("=")
+        if not cfg.kind(kind).pa:
+            raise UserError(f"--derivative {derivative}: the {kind!r} kind is exact arithmetic in this "
+                            f"--arith, so it has no PA derivative to choose")
+        kinds[kind] = dataclasses.replace(cfg.kind(kind), derivative=d)
+    return cfg.replace(**kinds)
+
+
 # ----------------------------------------------------------------------------- arithmetic
 
 
@@ -169,11 +213,11 @@ def arith_config(arith: str, derivative=None, mantissa_bits=None):
     try:
         if arith in ARITH_NAMES:
             cfg = pamtorch.Config.ablation(*ARITH_NAMES[arith])
-            cfg = cfg if derivative in (None, "paper") else cfg.with_derivative(derivative)
         else:
-            cfg = pamtorch.Config.from_name(arith, derivative)
+            cfg = pamtorch.Config.from_name(arith)
     except ValueError as e:
         raise UserError(f"--arith {arith}: {e} (or fp32, {', '.join(ARITH_NAMES)})") from None
+    cfg = _with_derivative(cfg, derivative)
     try:
         return cfg if mantissa_bits is None else cfg.with_mantissa_bits(mantissa_bits)
     except (TypeError, ValueError) as e:
@@ -326,8 +370,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arith", default="fp32",
                    help="fp32 (stock PyTorch), pam-conv (PA matrix products and convolutions, the rest exact: "
                         "the paper's CNN variant) or a pamtorch config preset: pam-matmul, pam-full, paper")
-    p.add_argument("--derivative", choices=["approx", "exact", "paper"], default=None,
-                   help="derivative of the PA operations (default: the config preset's)")
+    p.add_argument("--derivative", type=DERIVATIVE, default=None, metavar="{approx,exact,paper,KIND=D,...}",
+                   help="derivative of the PA operations: approx or exact for every PA kind, paper (the "
+                        "preset's own, the default), or per kind, e.g. matmul=exact or softmax=exact,loss=exact "
+                        "(the paper's derivative ablations)")
     p.add_argument("--mantissa-bits", type=MANTISSA_BITS, default=None, metavar="K",
                    help="round the operands and results of every PA op to K mantissa bits, 1-23 "
                         "(Config.with_mantissa_bits; 7: bfloat16's width; default: float32's 23); "
