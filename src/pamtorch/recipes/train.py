@@ -33,7 +33,7 @@ the command line wins. Sources: the paper's released commands (epfml/pam README)
                      weight decay 2e-4, 5 warmup epochs, min lr 1e-5 ("Pre-residual RN20/RN110")
   cnn vgg13, vgg     VGG13 without BN (vgg: a small VGG with BN), lr 0.05, batch 128, weight decay 5e-4
                      ("VGG13 without BN")
-  vit tiny, translate tiny, lm tiny/small: sizes for a CPU (lm small: nanoGPT's shakespeare-char)
+  vit tiny, translate tiny/small, lm tiny/small: sizes for a CPU (lm small: nanoGPT's shakespeare-char)
 """
 from __future__ import annotations
 
@@ -363,7 +363,7 @@ def energy_estimate_mj(macs: int, arith: str) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", choices=RECIPES, help="model to train")
     p.add_argument("--preset", help="model and training preset (vit: tiny, deit-tiny; cnn: resnet20, resnet110, vgg, "
-                                    "vgg13; translate: tiny, iwslt; lm: tiny, small); the values and their sources "
+                                    "vgg13; translate: tiny, small, iwslt; lm: tiny, small); the values and their sources "
                                     "are listed above")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set depth=2 (repeatable)")
