@@ -229,6 +229,34 @@ def test_2d_convolution_under_mode_is_bit_identical_to_pamtorch_conv2d(derivativ
             assert torch.equal(g1, g2)
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_per_sample_path_equals_the_grouped_product_bit_for_bit(monkeypatch, dims):
+    """Ungrouped convolutions with the approx derivative run as one PAM product per sample
+    (ops.conv._per_sample); it must give the bits of the one grouped product over all samples,
+    forward and both gradients, with zeros, signed zeros, subnormals and infs in the input."""
+    from pamtorch.ops import conv as C
+
+    size = {1: (23,), 2: (9, 8), 3: (5, 6, 4)}[dims]
+    x = randn(3, 4, *size, seed=11).detach()
+    flat = x.view(-1)
+    flat[:6] = torch.tensor([0.0, -0.0, 1e-40, float("inf"), -3e38, 2.0 ** -126])
+    x.requires_grad_()
+    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dims - 1]
+    results = []
+    for per_sample in (True, False):
+        monkeypatch.setattr(C, "_per_sample", lambda p, opcfg, on=per_sample: on and p.groups == 1
+                            and not p.transposed and opcfg.derivative != "exact")
+        torch.manual_seed(0)
+        m = conv(4, 6, 3, stride=2, padding=1, dilation=1 + (dims == 1))
+        with pamtorch.mode(cfg("approx")):
+            y = m(x)
+            grads = torch.autograd.grad(y, (x, m.weight, m.bias), torch.randn(y.shape, generator=gen(3)))
+        results.append([y, *grads])
+    for a, b in zip(*results):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        assert torch.equal(a.nan_to_num().view(torch.int32), b.nan_to_num().view(torch.int32))
+
+
 def test_offset_applies_to_every_product():
     """A matmul offset enters every product term, PAM(w, x, offset=α), as for aten.mm (not
     one PAM per output)."""

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch.nn.functional as F
 
 from .table import implements, passes_through, aten, arg
-from .matmul import bmm, bmm_exact_grad_a, bmm_exact_grad_b
+from .matmul import bmm, bmm_exact_grad_a, bmm_exact_grad_b, mm
 
 # nn.ConvNd's reflect/replicate padding modes pad with these before the convolution (F.pad,
 # aten.pad, is their composite): they copy values, and their backward sums the gradients of
@@ -186,12 +186,35 @@ def _operands(x, w, p: ConvParams):
     return w.reshape(g, w.shape[0] // g, -1), _groups_cols(cols, g)
 
 
+def _per_sample(p: ConvParams, opcfg) -> bool:
+    """Whether the per-sample form below runs: an ungrouped, untransposed convolution with the
+    approx derivative. It computes the same terms in the same order as the grouped product
+    (so the same bits) without transposing the patch matrix, which the kernels would
+    otherwise gather column by column: C_n = W ·̂ cols_n per sample, dcols_n = W^T ·̂ dC_n, and
+    dW^T = cols ·̂ dC^T (the same reduction over (n, o) as dC ·̂ cols^T, with the operands
+    swapped: a PAM's pattern sum is symmetric)."""
+    return not p.transposed and p.groups == 1 and opcfg.derivative != "exact"
+
+
+def _sample_cols(x, ks, p: ConvParams, out_size):
+    """The patch matrix per sample, ``[N, C·∏K, ∏O]`` (F.unfold's layout, one copy)."""
+    cols = patches(x, ks, p.stride, p.padding, p.dilation, out_size)
+    return cols.reshape(x.shape[0], -1, math.prod(out_size))
+
+
 def conv_forward(x, w, bias, p: ConvParams, opcfg):
     """y = conv(x, w) + bias with PAM products (module docstring)."""
     n, ks = x.shape[0], list(w.shape[2:])
+    out_size = conv_output_size(x.shape[2:], ks, p)
+    if _per_sample(p, opcfg) and n and x.numel() and w.numel():
+        b = _sample_cols(x, ks, p, out_size)
+        a = w.reshape(1, w.shape[0], -1).expand(n, -1, -1)
+        y = bmm(a, b, opcfg).reshape(n, w.shape[0], *out_size)
+        if bias is not None:
+            y = y + bias.reshape(1, -1, *[1] * len(out_size))
+        return y.contiguous()
     a, b = _operands(x, w, p)
     c = bmm(a, b, opcfg)
-    out_size = conv_output_size(x.shape[2:], ks, p)
     if p.transposed:
         cols = _ungroup_cols(c, n, w.shape[1] * p.groups, ks, list(x.shape[2:]))
         y = col2im(cols, out_size, p.stride, p.padding, p.dilation)
@@ -220,6 +243,21 @@ def conv_backward(gy, x, w, p: ConvParams, mask, opcfg):
     """(dx, dw, dbias) of :func:`conv_forward`, each only where ``mask`` asks for it."""
     n, ks, g = x.shape[0], list(w.shape[2:]), p.groups
     gx = gw = gb = None
+    if (mask[0] or mask[1]) and _per_sample(p, opcfg) and n and x.numel() and w.numel() and gy.numel():
+        out_size = list(gy.shape[2:])
+        oc, so = w.shape[0], math.prod(out_size)
+        if mask[1]:
+            cols = _groups_cols(patches(x, ks, p.stride, p.padding, p.dilation, out_size), 1)[0]  # [C·∏K, N·∏O]
+            dct = gy.reshape(n, oc, so).transpose(1, 2).reshape(n * so, oc)                      # dC^T [N·∏O, OC]
+            gw = mm(cols, dct, opcfg).t().reshape(w.shape).contiguous()
+        if mask[0]:
+            wt = w.reshape(1, oc, -1).transpose(1, 2).expand(n, -1, -1)                            # W^T per sample
+            dcols = bmm(wt, gy.reshape(n, oc, so), opcfg)                                        # [N, C·∏K, ∏O]
+            cols6 = dcols.reshape(n, x.shape[1], *ks, *out_size)
+            gx = col2im(cols6, x.shape[2:], p.stride, p.padding, p.dilation).contiguous()
+        if mask[2]:
+            gb = gy.sum((0, *range(2, gy.dim())))
+        return gx, gw, gb
     if mask[0] or mask[1]:
         a, b = _operands(x, w, p)
         if p.transposed:
