@@ -206,6 +206,33 @@ def test_forward_modes_and_paths_agree():
         assert torch.equal(out, fb.pam_mm(a, b))
 
 
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_reduction_packs_a_per_block(threads):
+    """A packed mode with N <= 128 and a large A (a weight gradient's long reduction) packs A
+    per tile and reduction block instead of up front: every mode that packs A, strided A
+    rows, a partial last block and partial row strips, bit for bit against the scalar path."""
+    g = torch.Generator().manual_seed(12)
+    K = 9000  # 2 x 9000 x 2 ints > 2^20 per 60 rows: the per-block packing runs; K % 256 != 0
+    cases = {
+        FA: (rand_vals((61, K), g, zeros=0.2), rand_vals((K, 24), g)),
+        FAB: (rand_vals((61, K), g, zeros=0.2), rand_vals((K, 24), g, zeros=0.2)),
+        FG: (rand_vals((61, K), g, -90, 30, 0.2), rand_vals((K, 24), g, -90, 30, 0.2)),
+    }
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for mode, (a, b) in cases.items():
+            for x in (a, a.t().contiguous().t()):
+                out = EXT.pam_mm(x, b, -1)
+                assert EXT.last_mode() == mode
+                assert torch.equal(out, EXT.pam_mm(x, b, 0)), mode
+        a, b = cases[FA]
+        assert_close(EXT.pam_mm(a[:7], b), *ref_mm(a[:7], b))  # below the threshold: the packed-up-front path
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_forward_strides_and_empty(impl):
     g = torch.Generator().manual_seed(4)

@@ -589,7 +589,20 @@ struct FwdArgs {
   const int32_t* Bp;  // [ceil(N/16)][K][BS][16]
   float* C;           // (M, N) contiguous
   int32_t lo;         // FG's lower clamp, -2^30 - D
+  // packed modes with Ap == nullptr: each macro tile packs its own rows of A, one reduction
+  // block at a time, from the raw operand (a long reduction, e.g. a weight gradient, whose
+  // whole packed A would be several times the operand and is read by one tile only)
+  const float* Araw = nullptr;
+  int64_t as0 = 0, as1 = 0;
+  int32_t D = 0;
 };
+
+thread_local Scratch g_scratch_lazy;
+
+template <int MODE, int MR>
+__attribute__((target("avx2,fma"))) void pack_a_strip_avx2(const float* A, int64_t i0, int64_t M,
+                                                            int64_t K, int64_t s0, int64_t s1,
+                                                            int32_t D, int32_t* o);
 
 template <int MODE, int MR>
 __attribute__((target("avx2,fma"))) void fwd_macro(const FwdArgs& g, int64_t ic, int64_t jc,
@@ -601,16 +614,24 @@ __attribute__((target("avx2,fma"))) void fwd_macro(const FwdArgs& g, int64_t ic,
   const int64_t j0 = jc * NC, j1 = std::min(g.N, j0 + NC);
   alignas(32) float tmp[MR * FNR];
   const int32_t* ar[MR];
+  const bool lazy = PACKED && g.Ap == nullptr;
+  int32_t* lazy_buf = lazy ? g_scratch_lazy.get((size_t)((i1 - i0 + MR - 1) / MR * KC * AS * MR)) : nullptr;
   for (int64_t pc = 0; pc < g.K; pc += KC) {
     const int64_t kc = std::min(KC, g.K - pc);
     const bool load = pc > 0;
+    if (lazy)
+      for (int64_t ir = i0; ir < i1; ir += MR)
+        pack_a_strip_avx2<MODE, MR>(g.Araw + pc * g.as1, ir, g.M, kc, g.as0, g.as1, g.D,
+                                    lazy_buf + (ir - i0) / MR * kc * AS * MR);
     for (int64_t jr = j0; jr < j1; jr += FNR) {
       const int32_t* bstrip = g.Bp + (jr / FNR) * g.K * BS * FNR + pc * BS * FNR;
       const int64_t nr = std::min<int64_t>(FNR, j1 - jr);
       for (int64_t ir = i0; ir < i1; ir += MR) {
         const int64_t mr = std::min<int64_t>(MR, i1 - ir);
         const int32_t* astrip = nullptr;
-        if (PACKED) {
+        if (lazy) {
+          astrip = lazy_buf + (ir - i0) / MR * kc * AS * MR;
+        } else if (PACKED) {
           astrip = g.Ap + (ir / MR) * g.K * AS * MR + pc * AS * MR;
         } else {
           for (int r = 0; r < MR; ++r) ar[r] = g.A0 + std::min(ir + r, g.M - 1) * g.lda + pc;
@@ -1060,15 +1081,24 @@ void pam_mm_into(const Mat& a, const Mat& b, Mat c, int64_t path, int64_t D) {
     }
   } else {
     const int MR = mr_of(mode), AS = mode == FG ? 3 : 2;
-    int32_t* P = pack_buffer(g_scratch_a, (M + MR - 1) / MR * MR * K * AS, ahold);
     const float* A = a.data_ptr<float>();
-    if (mode == FA)
-      pack_a_strips<FA, mr_of(FA)>(A, M, K, a.stride(0), a.stride(1), D32, P);
-    else if (mode == FAB)
-      pack_a_strips<FAB, mr_of(FAB)>(A, M, K, a.stride(0), a.stride(1), D32, P);
-    else
-      pack_a_strips<FG, mr_of(FG)>(A, M, K, a.stride(0), a.stride(1), D32, P);
-    g.Ap = P;
+    // one column of macro tiles (N <= 128) and a large A: every tile packs its own rows per
+    // reduction block (fwd_macro), instead of packing all of A up front
+    if (N <= FNR * 8 && M * K * AS > (int64_t(1) << 20)) {
+      g.Araw = A;
+      g.as0 = a.stride(0);
+      g.as1 = a.stride(1);
+      g.D = D32;
+    } else {
+      int32_t* P = pack_buffer(g_scratch_a, (M + MR - 1) / MR * MR * K * AS, ahold);
+      if (mode == FA)
+        pack_a_strips<FA, mr_of(FA)>(A, M, K, a.stride(0), a.stride(1), D32, P);
+      else if (mode == FAB)
+        pack_a_strips<FAB, mr_of(FAB)>(A, M, K, a.stride(0), a.stride(1), D32, P);
+      else
+        pack_a_strips<FG, mr_of(FG)>(A, M, K, a.stride(0), a.stride(1), D32, P);
+      g.Ap = P;
+    }
   }
   switch (mode) {
     case F0: fwd_run<F0, mr_of(F0)>(g); break;
