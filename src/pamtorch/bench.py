@@ -303,7 +303,10 @@ def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-f
 
     Every variant trains its own copy of the same initial model on the same batches; the
     variants take turns step by step (interleaved) and the median step time is reported, with
-    "x fp32" = t_variant / t_fp32 (so 3.0 means three times as slow). ``train_args`` are
+    "x fp32" = t_variant / t_fp32 (so 3.0 means three times as slow). The median CPU time of
+    the process per step (all its threads) is reported beside it: with one thread on a machine
+    other jobs share, it is the step's time without the waits for the other jobs, the steadier
+    of the two ratios there. ``train_args`` are
     extra ``pamtorch train`` options (e.g. ``--data-dir``, ``--preset``, ``--batch-size``)."""
     from .recipes import train as T
 
@@ -314,19 +317,22 @@ def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-f
         task, hp = _step_setup(recipe, train_args, seed)
         runs = {v: (*mo, T.arith_context(v)) for v, mo in zip(variants, _copies(task, hp, len(variants)))}
         times = {v: [] for v in variants}
+        cpu = {v: [] for v in variants}  # this process's CPU time (all its threads)
         for step in range(reps + 2):  # two warm-up steps
             batch = task.batch(step, hp.batch_size, seed)
             for v, (model, opt, ctx) in runs.items():
                 torch.manual_seed(step)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with ctx():
                     _train_step(task, hp, model, opt, batch)
                 if step >= 2:
                     times[v].append(time.perf_counter() - t0)
-        base = statistics.median(times[variants[0]])
+                    cpu[v].append(time.process_time() - c0)
+        base, cbase = statistics.median(times[variants[0]]), statistics.median(cpu[variants[0]])
         return [{"recipe": recipe, "preset": hp.preset, "variant": v, "threads": torch.get_num_threads(),
                  "batch_size": hp.batch_size, "t_step_ms": statistics.median(times[v]) * 1e3,
-                 "x_first": statistics.median(times[v]) / base} for v in variants]
+                 "x_first": statistics.median(times[v]) / base, "cpu_step_ms": statistics.median(cpu[v]) * 1e3,
+                 "x_first_cpu": statistics.median(cpu[v]) / cbase} for v in variants]
     finally:
         torch.set_num_threads(old_threads)
 
@@ -334,10 +340,11 @@ def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-f
 def format_step_table(rows) -> str:
     """Markdown table of bench_step rows (ratios against the first variant, normally fp32)."""
     first = rows[0]["variant"] if rows else "fp32"
-    lines = [f"| recipe | preset | batch | threads | variant | step ms (median) | x {first} |", "|" + "---|" * 7]
+    lines = [f"| recipe | preset | batch | threads | variant | step ms (median) | x {first} | CPU ms (median) "
+             f"| x {first} (CPU) |", "|" + "---|" * 9]
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['preset']} | {r['batch_size']} | {r['threads']} | {r['variant']} | "
-                     f"{r['t_step_ms']:.1f} | {r['x_first']:.2f} |")
+                     f"{r['t_step_ms']:.1f} | {r['x_first']:.2f} | {r['cpu_step_ms']:.1f} | {r['x_first_cpu']:.2f} |")
     return "\n".join(lines)
 
 
