@@ -207,6 +207,20 @@ def test_forward_modes_and_paths_agree():
 
 
 @needs_ext
+def test_column_major_b_packs_by_columns():
+    """A column-major B (a transposed view) is packed column by column in blocks of 64
+    reduction rows: several blocks, a partial one, a partial last strip, zeros and specials,
+    in every B-packing mode, bit for bit against the scalar path."""
+    g = torch.Generator().manual_seed(13)
+    for zeros, lo, hi in ((0.0, -20, 20), (0.2, -20, 20), (0.1, -90, 30)):
+        a = rand_vals((9, 150), g, lo, hi, zeros)
+        b = with_specials(rand_vals((37, 150), g, lo, hi, zeros), g).t()  # (150, 37), strides (1, 150)
+        assert b.stride() == (1, 150)
+        assert same_bits(EXT.pam_mm(a, b, -1), EXT.pam_mm(a, b, 0))
+        assert same_bits(EXT.pam_mm(a, b, -1), EXT.pam_mm(a, b.contiguous(), -1))
+
+
+@needs_ext
 @pytest.mark.parametrize("threads", [1, 2])
 def test_long_reduction_packs_a_per_block(threads):
     """A packed mode with N <= 128 and a large A (a weight gradient's long reduction) packs A

@@ -371,7 +371,7 @@ Stats stats2d(const Mat& t) {
     return total;
   }
   std::vector<Stats> part(nt);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int t_ = 0; t_ < nt; ++t_) {
     const int64_t r0 = rows * t_ / nt, r1 = rows * (t_ + 1) / nt;
     if (r0 >= r1) continue;
@@ -669,6 +669,11 @@ void fwd_run(const FwdArgs& g) {
   const int64_t nI = (g.M + MC - 1) / MC, nJ = (g.N + NC - 1) / NC;
   const int64_t units = nI * nJ;
   const int nt = (int)std::min<int64_t>(num_threads(), units);
+  if (nt <= 1) {  // no team (a nested one for each small matrix of a batched product)
+    FtzGuard guard;
+    for (int64_t u = 0; u < units; ++u) fwd_macro<MODE, MR>(g, u % nI, u / nI, MC, NC, KC);
+    return;
+  }
 #pragma omp parallel num_threads(nt)
   {
     FtzGuard guard;
@@ -679,44 +684,54 @@ void fwd_run(const FwdArgs& g) {
 
 // pack B (K, N) any strides -> [ceil(N/16)][K][BS][16]. The per-strip bodies are
 // always_inline templates instantiated in AVX2-targeted wrappers (auto-vectorized).
+// one packed row of a B strip from its 16 raw patterns v (zero patterns past the matrix)
+template <bool GEN, int BS>
+inline __attribute__((always_inline)) void pack_b_row(const uint32_t* v, int32_t D, int32_t* ok) {
+  // GEN: a non-normal b counts as |b| = 0, so that s stays below the clamps' HI and a
+  // zero a's x stays finite (its sB is 0)
+  const int32_t pad = GEN ? -(int32_t)INFP : 0;
+  int32_t pb[FNR];
+  float m[FNR];
+  for (int c = 0; c < FNR; ++c) {
+    const uint32_t u = v[c];
+    const uint32_t P = u & 0x7FFFFFFFu;
+    const bool norm = (P - MINNORM) < (INFP - MINNORM);
+    pb[c] = GEN ? (norm ? (int32_t)(P - INFP) : pad) : (norm ? (int32_t)(u - BIAS + (uint32_t)D) : 0);
+    const float one = GEN ? ((u >> 31) ? -1.f : 1.f) : 1.f;
+    m[c] = norm ? one : 0.f;
+  }
+  std::memcpy(ok, pb, sizeof(pb));
+  if (BS == 2) std::memcpy(ok + FNR, m, sizeof(m));
+}
+
 template <bool GEN, int BS>
 inline __attribute__((always_inline)) void pack_b_strip_body(const float* B, int64_t K, int64_t j0,
                                                               int64_t nr, int64_t s0, int64_t s1,
                                                               int32_t D, int32_t* o) {
-  // GEN: a non-normal b counts as |b| = 0, so that s stays below the clamps' HI and a
-  // zero a's x stays finite (its sB is 0)
-  const int32_t pad = GEN ? -(int32_t)INFP : 0;
-  for (int64_t k = 0; k < K; ++k) {
-    int32_t* ok = o + k * BS * FNR;
-    const float* brow = B + k * s0 + j0 * s1;
-    int32_t pb[FNR];
-    float m[FNR];
-    if (nr == FNR && s1 == 1) {
+  uint32_t v[FNR];
+  if (s0 == 1 && s1 != 1) {
+    // column-major B (a transposed view, like attention's k^T): read each column's run of
+    // contiguous values into a block, instead of 16 far-apart values per row (whose lines
+    // can all fall into one cache set)
+    constexpr int64_t KB = 64;
+    uint32_t blk[KB * FNR];
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+      const int64_t kb = std::min<int64_t>(KB, K - k0);
       for (int c = 0; c < FNR; ++c) {
-        uint32_t u;
-        std::memcpy(&u, brow + c, 4);
-        const uint32_t P = u & 0x7FFFFFFFu;
-        const bool norm = (P - MINNORM) < (INFP - MINNORM);
-        pb[c] = GEN ? (norm ? (int32_t)(P - INFP) : pad) : (norm ? (int32_t)(u - BIAS + (uint32_t)D) : 0);
-        const float one = GEN ? ((u >> 31) ? -1.f : 1.f) : 1.f;
-        m[c] = norm ? one : 0.f;
+        const float* col = B + (j0 + c) * s1 + k0;
+        for (int64_t k = 0; k < kb; ++k) blk[k * FNR + c] = c < nr ? fbits(col[k]) : 0u;
       }
-    } else {
-      // gather (strided, or a last strip padded with +0, which packs like a missing
-      // column), then the same vectorizable loop
-      uint32_t v[FNR];
-      for (int c = 0; c < FNR; ++c) v[c] = c < nr ? fbits(brow[c * s1]) : 0u;
-      for (int c = 0; c < FNR; ++c) {
-        const uint32_t u = v[c];
-        const uint32_t P = u & 0x7FFFFFFFu;
-        const bool norm = (P - MINNORM) < (INFP - MINNORM);
-        pb[c] = GEN ? (norm ? (int32_t)(P - INFP) : pad) : (norm ? (int32_t)(u - BIAS + (uint32_t)D) : 0);
-        const float one = GEN ? ((u >> 31) ? -1.f : 1.f) : 1.f;
-        m[c] = norm ? one : 0.f;
-      }
+      for (int64_t k = 0; k < kb; ++k) pack_b_row<GEN, BS>(blk + k * FNR, D, o + (k0 + k) * BS * FNR);
     }
-    std::memcpy(ok, pb, sizeof(pb));
-    if (BS == 2) std::memcpy(ok + FNR, m, sizeof(m));
+    return;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* brow = B + k * s0 + j0 * s1;
+    if (nr == FNR && s1 == 1)
+      std::memcpy(v, brow, sizeof(v));
+    else  // strided, or a last strip padded with +0 (which packs like a missing column)
+      for (int c = 0; c < FNR; ++c) v[c] = c < nr ? fbits(brow[c * s1]) : 0u;
+    pack_b_row<GEN, BS>(v, D, o + k * BS * FNR);
   }
 }
 
@@ -731,7 +746,7 @@ void pack_b_fwd(const float* B, int64_t K, int64_t N, int64_t s0, int64_t s1, in
                 int32_t D, int32_t* out) {
   const int64_t ns = (N + FNR - 1) / FNR;
   const int nt = num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t st = 0; st < ns; ++st) {
     int32_t* o = out + st * K * BS * FNR;
     const int64_t j0 = st * FNR, nr = std::min<int64_t>(FNR, N - j0);
@@ -786,7 +801,7 @@ void pack_a_strips(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1,
   constexpr int AS = MODE == FG ? 3 : 2;
   const int64_t ns = (M + MR - 1) / MR;
   const int nt = num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t st = 0; st < ns; ++st)
     pack_a_strip_avx2<MODE, MR>(A, st * MR, M, K, s0, s1, D, out + st * K * AS * MR);
 }
@@ -794,7 +809,7 @@ void pack_a_strips(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1,
 // contiguous copy of A's bits (F0/FB when A's rows are strided)
 void copy_a(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1, int32_t* out) {
   const int nt = num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t i = 0; i < M; ++i)
     for (int64_t k = 0; k < K; ++k) out[i * K + k] = (int32_t)fbits(A[i * s0 + k * s1]);
 }
@@ -919,6 +934,11 @@ void eg_run(const EgArgs& g) {
   const int64_t nI = (g.R + MC - 1) / MC, nJ = (g.Cc + NC - 1) / NC;
   const int64_t units = nI * nJ;
   const int nt = (int)std::min<int64_t>(num_threads(), units);
+  if (nt <= 1) {  // no team (a nested one for each small matrix of a batched product)
+    FtzGuard guard;
+    for (int64_t u = 0; u < units; ++u) eg_macro<FUSED, MR>(g, u % nI, u / nI, MC, NC);
+    return;
+  }
 #pragma omp parallel num_threads(nt)
   {
     FtzGuard guard;
@@ -979,7 +999,7 @@ PAM_AVX2_FN void pack_q_strip(const float* Q, int64_t T, int64_t c0, int64_t nr,
 void pack_q(const float* Q, int64_t T, int64_t Cc, int64_t s0, int64_t s1, int32_t D, int32_t* out) {
   const int64_t ns = (Cc + 15) / 16;
   const int nt = num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t st = 0; st < ns; ++st)
     pack_q_strip(Q, T, st * 16, std::min<int64_t>(16, Cc - st * 16), s0, s1, D, out + st * T * 16);
 }
@@ -1002,7 +1022,7 @@ PAM_AVX2_FN void pack_mant_row(const float* row, int64_t Cc, int64_t s1, int64_t
 void pack_mant(const float* Mo, int64_t R, int64_t Cc, int64_t s0, int64_t s1, int64_t Rpad,
                int64_t Cpad, int32_t* out) {
   const int nt = num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t r = 0; r < Rpad; ++r) {
     int32_t* o = out + r * Cpad;
     if (r >= R) {
