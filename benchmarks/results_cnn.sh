@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # RESULTS.md, CNN rows: pre-activation ResNet-20 on Fashion-MNIST (../shared/data/fashion-mnist),
-# batch 128, 500 steps, seed 0: fp32, pam-conv (the paper's CNN variant: PA convolutions and
+# batch 64, 200 steps, seed 0: fp32, pam-conv (the paper's CNN variant: PA convolutions and
 # linear layers, BatchNorm and the rest exact) and pam-full, one after another, one thread each.
 # Usage (from the repository root): benchmarks/results_cnn.sh   (a finished run is skipped)
 set -euo pipefail
@@ -12,7 +12,7 @@ for arith in fp32 pam-conv pam-full; do
   mkdir -p "$out"
   echo "$(date -u +%FT%TZ) start $out"
   start=$(date +%s)
-  "$PAMTORCH" train cnn --data-dir ../shared/data/fashion-mnist --preset resnet20 --batch-size 128 --steps 500 \
-    --eval-every 250 --threads 1 --no-progress --arith "$arith" --seed 0 --out "$out" > "$out/console.log" 2>&1
+  "$PAMTORCH" train cnn --data-dir ../shared/data/fashion-mnist --preset resnet20 --batch-size 64 --steps 200 \
+    --eval-every 100 --threads 1 --no-progress --arith "$arith" --seed 0 --out "$out" > "$out/console.log" 2>&1
   echo "$(date -u +%FT%TZ) done $out wall=$(( $(date +%s) - start ))s"
 done
