@@ -19,7 +19,8 @@ import time
 import torch
 
 __all__ = ["machine", "bench_matmul", "format_matmul_table", "packing_bytes", "bench_elementwise",
-           "format_elementwise_table", "bench_step", "format_step_table", "bench_profile",
+           "format_elementwise_table", "bench_step", "format_step_table", "bench_step_memory",
+           "format_memory_table", "bench_profile",
            "format_profile_table"]
 
 
@@ -249,27 +250,34 @@ class _EncoderTask:
         return torch.nn.functional.cross_entropy(logits.reshape(-1, self.vocab), batch[:, 1:].reshape(-1)), None
 
 
-def _step_setup(recipe: str, train_args, seed: int):
-    """(task, settings) for one benchmark model: a ``pamtorch train`` recipe with
-    ``train_args``, or the stock encoder (:class:`_EncoderTask`, AdamW lr 1e-3, weight
-    decay 0.01, clipping at 1)."""
+def _step_hparams(recipe: str, train_args):
+    """(parsed train options or None, recipe module or None, settings) of a benchmark model,
+    without building it: the checks of ``train_args`` and the preset, and the batch size."""
     import types
 
     from .recipes import train as T
 
-    torch.manual_seed(seed)
     if recipe == STOCK_ENCODER:
         if train_args:
             raise T.UserError(f"--train-args: the stock {STOCK_ENCODER} model takes no pamtorch train "
                               f"options (got {' '.join(train_args)})")
-        hp = types.SimpleNamespace(preset="stock", batch_size=16, lr=1e-3, betas=(0.9, 0.999),
-                                   weight_decay=0.01, clip=1.0)
-        return _EncoderTask(), hp
+        return None, None, types.SimpleNamespace(preset="stock", batch_size=16, lr=1e-3, betas=(0.9, 0.999),
+                                                 weight_decay=0.01, clip=1.0)
     p = T.ArgumentParser(prog=f"pamtorch bench --train-args ({recipe})")
     T.add_arguments(p)
     args = p.parse_args([recipe, *train_args])
     mod = T.get_recipe(recipe)
-    hp = T.resolve_hparams(args, mod)
+    return args, mod, T.resolve_hparams(args, mod)
+
+
+def _step_setup(recipe: str, train_args, seed: int):
+    """(task, settings) for one benchmark model: a ``pamtorch train`` recipe with
+    ``train_args``, or the stock encoder (:class:`_EncoderTask`, AdamW lr 1e-3, weight
+    decay 0.01, clipping at 1)."""
+    args, mod, hp = _step_hparams(recipe, train_args)
+    torch.manual_seed(seed)
+    if mod is None:
+        return _EncoderTask(), hp
     return mod.Task(args, hp, None, torch.device("cpu")), hp
 
 
@@ -345,6 +353,190 @@ def format_step_table(rows) -> str:
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['preset']} | {r['batch_size']} | {r['threads']} | {r['variant']} | "
                      f"{r['t_step_ms']:.1f} | {r['x_first']:.2f} | {r['cpu_step_ms']:.1f} | {r['x_first_cpu']:.2f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# a training step's peak memory
+
+_MiB = 2 ** 20
+
+
+def _proc_status(key: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS: resident now, VmHWM: its high-water mark)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _memory_child(recipe: str, variant: str, train_args, seed: int, steps: int, threads) -> dict:
+    """One variant's memory, measured in a process of its own (see :func:`bench_step_memory`)."""
+    import ctypes
+    import gc
+    import resource
+
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    from .recipes import train as T
+
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    task, hp = _step_setup(recipe, train_args, seed)
+    ((model, opt),) = _copies(task, hp, 1)
+    ctx = T.arith_context(variant)
+    batches = [task.batch(i, hp.batch_size, seed) for i in range(steps + 1)]
+    libc = ctypes.CDLL(None)
+
+    def run(i):
+        torch.manual_seed(i)
+        with ctx():
+            _train_step(task, hp, model, opt, batches[i])
+
+    def fresh():
+        """Back to the state after setup: no gradients, no optimizer state, freed heap returned."""
+        opt.zero_grad(set_to_none=True)
+        opt.state.clear()
+        gc.collect()
+        libc.malloc_trim(0)
+
+    # a warm-up step: code pages, lazily built kernels and caches are one-time costs, not the step's
+    run(steps)
+    fresh()
+    setup = _proc_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: VmHWM := VmRSS
+    for i in range(steps):
+        run(i)
+    peak = _proc_status("VmHWM")
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # the same steps again, every tensor allocation and free recorded; the saved-for-backward
+    # tensors of the last forward (distinct storages, parameters left out: they are setup memory)
+    fresh()
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in own:
+            saved[st.data_ptr()] = (st.nbytes(), str(t.dtype).replace("torch.", ""))
+        return t
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+        for i in range(steps):
+            saved.clear()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                run(i)
+    # the CPU allocator's running total counts the blocks allocated while profiling, less those freed
+    top, stack = None, list(p.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and (top is None or e.extra_fields.total_allocated
+                                               > top.extra_fields.total_allocated):
+            top = e
+    where = top.parent
+    while where is not None and where.parent is not None:
+        where = where.parent
+    by_dtype: dict = {}
+    for nbytes, dtype in saved.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes / _MiB
+    return {"recipe": recipe, "preset": hp.preset, "variant": variant, "threads": torch.get_num_threads(),
+            "batch_size": hp.batch_size, "steps": steps, "setup_mib": setup / _MiB,
+            "train_mib": (peak - setup) / _MiB, "process_peak_mib": process_peak / _MiB,
+            "tensor_mib": top.extra_fields.total_allocated / _MiB,
+            "tensor_peak_in": where.name if where is not None else "-",
+            "params_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / _MiB,
+            "saved_mib": by_dtype}
+
+
+def bench_step_memory(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-full"), steps: int = 3,
+                      threads=None, train_args=(), seed: int = 0) -> list:
+    """Peak memory of the training step :func:`bench_step` times, for each arithmetic variant.
+
+    Each variant runs in a fresh child process (so one variant's heap cannot serve another's
+    peak): it builds the model and data, runs one warm-up step (code pages, lazily built
+    kernels and caches are one-time costs), then drops the gradients and optimizer state and
+    returns the freed heap to the OS (``malloc_trim``). Its resident set size then is the
+    setup memory; the kernel's high-water mark is reset to it (``/proc/self/clear_refs``)
+    and ``steps`` training steps run: training peak = VmHWM - setup, everything the steps
+    add (gradients, AdamW state, activations saved for backward, temporaries, packing
+    buffers, and allocator slack). The same steps are run again from the same state under
+    torch.profiler: tensor peak = the largest total of live tensor bytes allocated during
+    the steps (the CPU allocator's count; no allocator slack, no memory outside tensors),
+    with the outermost op running at that moment; the tensors saved for backward by the
+    last forward (distinct storages, not the parameters) are summed by dtype. What the
+    training peak has beyond the tensor peak is mostly glibc's slack: its dynamic mmap
+    threshold keeps large freed blocks on the heap, where fragmentation holds them (with
+    ``MALLOC_MMAP_THRESHOLD_=65536`` the two peaks of vit and translate agree within 2 MiB). Ratios are
+    against the first variant (normally fp32). The step's second forward runs with the
+    first step's gradients alive (``pamtorch train`` frees them after the forward), so
+    ``steps`` must be at least 2. Needs Linux (/proc) and glibc (``malloc_trim``)."""
+    import ctypes
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from .recipes import train as T
+
+    if steps < 2:
+        raise T.UserError(f"--reps {steps}: the memory measurement needs at least 2 steps (the second "
+                          f"forward runs with the first step's gradients alive)")
+    if not os.path.exists("/proc/self/clear_refs") or not hasattr(ctypes.CDLL(None), "malloc_trim"):
+        raise T.UserError("bench step --memory needs Linux (/proc/self/clear_refs) and glibc (malloc_trim)")
+    if not variants:
+        raise T.UserError("--variants: name at least one arithmetic variant (e.g. fp32,pam-full)")
+    for v in variants:
+        T.arith_context(v)  # an unknown variant is one clear error here, not a child's traceback
+    _step_hparams(recipe, train_args)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            out = os.path.join(tmp, "row.json")
+            spec = dict(recipe=recipe, variant=v, train_args=list(train_args), seed=seed, steps=steps,
+                        threads=threads)
+            code = ("import json, sys; from pamtorch.bench import _memory_child; "
+                    "json.dump(_memory_child(**json.loads(sys.argv[1])), open(sys.argv[2], 'w'))")
+            r = subprocess.run([sys.executable, "-c", code, json.dumps(spec), out], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"bench step --memory: the child process of {v} failed "
+                                   f"(exit {r.returncode}):\n{r.stderr[-3000:]}")
+            with open(out) as f:
+                rows.append(json.load(f))
+    for r in rows:
+        r["x_first_train"] = r["train_mib"] / rows[0]["train_mib"]
+        r["x_first_tensor"] = r["tensor_mib"] / rows[0]["tensor_mib"]
+        r["x_first_process"] = r["process_peak_mib"] / rows[0]["process_peak_mib"]
+    return rows
+
+
+def format_memory_table(rows) -> str:
+    """Markdown of bench_step_memory rows: a line on the method, then one row per variant."""
+    first = rows[0]["variant"] if rows else "fp32"
+    r0 = rows[0] if rows else {"steps": 0, "params_mib": 0.0}
+    lines = [f"Each variant in a fresh process: setup = resident memory after building the model and data "
+             f"and one warm-up step, its gradients and optimizer state dropped and the heap trimmed; "
+             f"training peak = the kernel's high-water mark of resident memory over {r0['steps']} steps above "
+             f"setup (gradients, AdamW state, activations, temporaries, allocator slack); tensor peak = the most "
+             f"live tensor memory allocated during the same steps (torch.profiler, no slack), 'in' the outermost "
+             f"op then; saved = tensors saved for backward by one forward, parameters left out; process peak = "
+             f"ru_maxrss of the whole process (interpreter, libraries, data, warm-up). Parameters: "
+             f"{r0['params_mib']:.1f} MiB.", "",
+             f"| recipe | preset | batch | threads | variant | setup MiB | training peak MiB | x {first} | "
+             f"tensor peak MiB | x {first} | tensor peak in | saved for backward MiB | process peak MiB | "
+             f"x {first} |", "|" + "---|" * 14]
+    for r in rows:
+        saved = r["saved_mib"]
+        other = ", ".join(f"{d} {m:.1f}" for d, m in sorted(saved.items()) if d != "float32" and m >= 0.05)
+        saved_text = f"{sum(saved.values()):.1f}" + (f" ({other})" if other else "")
+        lines.append(f"| {r['recipe']} | {r['preset']} | {r['batch_size']} | {r['threads']} | {r['variant']} | "
+                     f"{r['setup_mib']:.0f} | {r['train_mib']:.1f} | {r['x_first_train']:.2f} | "
+                     f"{r['tensor_mib']:.1f} | {r['x_first_tensor']:.2f} | {r['tensor_peak_in']} | {saved_text} | "
+                     f"{r['process_peak_mib']:.0f} | {r['x_first_process']:.2f} |")
     return "\n".join(lines)
 
 

@@ -21,10 +21,17 @@ def _bench(args) -> int:
     import shlex
 
     from . import bench
+    from .recipes.train import UserError
 
+    if args.memory and args.what != "step":
+        raise UserError(f"--memory: only bench step measures memory (got bench {args.what})")
     if args.what == "matmul":
         rows = bench.bench_matmul(tuple(args.sizes or (512, 1024, 2048)), reps=args.reps, threads=args.threads)
         table = bench.format_matmul_table(rows)
+    elif args.what == "step" and args.memory:
+        table = bench.format_memory_table(bench.bench_step_memory(
+            args.recipe, tuple(args.variants.split(",")), steps=args.reps, threads=args.threads,
+            train_args=tuple(args.train_args)))
     elif args.what == "step":
         rows = bench.bench_step(args.recipe, tuple(args.variants.split(",")), reps=args.reps,
                                 threads=args.threads, train_args=tuple(args.train_args))
@@ -74,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "elements (default 65536 1048576 4194304)")
     b.add_argument("--reps", type=POSITIVE_INT, default=5)
     b.add_argument("--threads", type=POSITIVE_INT, default=None)
+    b.add_argument("--memory", action="store_true",
+                   help="step: measure each variant's peak memory (a fresh process each, --reps steps) "
+                        "instead of its time")
     b.add_argument("--no-append", action="store_true", help="print only, don't append to BENCHMARKS.md")
     b.add_argument("--output", default="BENCHMARKS.md", help="the file the table is appended to")
     add_debug_argument(b)
