@@ -529,14 +529,13 @@ at::Tensor gelu_backward(const at::Tensor& dy, const at::Tensor& x, double ca, d
 // the composition; without NaNs every step is an IEEE operation with one result.
 // contiguous rows (the reduced value broadcast, stride 0), compiled twice like the loops above;
 // each returns whether a NaN arose
-inline bool lsm_fwd_body(float* __restrict z, float* __restrict e, const float* __restrict x, float m,
-                         int64_t n) {
+inline bool lsm_fwd_body(float* __restrict e, const float* __restrict x, float m, int64_t n) {
   bool any = false;
   for (int64_t i = 0; i < n; ++i) {
-    z[i] = x[i] - m;
-    any |= z[i] != z[i];
+    e[i] = x[i] - m;
+    any |= e[i] != e[i];
   }
-  for (int64_t i = 0; i < n; ++i) e[i] = exp32(z[i]);
+  for (int64_t i = 0; i < n; ++i) e[i] = exp32(e[i]);
   return any;
 }
 inline bool lsm_bwd_body(float* __restrict o, const float* __restrict g, const float* __restrict y,
@@ -550,71 +549,73 @@ inline bool lsm_bwd_body(float* __restrict o, const float* __restrict g, const f
   return any;
 }
 #if defined(__x86_64__) && !defined(PAM_NO_X86)
-__attribute__((target("avx2"))) bool lsm_fwd_avx2(float* z, float* e, const float* x, float m, int64_t n) {
-  return lsm_fwd_body(z, e, x, m, n);
+__attribute__((target("avx2"))) bool lsm_fwd_avx2(float* e, const float* x, float m, int64_t n) {
+  return lsm_fwd_body(e, x, m, n);
 }
 __attribute__((target("avx2"))) bool lsm_bwd_avx2(float* o, const float* g, const float* y, uint32_t s, int64_t n) {
   return lsm_bwd_body(o, g, y, s, n);
 }
 #endif
 
+// Two passes and one buffer of x's size: e = pa_exp(x - m), s = sum(e), then e is overwritten
+// with (x - m) - pa_log(s), the difference recomputed (the same IEEE subtraction) rather than
+// kept in a second buffer.
 at::Tensor log_softmax_forward(const at::Tensor& x, int64_t dim) {
   check_f32(x, "log_softmax_forward", "x");
   const at::Tensor m = at::amax(x, {dim}, /*keepdim=*/true);
-  at::Tensor z, e;
+  at::Tensor e;
   std::atomic<bool> nan{false};
-  auto it1 = at::TensorIteratorConfig().add_output(z).add_output(e).add_const_input(x).add_const_input(m).build();
+  auto it1 = at::TensorIteratorConfig().add_output(e).add_const_input(x).add_const_input(m).build();
   it1.for_each([&nan](char** data, const int64_t* strides, int64_t n) {
     bool any = false;
-    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 4 && strides[3] == 0) {
+    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 0) {
       float mv;
-      std::memcpy(&mv, data[3], 4);
-      auto* z = reinterpret_cast<float*>(data[0]);
-      auto* e = reinterpret_cast<float*>(data[1]);
-      const auto* x = reinterpret_cast<const float*>(data[2]);
+      std::memcpy(&mv, data[2], 4);
+      auto* e = reinterpret_cast<float*>(data[0]);
+      const auto* x = reinterpret_cast<const float*>(data[1]);
 #if defined(__x86_64__) && !defined(PAM_NO_X86)
-      if (has_avx2()) any = lsm_fwd_avx2(z, e, x, mv, n); else
+      if (has_avx2()) any = lsm_fwd_avx2(e, x, mv, n); else
 #endif
-      any = lsm_fwd_body(z, e, x, mv, n);
+      any = lsm_fwd_body(e, x, mv, n);
       n = 0;
     }
     for (int64_t i = 0; i < n; ++i) {
       float xv, mv;
-      std::memcpy(&xv, data[2] + i * strides[2], 4);
-      std::memcpy(&mv, data[3] + i * strides[3], 4);
+      std::memcpy(&xv, data[1] + i * strides[1], 4);
+      std::memcpy(&mv, data[2] + i * strides[2], 4);
       const float zv = xv - mv;
       const float ev = exp32(zv);
       any |= zv != zv;
-      std::memcpy(data[0] + i * strides[0], &zv, 4);
-      std::memcpy(data[1] + i * strides[1], &ev, 4);
+      std::memcpy(data[0] + i * strides[0], &ev, 4);
     }
     if (any) nan.store(true, std::memory_order_relaxed);
   });
   if (nan.load()) return at::Tensor();
-  z = it1.output(0);
-  e = it1.output(1);
+  e = it1.output(0);
   const at::Tensor s = at::sum(e, {dim}, /*keepdim=*/true);
-  at::Tensor out;
-  auto it2 = at::TensorIteratorConfig().add_output(out).add_const_input(z).add_const_input(s).build();
+  auto it2 = at::TensorIteratorConfig().add_output(e).add_const_input(x).add_const_input(m)
+                 .add_const_input(s).build();
   it2.for_each([](char** data, const int64_t* strides, int64_t n) {
-    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 0) {  // one row: log of its sum once
-      float sv;
-      std::memcpy(&sv, data[2], 4);
+    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 0 && strides[3] == 0) {  // one row: log once
+      float mv, sv;
+      std::memcpy(&mv, data[2], 4);
+      std::memcpy(&sv, data[3], 4);
       const float ls = log32(sv);
       auto* o = reinterpret_cast<float*>(data[0]);
-      const auto* z = reinterpret_cast<const float*>(data[1]);
-      for (int64_t i = 0; i < n; ++i) o[i] = z[i] - ls;
+      const auto* x = reinterpret_cast<const float*>(data[1]);
+      for (int64_t i = 0; i < n; ++i) o[i] = (x[i] - mv) - ls;
       return;
     }
     for (int64_t i = 0; i < n; ++i) {
-      float zv, sv;
-      std::memcpy(&zv, data[1] + i * strides[1], 4);
-      std::memcpy(&sv, data[2] + i * strides[2], 4);
-      const float r = zv - log32(sv);
+      float xv, mv, sv;
+      std::memcpy(&xv, data[1] + i * strides[1], 4);
+      std::memcpy(&mv, data[2] + i * strides[2], 4);
+      std::memcpy(&sv, data[3] + i * strides[3], 4);
+      const float r = (xv - mv) - log32(sv);
       std::memcpy(data[0] + i * strides[0], &r, 4);
     }
   });
-  return it2.output();
+  return e;
 }
 
 // log_softmax_backward along dim: dy - pa_exp(y) *^ sum(dy), the sum torch's own (at::sum);
