@@ -43,8 +43,9 @@ for v in ("fp32", "pam-matmul", "pam-full", "paper-exact-loss"):
         cells = ", ".join(f"{x:.{d}f}" for x in xs)
         return cells + (f" ({st.mean(xs):.{d}f} ± {st.stdev(xs):.{d}f})" if len(xs) > 1 else "")
 
+    walls = ", ".join(f"{m['wall_time_s'] / 60:.0f} min" for _, m in ms)
     print(f"| {v} | {', '.join(str(s) for s, _ in ms)} | {col('test_bleu')} | {col('bleu')} | "
-          f"{col('test_accuracy', 100, 1)} | {', '.join(f'{m['wall_time_s'] / 60:.0f} min' for _, m in ms)} |")
+          f"{col('test_accuracy', 100, 1)} | {walls} |")
 PY
 fi
 
