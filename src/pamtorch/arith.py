@@ -20,6 +20,7 @@ gradients; ``pamtorch.autograd`` wraps them with the two derivative kinds.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -155,6 +156,49 @@ def _ext(*ts):
     return _EXT or None
 
 
+# compiled bfloat16/float16 kernels (pamtorch/kernels/cpu/pa_lowp.cpp): PAM and PAD on the
+# 16-bit patterns, and every unary op as a lookup in a table of its 65536 results, which
+# the op's definition below computes once per dtype (and parameter).
+
+_LOWP = True   # tests set this (or _COMPILED) to False to run the torch implementations
+
+
+def _lowp(*ts):
+    """The compiled module when the operands are CPU tensors of one 16-bit dtype, else None."""
+    if not (_LOWP and _COMPILED):
+        return None
+    d = ts[0].dtype
+    if d is not torch.bfloat16 and d is not torch.float16:
+        return None
+    for t in ts:
+        if t.dtype is not d or t.device.type != "cpu":
+            return None
+    global _EXT
+    if _EXT is None:
+        from .kernels.cpu import load_extension
+
+        _EXT = load_extension() or False
+    return _EXT or None
+
+
+@functools.lru_cache(maxsize=64)
+def _table(definition, dtype: torch.dtype, *params) -> torch.Tensor:
+    """definition(x, *params) for x = every pattern of the 16-bit ``dtype``, indexed by the
+    pattern read as unsigned (what ``lowp_lookup`` reads). Computed outside any torch
+    function or dispatch mode (the table is used wherever the op runs next)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with torch._C.DisableTorchFunction(), _disable_current_modes(), torch.inference_mode(False):
+        p = torch.arange(1 << 16, dtype=torch.int32)
+        x = torch.where(p >= 1 << 15, p - (1 << 16), p).to(torch.int16).view(dtype)
+        return definition(x, *params).contiguous()
+
+
+def _lookup(ext, x: torch.Tensor, definition, *params) -> torch.Tensor:
+    """definition(x, *params) elementwise, by table lookup on x's 16-bit patterns."""
+    return ext.lowp_lookup(x, _table(definition, x.dtype, *params))
+
+
 def check_offset(offset, where: str = "pamtorch") -> float | None:
     """``offset`` as a float, or None; ValueError unless 0.5 <= offset <= 2.
 
@@ -188,9 +232,13 @@ def pam(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.
     With ``offset`` α (0.5 <= α <= 2, rounded to the dtype) the pattern is
     P_a + P_b - B + (P_α - B), range rules applied once: a ·̂ b ·̂ α in one integer add."""
     offset = check_offset(offset, "pamtorch.arith.pam")
-    ext = _ext(a, b) if offset is None else None
-    if ext is not None:
-        return ext.ew_pam(a, b)
+    if offset is None:
+        ext = _ext(a, b)
+        if ext is not None:
+            return ext.ew_pam(a, b)
+        ext = _lowp(a, b)
+        if ext is not None:
+            return ext.lowp_pam(a, b)
     f = fmt(a.dtype)
     na, ma = _split(a, f)
     nb, mb = _split(b, f)
@@ -218,9 +266,13 @@ def pad(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.
     overestimates where PAM underestimates, so the same α > 1 compensates both), as the
     paper's released kernels define it."""
     offset = check_offset(offset, "pamtorch.arith.pad")
-    ext = _ext(a, b) if offset is None else None
-    if ext is not None:
-        return ext.ew_pad(a, b)
+    if offset is None:
+        ext = _ext(a, b)
+        if ext is not None:
+            return ext.ew_pad(a, b)
+        ext = _lowp(a, b)
+        if ext is not None:
+            return ext.lowp_pad(a, b)
     f = fmt(a.dtype)
     na, ma = _split(a, f)
     nb, mb = _split(b, f)
@@ -260,6 +312,11 @@ def round_mantissa(x: torch.Tensor, k: int | None) -> torch.Tensor:
     if k is None:
         return x
     k = check_mantissa_bits(k, "pamtorch.round_mantissa")
+    ext = _lowp(x)
+    return _lookup(ext, x, _round_mantissa, k) if ext is not None else _round_mantissa(x, k)
+
+
+def _round_mantissa(x: torch.Tensor, k: int) -> torch.Tensor:
     f = fmt(x.dtype)
     neg, m = _split(x, f)
     zero, inf, nan = _classes(m, f)
@@ -353,6 +410,11 @@ def _ldexp_f64(v: torch.Tensor, k) -> torch.Tensor:
 @recorded("palog2", "other")
 def palog2(x: torch.Tensor) -> torch.Tensor:
     """palog2(x) = E + M for x > 0; -inf for zero/subnormal, NaN for x < 0, inf for inf."""
+    ext = _lowp(x)
+    return _lookup(ext, x, _palog2) if ext is not None else _palog2(x)
+
+
+def _palog2(x: torch.Tensor) -> torch.Tensor:
     f = fmt(x.dtype)
     neg, m, l64 = _palog2_f64(x)
     zero, inf, nan = _classes(m, f)
@@ -375,8 +437,12 @@ def _paexp2_f64(y: torch.Tensor, f: Format) -> torch.Tensor:
 @recorded("paexp2", "other")
 def paexp2(y: torch.Tensor) -> torch.Tensor:
     """paexp2(y) = 2^floor(y) (1 + y - floor(y)); overflows to inf, underflows to 0."""
-    f = fmt(y.dtype)
-    return _paexp2_f64(y.to(torch.float64), f)
+    ext = _lowp(y)
+    return _lookup(ext, y, _paexp2) if ext is not None else _paexp2(y)
+
+
+def _paexp2(y: torch.Tensor) -> torch.Tensor:
+    return _paexp2_f64(y.to(torch.float64), fmt(y.dtype))
 
 
 def _offset64(offset: float | None, dtype: torch.dtype) -> float | None:
@@ -392,6 +458,11 @@ def pa_exp(x: torch.Tensor, offset: float | None = None) -> torch.Tensor:
     ext = _ext(x) if offset is None else None
     if ext is not None:
         return ext.ew_exp(x)
+    ext = _lowp(x)
+    return _lookup(ext, x, _pa_exp, offset) if ext is not None else _pa_exp(x, offset)
+
+
+def _pa_exp(x: torch.Tensor, offset: float | None) -> torch.Tensor:
     f = fmt(x.dtype)
     y = pam(x.to(torch.float64), torch.full((), LOG2E, dtype=torch.float64), _offset64(offset, x.dtype))
     return _paexp2_f64(y, f)
@@ -405,6 +476,11 @@ def pa_log(x: torch.Tensor, offset: float | None = None) -> torch.Tensor:
     ext = _ext(x) if offset is None else None
     if ext is not None:
         return ext.ew_log(x)
+    ext = _lowp(x)
+    return _lookup(ext, x, _pa_log, offset) if ext is not None else _pa_log(x, offset)
+
+
+def _pa_log(x: torch.Tensor, offset: float | None) -> torch.Tensor:
     f = fmt(x.dtype)
     neg, m, l64 = _palog2_f64(x)
     zero, inf, nan = _classes(m, f)
@@ -438,14 +514,20 @@ def _sqrt_like(x: torch.Tensor, sign: int) -> torch.Tensor:
 def pa_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt(x) = paexp2(palog2(x) / 2): pattern round((P - B)/2) + B. sqrt(-0) = -0."""
     ext = _ext(x)
-    return ext.ew_sqrt(x) if ext is not None else _sqrt_like(x, 1)
+    if ext is not None:
+        return ext.ew_sqrt(x)
+    ext = _lowp(x)
+    return _lookup(ext, x, _sqrt_like, 1) if ext is not None else _sqrt_like(x, 1)
 
 
 @recorded("pa_rsqrt", "other")
 def pa_rsqrt(x: torch.Tensor) -> torch.Tensor:
     """rsqrt(x) = paexp2(-palog2(x) / 2): pattern round((B - P)/2) + B. rsqrt(-0) = -inf."""
     ext = _ext(x)
-    return ext.ew_rsqrt(x) if ext is not None else _sqrt_like(x, -1)
+    if ext is not None:
+        return ext.ew_rsqrt(x)
+    ext = _lowp(x)
+    return _lookup(ext, x, _sqrt_like, -1) if ext is not None else _sqrt_like(x, -1)
 
 
 @recorded("pa_reciprocal", "other")
@@ -463,10 +545,16 @@ def pa_pow(x: torch.Tensor, p: float) -> torch.Tensor:
     palog2(|x|) ·̂ p is 0 ·̂ inf or NaN: pow(±1, ±inf) = 1 and pow(1, NaN) = 1; and
     p = ±inf counts as an even integer, so pow(-2, inf) = inf and pow(-0.5, inf) = 0.
     """
-    f = fmt(x.dtype)
+    fmt(x.dtype)  # TypeError for unsupported dtypes, pow(x, 0) included
     p = float(p)
     if p == 0.0:
         return torch.ones_like(x)
+    ext = _lowp(x)
+    return _lookup(ext, x, _pa_pow, p) if ext is not None else _pa_pow(x, p)
+
+
+def _pa_pow(x: torch.Tensor, p: float) -> torch.Tensor:
+    f = fmt(x.dtype)
     neg, m, l64 = _palog2_f64(x)
     zero, inf, nan = _classes(m, f)
     l64 = torch.where(zero, torch.full_like(l64, -math.inf), l64)
