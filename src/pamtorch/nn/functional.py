@@ -133,10 +133,23 @@ _RAW = _RawOps()
 
 
 def _fused(*ts):
-    """The compiled module for a fused raw block (``kernels/cpu/pa_elementwise.cpp``, one pass
-    bit-identical to the composition here) when every operand is a float32 CPU tensor and no
-    audit recorder listens (the composition reports each PA op it runs), else None."""
+    """The compiled module for a fused raw block (``kernels/cpu/pa_elementwise.cpp``,
+    ``pa_norm.cpp``: bit-identical to the composition here) when every operand is a float32 CPU
+    tensor and no audit recorder listens (the composition reports each PA op it runs), else None."""
     return None if RECORDERS else arith._ext(*ts)
+
+
+def _fused_rows(x: torch.Tensor, k: int, *ts):
+    """:func:`_fused` for the row kernels of ``pa_norm.cpp``, which take ``x`` non-empty and
+    contiguous, its last ``k`` dims as the rows; ``ts``: the other operands (None: absent)."""
+    if x.numel() == 0 or not x.is_contiguous() or not 1 <= k <= x.dim():
+        return None
+    return _fused(x, *(t for t in ts if t is not None))
+
+
+def _is_last(x: torch.Tensor, dim) -> bool:
+    """Whether ``dim`` is a valid index of ``x``'s last dim."""
+    return isinstance(dim, int) and -x.dim() <= dim < x.dim() and dim % x.dim() == x.dim() - 1
 
 
 def _c(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -179,6 +192,9 @@ def softmax_forward(x: torch.Tensor, dim: int, safe: bool = False, *, _ops=_RAW)
     """
     if x.numel() == 0:
         return x.clone()
+    ext = _fused_rows(x, 1) if _ops is _RAW and _is_last(x, dim) else None
+    if ext is not None:  # along the last dim of contiguous rows: one pass, torch's own sum, one pass
+        return ext.fused_softmax_forward(x.detach(), safe)
     m = x.amax(dim, keepdim=True)
     if safe:
         m = torch.where(m == -math.inf, torch.zeros_like(m), m)
@@ -194,6 +210,9 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tenso
     if y.numel() == 0:
         return torch.zeros_like(y)
     dy = dy.to(y.dtype)
+    ext = _fused_rows(y, 1, dy) if _is_last(y, dim) and dy.shape == y.shape else None
+    if ext is not None and dy.is_contiguous():
+        return ext.fused_softmax_backward(y.detach(), dy.detach())
     return arith.pam(y, dy - arith.pam(dy, y).sum(dim, keepdim=True))
 
 
@@ -237,7 +256,11 @@ def layer_norm_forward(x: torch.Tensor, normalized_shape, weight: Optional[torch
     ``y = ((x - mean) ⊙̂ rstd) ⊙̂ w + b``. ``mean`` and ``rstd`` have shape
     ``x.shape[:-k] + (1,)*k`` for ``k = len(normalized_shape)``, dtype of ``x``.
     """
-    _, dims, n = _trailing(x, normalized_shape, "layer_norm")
+    shape, dims, n = _trailing(x, normalized_shape, "layer_norm")
+    if _ops is _RAW:
+        fused = _fused_norm_forward(x, shape, weight, bias, eps, True)
+        if fused is not None:
+            return fused
     nt = _c(n, x)
     mean = _ops.div(x.sum(dims, keepdim=True), nt)
     xc = x - mean
@@ -262,20 +285,27 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, normalized_shape, mea
     ``db = Σ_batch dy``. Entries are None where ``output_mask`` is False or the parameter
     is None.
     """
-    _, dims, n = _trailing(x, normalized_shape, "layer_norm_backward")
+    shape, dims, n = _trailing(x, normalized_shape, "layer_norm_backward")
     nlead = x.dim() - len(dims)
     dy = dy.to(x.dtype)
     mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)
-    xhat = arith.pam(x - mean, rstd)
+    want_dw = len(output_mask) > 1 and output_mask[1] and weight is not None
     dx = dw = db = None
-    if output_mask[0]:
-        g = dy if weight is None else arith.pam(dy, weight.to(x.dtype))
-        nt = _c(n, x)
-        a = arith.pad(g.sum(dims, keepdim=True), nt)
-        b = arith.pad(arith.pam(g, xhat).sum(dims, keepdim=True), nt)
-        dx = arith.pam(rstd, g - a - arith.pam(xhat, b))
-    if len(output_mask) > 1 and output_mask[1] and weight is not None:
-        dw = _sum_lead(arith.pam(dy, xhat), nlead).to(weight.dtype)
+    fused = _fused_norm_backward(dy, x, shape, mean, rstd, weight, output_mask[0], want_dw)
+    if fused is not None:
+        dx, dw = fused
+    else:
+        xhat = arith.pam(x - mean, rstd)
+        if output_mask[0]:
+            g = dy if weight is None else arith.pam(dy, weight.to(x.dtype))
+            nt = _c(n, x)
+            a = arith.pad(g.sum(dims, keepdim=True), nt)
+            b = arith.pad(arith.pam(g, xhat).sum(dims, keepdim=True), nt)
+            dx = arith.pam(rstd, g - a - arith.pam(xhat, b))
+        if want_dw:
+            dw = _sum_lead(arith.pam(dy, xhat), nlead)
+    if dw is not None:
+        dw = dw.to(weight.dtype)
     if len(output_mask) > 2 and output_mask[2] and bias is not None:
         db = _sum_lead(dy, nlead).to(bias.dtype)
     return dx, dw, db
@@ -288,9 +318,13 @@ def rms_norm_forward(x: torch.Tensor, normalized_shape, weight: Optional[torch.T
     ``rstd = pa_rsqrt(Σ x ⊙̂ x ÷̂ n + eps)``, ``y = (x ⊙̂ rstd) ⊙̂ w``; ``eps=None`` is
     ``torch.finfo(x.dtype).eps`` (as ``torch.nn.functional.rms_norm``).
     """
-    _, dims, n = _trailing(x, normalized_shape, "rms_norm")
+    shape, dims, n = _trailing(x, normalized_shape, "rms_norm")
     if eps is None:
         eps = torch.finfo(x.dtype).eps
+    if _ops is _RAW:
+        fused = _fused_norm_forward(x, shape, weight, None, eps, False)
+        if fused is not None:
+            return fused
     ms = _ops.div(_ops.mul(x, x).sum(dims, keepdim=True), _c(n, x))
     rstd = _ops.rsqrt(ms + eps)
     y = _ops.mul(x, rstd)
@@ -304,19 +338,53 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, normalized_shape, rstd:
                       output_mask: Sequence[bool] = (True, True)):
     """Approx RMS-norm derivative ``(dx, dw)``: with ``x̂ = x ⊙̂ rstd``, ``g = dy ⊙̂ w``,
     ``dx = rstd ⊙̂ (g - x̂ ⊙̂ (Σ(g ⊙̂ x̂) ÷̂ n))``, ``dw = Σ_batch dy ⊙̂ x̂``."""
-    _, dims, n = _trailing(x, normalized_shape, "rms_norm_backward")
+    shape, dims, n = _trailing(x, normalized_shape, "rms_norm_backward")
     nlead = x.dim() - len(dims)
     dy = dy.to(x.dtype)
     rstd = rstd.to(x.dtype)
+    want_dw = len(output_mask) > 1 and output_mask[1] and weight is not None
+    fused = _fused_norm_backward(dy, x, shape, None, rstd, weight, output_mask[0], want_dw)
+    if fused is not None:
+        dx, dw = fused
+        return dx, None if dw is None else dw.to(weight.dtype)
     xhat = arith.pam(x, rstd)
     dx = dw = None
     if output_mask[0]:
         g = dy if weight is None else arith.pam(dy, weight.to(x.dtype))
         b = arith.pad(arith.pam(g, xhat).sum(dims, keepdim=True), _c(n, x))
         dx = arith.pam(rstd, g - arith.pam(xhat, b))
-    if len(output_mask) > 1 and output_mask[1] and weight is not None:
+    if want_dw:
         dw = _sum_lead(arith.pam(dy, xhat), nlead).to(weight.dtype)
     return dx, dw
+
+
+def _fused_norm_forward(x, shape, weight, bias, eps, centered):
+    """Layer norm (``centered``) or RMS norm by ``pa_norm.cpp``'s fused kernel: the raw
+    forward's result, or None where the kernel does not apply (then the composition runs)."""
+    w = None if weight is None else weight.detach().to(x.dtype)
+    b = None if bias is None else bias.detach().to(x.dtype)
+    ext = _fused_rows(x, len(shape), w, b)
+    if ext is None or any(t is not None and tuple(t.shape) != shape for t in (w, b)):
+        return None
+    y, mean, rstd = ext.fused_norm_forward(x.detach(), len(shape), w, b, float(eps), centered)
+    if y is None:  # a NaN arose in the bias add: its pattern is torch's add's choice
+        return None
+    return (y, mean, rstd) if centered else (y, rstd)
+
+
+def _fused_norm_backward(dy, x, shape, mean, rstd, weight, want_dx, want_dw):
+    """``(dx, dw)`` of layer norm (``mean`` given) or RMS norm by ``pa_norm.cpp``'s fused kernel
+    (``dw`` not yet in the weight's dtype), or None where it does not apply."""
+    if not (want_dx or want_dw):
+        return None
+    w = None if weight is None else weight.detach().to(x.dtype)
+    ext = _fused_rows(x, len(shape), dy, mean, rstd, w)
+    stat = tuple(x.shape[:x.dim() - len(shape)]) + (1,) * len(shape)  # aten's mean / rstd shape
+    if (ext is None or dy.shape != x.shape or not dy.is_contiguous() or tuple(rstd.shape) != stat
+            or (mean is not None and tuple(mean.shape) != stat) or (w is not None and tuple(w.shape) != shape)):
+        return None
+    return ext.fused_norm_backward(dy.detach(), x.detach(), len(shape), None if mean is None else mean.detach(),
+                                   rstd.detach(), w, bool(want_dx), bool(want_dw), mean is not None)
 
 
 # ---------------------------------------------------------------------------
