@@ -230,3 +230,22 @@ def test_model_step_same_as_definition(monkeypatch, case):
     for p, q in zip(fast_model.parameters(), slow_model.parameters()):
         same_bits(p.detach(), q.detach())
     assert not torch.equal(fast_model.out.weight, base.out.weight)  # the steps did train
+
+
+def test_bench_step_dtype_variants():
+    """``pamtorch bench step --variants pam-full@bfloat16``: the model and its floating inputs
+    in bf16; ``@autocast`` runs under CPU autocast; anything else is one clear error."""
+    from pamtorch import bench
+    from pamtorch.recipes.train import UserError
+
+    m = torch.nn.Linear(3, 2)
+    w = m.weight
+    with bench._step_variant("pam-full@bfloat16", m)():
+        y = m(torch.ones(4, 3))
+    assert m.weight is w and w.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    m32 = torch.nn.Linear(3, 2)
+    with bench._step_variant("fp32@autocast", m32)():
+        assert m32(torch.ones(4, 3)).dtype == torch.bfloat16
+    assert m32.weight.dtype == torch.float32
+    with pytest.raises(UserError, match="bfloat16, float16 or autocast, got 'int8'"):
+        bench._step_variant("fp32@int8", m32)

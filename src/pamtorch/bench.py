@@ -303,6 +303,33 @@ def _copies(task, hp, n):
     return out
 
 
+def _step_variant(variant: str, model):
+    """The context factory of a bench step variant ``ARITH[@DTYPE]``: ``pamtorch train --arith
+    ARITH``'s; with ``@bfloat16`` or ``@float16`` the model is cast to that dtype (its floating
+    inputs too, by a forward pre-hook), with ``@autocast`` the step runs under CPU autocast
+    to bfloat16."""
+    from .recipes import train as T
+
+    arith, _, dtype = variant.partition("@")
+    ctx = T.arith_context(arith)
+    if not dtype:
+        return ctx
+    if dtype == "autocast":
+        @contextlib.contextmanager
+        def autocast():
+            with ctx(), torch.autocast("cpu", dtype=torch.bfloat16):
+                yield
+        return autocast
+    if dtype not in ("bfloat16", "float16"):
+        raise T.UserError(f"bench step: variant {variant!r}: the dtype after '@' must be bfloat16, "
+                          f"float16 or autocast, got {dtype!r}")
+    d = getattr(torch, dtype)
+    model.to(d)  # in place: the optimizer keeps the same parameters
+    model.register_forward_pre_hook(lambda m, args: tuple(
+        a.to(d) if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+    return ctx
+
+
 def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-full", "paper-exact-loss"),
                reps: int = 10, threads=None, train_args=(), seed: int = 0) -> list:
     """Time one training step (forward, loss, backward, clipping, AdamW) of ``pamtorch train
@@ -315,15 +342,15 @@ def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-f
     the process per step (all its threads) is reported beside it: with one thread on a machine
     other jobs share, it is the step's time without the waits for the other jobs, the steadier
     of the two ratios there. ``train_args`` are
-    extra ``pamtorch train`` options (e.g. ``--data-dir``, ``--preset``, ``--batch-size``)."""
-    from .recipes import train as T
-
+    extra ``pamtorch train`` options (e.g. ``--data-dir``, ``--preset``, ``--batch-size``).
+    A variant ``ARITH@bfloat16`` (``@float16``, ``@autocast``) trains in that dtype
+    (:func:`_step_variant`)."""
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
         task, hp = _step_setup(recipe, train_args, seed)
-        runs = {v: (*mo, T.arith_context(v)) for v, mo in zip(variants, _copies(task, hp, len(variants)))}
+        runs = {v: (m, o, _step_variant(v, m)) for v, (m, o) in zip(variants, _copies(task, hp, len(variants)))}
         times = {v: [] for v in variants}
         cpu = {v: [] for v in variants}  # this process's CPU time (all its threads)
         for step in range(reps + 2):  # two warm-up steps

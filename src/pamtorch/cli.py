@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step, profile: the pamtorch train recipe whose training step is timed, or "
                         "encoder (a stock nn.TransformerEncoder)")
     b.add_argument("--variants", default="fp32,pam-matmul,pam-full,paper-exact-loss",
-                   help="step: arithmetic variants, comma-separated, the first is the baseline")
+                   help="step: arithmetic variants, comma-separated, the first is the baseline; "
+                        "ARITH@bfloat16 (@float16, @autocast) trains in that dtype")
     b.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="step: everything after this goes to the recipe as pamtorch train options "
                         "(e.g. --train-args --data-dir ../shared/data/de-en)")
