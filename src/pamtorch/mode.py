@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
 from .autograd import rounded_call
 from .config import KINDS, Config, OpConfig
@@ -53,6 +53,7 @@ from .nn import functional as PF
 from .ops import OP_TABLE, PASS_THROUGH, UnsupportedOpError, implements, op_kind
 from .ops import activations as _activations
 from .ops import norms as _norms
+from .ops import optim as _optim
 from .ops.table import ACTIVE as _ACTIVE, COMPLEX_OK, OPTIMIZER_STEP
 from .recording import RECORDERS, exact_by_request, routing
 
@@ -693,7 +694,21 @@ def _entered(dispatch: PAMode, leave_exact=()):
         if threading.get_ident() == thread and stack and stack[-1] is module:
             stack.pop()
 
-    hooks = [register_optimizer_step_pre_hook(_opt_pre), register_optimizer_step_post_hook(_opt_post),
+    # a stock Adam/AdamW steps on its fused path (one routed op, a compiled kernel; the same
+    # bits, ops/optim.py) when this mode routes its ops; the user's setting is back after it
+    fused: dict = {}   # id(optimizer) -> stack of the param groups switched per running step
+
+    def opt_pre(opt, args, kwargs):
+        _opt_pre(opt, args, kwargs)
+        if threading.get_ident() == thread and _get_current_dispatch_mode() is dispatch:
+            fused.setdefault(id(opt), []).append(_optim.fused_adam_groups(opt, dispatch.config, leave_exact))
+
+    def opt_post(opt, args, kwargs):
+        _opt_post(opt, args, kwargs)
+        if threading.get_ident() == thread and fused.get(id(opt)):
+            _optim.restore_groups(fused[id(opt)].pop())
+
+    hooks = [register_optimizer_step_pre_hook(opt_pre), register_optimizer_step_post_hook(opt_post),
              register_module_forward_pre_hook(enter), register_module_forward_hook(leave, always_call=True)]
     # the fused fast paths of nn.MultiheadAttention and nn.TransformerEncoder (nested
     # tensors from a padding mask, torch._transformer_encoder_layer_fwd) bypass the
@@ -707,6 +722,9 @@ def _entered(dispatch: PAMode, leave_exact=()):
             yield
     finally:
         _IN_OPTIMIZER[0] = in_optimizer
+        for stack in fused.values():  # steps that raised
+            for groups in stack:
+                _optim.restore_groups(groups)
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in hooks:
             h.remove()

@@ -4,14 +4,17 @@ fused optimizer kernels.
 Inside ``Optimizer.step`` a product with a Python number 1/2 <= |c| <= 2 (1 - lr·wd, β2,
 a momentum, 1/√(1 - β2^t)) runs as ``x ± PAM(x, |c| - 1)`` (:func:`.elementwise.scalar_mul`),
 on every path: the single-tensor ops, the ``_foreach_*`` ops and the fused kernels, which
-therefore agree bit for bit where torch runs the same ops."""
+therefore agree bit for bit where torch runs the same ops. Under the mode a stock Adam/AdamW
+on torch's default path steps on the fused one (:func:`fused_adam_groups`), whose float32
+update is a compiled kernel (kernels/cpu/pa_optim.cpp)."""
 from __future__ import annotations
 
 import torch
 
 from .. import arith
+from ..recording import RECORDERS
 from .table import implements, aten, pam, pad, passes_through
-from .elementwise import check_ord, norm2, pow_any, scalar_div, scalar_mul, scalar_scale
+from .elementwise import _near_one, check_ord, norm2, pow_any, scalar_div, scalar_mul, scalar_scale
 
 
 @implements([aten._foreach_norm], "optimizer")
@@ -128,6 +131,96 @@ def _decayed_grad(g, p, wd, maximize):
     return g + scalar_scale(p, wd) if wd != 0 else g
 
 
+# ---------------------------------------------------------------------------
+# the compiled Adam/AdamW update (kernels/cpu/pa_optim.cpp): one pass per tensor
+
+# form kinds of pa_optim.cpp: how a product with a Python number runs
+_IDENT, _PAM, _PAD, _NEAR, _NEAR_NEG, _SKIP = range(6)
+_NAN_RULE: list = []   # [whether torch's CPU add/sub pick NaNs as the kernel does], once known
+
+
+def _f32_bits(c) -> int:
+    """The float32 pattern of a Python number, rounded as ``promote`` rounds it."""
+    return int(torch.tensor(float(c), dtype=torch.float32).view(torch.int32).item()) & 0xFFFFFFFF
+
+
+def _mul_form(x, c, optimizer=None):
+    """:func:`.elementwise.scalar_mul`'s choice for ``x ·̂ c``: PAM(x, c), or the optimizer's
+    ``±(x + PAM(x, |c| - 1))``."""
+    if not _near_one(x, c, optimizer):
+        return _PAM, _f32_bits(c)
+    return (_NEAR if c > 0 else _NEAR_NEG), _f32_bits(abs(c) - 1)
+
+
+def _scale_form(x, s):
+    """:func:`.elementwise.scalar_scale`'s: x itself for s == 1, else :func:`_mul_form`."""
+    return (_IDENT, 0) if s == 1 else _mul_form(x, s)
+
+
+def _div_form(x, c):
+    """:func:`.elementwise.scalar_div`'s: PAD(x, c), or the optimizer's form of x ·̂ (1/c)."""
+    if not _near_one(x, c, None):
+        return _PAD, _f32_bits(c)
+    return _mul_form(x, 1 / c, optimizer=True)
+
+
+def _nan_rule() -> bool:
+    """Whether torch's CPU ``a + b`` and ``a - b`` return b's NaN (quieted) when both operands
+    are NaN, and never flip a NaN's sign: the choice the kernel makes (its own adds could pick
+    either NaN). Checked once, on both of torch's inner loops (vector body and tail)."""
+    if not _NAN_RULE:
+        n = 37
+        a = torch.full((n,), 1.5).view(torch.int32)
+        b = torch.full((n,), 1.5).view(torch.int32)
+        a[0::3], b[0::2] = 0x7FC00001, -0x003FFFFE     # quiet NaNs, b's negative
+        a[1::4], b[1::5] = 0x7F800011, 0x7FA00012      # signalling NaNs
+        a, b = a.view(torch.float32), b.view(torch.float32)
+        ai, bi = a.view(torch.int32), b.view(torch.int32)
+        ok = True
+        for out in (a + b, a - b):
+            out = out.view(torch.int32)
+            want = torch.where(torch.isnan(b), bi | 0x00400000, torch.where(torch.isnan(a), ai | 0x00400000, out))
+            ok = ok and bool(torch.equal(out, want))
+        _NAN_RULE.append(ok)
+    return _NAN_RULE[0]
+
+
+def _adam_kernel(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps, amsgrad, maximize,
+                 adamw, cfg) -> list:
+    """Run ``_pa_fused_adam``'s per-tensor update with the compiled kernel where it applies
+    (float32 contiguous CPU tensors, no offset or mantissa rounding, no amsgrad, no audit
+    recorder listening, torch's NaN choice as the kernel's); return the indices left to the
+    Python loop. Each tensor's products with Python numbers take the forms the loop's
+    ``scalar_mul``/``scalar_scale``/``scalar_div`` would, so the bits are the loop's."""
+    everything = list(range(len(params)))
+    if amsgrad or RECORDERS or cfg.offset is not None or cfg.mantissa_bits is not None or not params:
+        return everything
+    ext = arith._ext(params[0])
+    if ext is None or not _nan_rule():
+        return everything
+    fit, rest = [], []
+    with torch._C.DisableTorchFunction():  # attribute reads, not for the function mode to route
+        for i, ts in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+            ok = all(t.dtype is torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts)
+            (fit if ok else rest).append(i)
+    if not fit:
+        return rest
+    forms, rows = [], {}
+    for i in fit:
+        t = steps[i].item()
+        row = rows.get(t)
+        if row is None:
+            p = params[i]
+            decay = (_SKIP, 0) if wd == 0 else _mul_form(p, 1 - lr * wd) if adamw else _scale_form(p, wd)
+            row = rows[t] = [*decay, *_mul_form(p, 1 - beta1), *_mul_form(p, beta2), *_scale_form(p, 1 - beta2),
+                             *_div_form(p, (1 - beta2 ** t) ** 0.5),
+                             *_scale_form(p, (lr / (1 - beta1 ** t)) * -1), _f32_bits(eps)]
+        forms += row
+    pick = lambda ts: [ts[i] for i in fit]  # noqa: E731
+    ext.optim_adam_step(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), forms, adamw, maximize)
+    return rest
+
+
 @implements([aten._fused_adam_, aten._fused_adamw_], "optimizer")
 def _pa_fused_adam(func, args, kwargs, cfg):
     """``Adam(fused=True)`` / ``AdamW(fused=True)``: torch's algorithm, each tensor's update
@@ -142,7 +235,8 @@ def _pa_fused_adam(func, args, kwargs, cfg):
 
     with the bias corrections exact Python floats, as in the foreach path, and each
     ⊙̂/÷̂ by a Python number 1/2..2 in the optimizer's form, p - p ⊙̂ lr·wd for the decay
-    (:func:`.elementwise.scalar_mul`)."""
+    (:func:`.elementwise.scalar_mul`). Float32 contiguous CPU tensors take the compiled
+    kernel, one pass per tensor with the loop's bits (:func:`_adam_kernel`)."""
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = args[:6]
     lr, beta1, beta2 = _value(kwargs["lr"]), kwargs["beta1"], kwargs["beta2"]
     wd, eps, amsgrad, maximize = kwargs["weight_decay"], kwargs["eps"], kwargs["amsgrad"], kwargs["maximize"]
@@ -150,8 +244,10 @@ def _pa_fused_adam(func, args, kwargs, cfg):
     grads = _unscaled(grads, kwargs)
     if grads is None:
         return None
-    for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
-        t = step.item()
+    rest = _adam_kernel(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps, amsgrad,
+                        maximize, adamw, cfg)
+    for i in rest:
+        p, g, m, v, t = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i].item()
         if adamw:
             g = -g if maximize else g
             if wd != 0:
@@ -166,6 +262,52 @@ def _pa_fused_adam(func, args, kwargs, cfg):
         denom = scalar_div(root, (1 - beta2 ** t) ** 0.5) + eps
         p.copy_(p + scalar_scale(pad(m, denom), (lr / (1 - beta1 ** t)) * -1))
     return None
+
+
+# stock Adam/AdamW under the mode: torch's default path on CPU is the single-tensor one, about
+# ten routed aten ops per tensor; the fused path reaches the kernel above in one routed op
+_FUSABLE = (torch.optim.Adam, torch.optim.AdamW)
+_FUSABLE_MODULES = ("torch.optim.adam", "torch.optim.adamw", "pamtorch.optim")  # not user subclasses
+
+
+def fused_adam_groups(opt, config, leave_exact=()) -> list:
+    """Switch the param groups of a stock ``torch.optim.Adam``/``AdamW`` step (or
+    ``pamtorch.optim``'s, with this ``config``) that take torch's default path
+    (``foreach=None, fused=None``) to ``fused=True``, and return them for
+    :func:`restore_groups`. Under the mode the three paths give the same bits (the fused op
+    runs the foreach path's ops in its order, :func:`_pa_fused_adam`); only groups whose
+    fused step can take the compiled kernel are switched: float32 CPU parameters, Python
+    number hyperparameters, no amsgrad, differentiable or capturable, the optimizer kind PA
+    with no offset or mantissa rounding and nothing left exact (an exact fused op would be
+    torch's own kernel, which rounds differently). The default dtype must be float32, so that
+    the ``step`` state a first fused step creates is the dtype the default path creates.
+    Nothing is switched while an audit recorder listens: it reports the user's path."""
+    if RECORDERS or not isinstance(opt, _FUSABLE) or type(opt).__module__ not in _FUSABLE_MODULES:
+        return []
+    op = config.optimizer
+    if (leave_exact or not op.pa or op.offset is not None or op.mantissa_bits is not None
+            or getattr(opt, "pa_config", config) != config or torch.get_default_dtype() is not torch.float32):
+        return []
+    switched = []
+    with torch._C.DisableTorchFunction():  # attribute reads, not for the function mode to route
+        for group in opt.param_groups:
+            if (group.get("foreach") is not None or group.get("fused") is not None or group.get("amsgrad")
+                    or group.get("differentiable") or group.get("capturable")):
+                continue
+            if any(isinstance(group.get(k), torch.Tensor) for k in ("lr", "weight_decay", "eps")) or \
+                    any(isinstance(b, torch.Tensor) for b in group.get("betas", ())):
+                continue
+            if all(p.dtype is torch.float32 and p.device.type == "cpu" and
+                   (p.grad is None or p.grad.layout is torch.strided) for p in group["params"]):
+                group["fused"] = True
+                switched.append(group)
+    return switched
+
+
+def restore_groups(groups):
+    """Undo :func:`fused_adam_groups`: the groups take torch's default path again."""
+    for group in groups:
+        group["fused"] = None
 
 
 @implements([aten._fused_sgd_], "optimizer")
