@@ -25,6 +25,7 @@ from .mode import mode
 from .audit import audit, error_report
 from . import nn, optim
 from .convert import convert
+from .compile import compile
 
 __version__ = "0.1.0"
 
@@ -33,5 +34,5 @@ __all__ = [
     "derivative",
     "mul", "div", "exp2", "log2", "exp", "log", "sqrt", "rsqrt", "reciprocal", "pow",
     "matmul", "bmm", "linear", "conv2d",
-    "Config", "OpConfig", "mode", "convert", "audit", "error_report", "nn", "optim",
+    "Config", "OpConfig", "mode", "convert", "compile", "audit", "error_report", "nn", "optim",
 ]

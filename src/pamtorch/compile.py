@@ -1,0 +1,610 @@
+"""``torch.compile`` for multiplication-free models: one graph, PA ops inside.
+
+    model = pamtorch.compile(model, Config.paper())       # a stock model: as under pamtorch.mode
+    model = pamtorch.compile(pamtorch.convert(model, cfg)) # a converted one: its mode regions
+    loss = loss_fn(model(x), y); loss.backward()           # forward and backward compiled
+
+``torch.compile`` cannot trace into ``pamtorch.mode`` (Dynamo skips a frame that runs under
+a dispatch mode, and a converted module's region enters one), so this module moves the PA
+substitution to the graph level, with the same op table and the same dispatch logic:
+
+1. Dynamo traces the model with stock arithmetic (a converted model's regions are traced
+   as their stock classes, each node remembering its module);
+2. ``aot_autograd`` turns that graph into a forward and a backward graph of aten ops,
+   without decompositions, so they hold the ops the mode's dispatch handler sees in eager
+   (``addmm``, ``gelu_backward``, ``_softmax``...); the function-level routes of the mode
+   (``F.scaled_dot_product_attention``, exact/ste derivative kinds) are applied while it
+   traces;
+3. each graph is traced again (``make_fx``) with every node the config covers run under
+   the mode's dispatch handler (:class:`pamtorch.mode.PAMode`), which makes the same
+   decisions as in eager (free, routed, refused, left exact): a routed aten op becomes one
+   custom-op node, ``torch.ops.pamtorch_pa.<op>`` (``pamtorch_pa.addmm``...), whose PA
+   implementation from ``OP_TABLE`` runs when the graph runs, on real tensors, with the
+   compiled kernels, as in eager. PA code that runs while tracing (the function-level
+   routes) calls the kernels as custom ops (``pamtorch.pam_mm``, ``pamtorch.ew_pam``...);
+4. the PA graphs go to inductor (``backend="inductor"``: the free ops around the PA ops,
+   views, additions, masks, fused into generated C++ loops) or run as they are
+   (``backend="eager"``, compiles in seconds).
+
+The compiled step equals the eager mode's bit for bit (forward, gradients), with these
+limits: floating-point sums run as ``torch.ops.pamtorch.sum`` (aten's own sum, out of
+inductor's loops) because inductor adds a row in sequence where aten's CPU sum adds in a
+pairwise/vectorized order, which rounds differently (``exact_sums=False`` lets inductor
+fuse them: faster, last-bit differences); random ops (dropout) draw from inductor's
+generator, not the eager one. Shapes are static (``dynamic=False``): a new shape
+recompiles. The optimizer step is not compiled: run it under ``pamtorch.mode(config)``.
+
+:func:`float_multiplications` lists the nodes of a PA graph that still multiply floats
+(the mode's classification, as ``pamtorch.audit`` applies it at run time); the PA graphs
+of a compiled model are kept in ``compiled.pamtorch_graphs``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import threading
+from typing import List, Optional
+
+import torch
+from torch import Tensor, fx
+
+from . import arith, kernels
+from .nn import functional as PF
+from .config import Config
+from .convert import ConvertedModule
+from .mode import PAMode, _PAFunctionMode, classify
+from .ops.table import ACTIVE as _ACTIVE, OP_TABLE
+
+__all__ = ["compile", "pa_backend", "float_multiplications", "pam_mm", "pam_bmm", "pam_mm_exact_grad_a",
+           "pam_mm_exact_grad_b", "pam_bmm_exact_grad_a", "pam_bmm_exact_grad_b", "exact_sum"]
+
+# ---------------------------------------------------------------------------
+# the kernels as custom ops: what a traced graph calls (eager code calls the kernels directly)
+
+_EAGER = {name: getattr(kernels, name) for name in (
+    "pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b",
+    "pam_bmm", "pam_bmm_exact_grad_a", "pam_bmm_exact_grad_b")}
+
+
+@torch.library.custom_op("pamtorch::pam_mm", mutates_args=())
+def pam_mm(a: Tensor, b: Tensor, offset: Optional[float] = None) -> Tensor:
+    """``C[i,j] = Σ_k PAM(a[i,k], b[k,j])`` (float32 2-D, :func:`pamtorch.kernels.pam_mm`)."""
+    return _EAGER["pam_mm"](a, b, offset)
+
+
+@pam_mm.register_fake
+def _(a, b, offset=None):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _pam_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.offset = inputs[2]
+
+
+def _pam_mm_backward(ctx, g):
+    # the "approx" derivative: the exact product's derivative evaluated with PAM products
+    a, b = ctx.saved_tensors
+    ga = pam_mm(g, b.t(), ctx.offset) if ctx.needs_input_grad[0] else None
+    gb = pam_mm(a.t(), g, ctx.offset) if ctx.needs_input_grad[1] else None
+    return ga, gb, None
+
+
+pam_mm.register_autograd(_pam_mm_backward, setup_context=_pam_mm_setup)
+
+
+@torch.library.custom_op("pamtorch::pam_mm_exact_grad_a", mutates_args=())
+def pam_mm_exact_grad_a(a: Tensor, b: Tensor, dc: Tensor, offset: Optional[float] = None) -> Tensor:
+    """Exact derivative of ``a @PAM b`` w.r.t. ``a`` for upstream ``dc``."""
+    return _EAGER["pam_mm_exact_grad_a"](a, b, dc, offset)
+
+
+@pam_mm_exact_grad_a.register_fake
+def _(a, b, dc, offset=None):
+    return a.new_empty(a.shape)
+
+
+@torch.library.custom_op("pamtorch::pam_mm_exact_grad_b", mutates_args=())
+def pam_mm_exact_grad_b(a: Tensor, b: Tensor, dc: Tensor, offset: Optional[float] = None) -> Tensor:
+    """Exact derivative of ``a @PAM b`` w.r.t. ``b`` for upstream ``dc``."""
+    return _EAGER["pam_mm_exact_grad_b"](a, b, dc, offset)
+
+
+@pam_mm_exact_grad_b.register_fake
+def _(a, b, dc, offset=None):
+    return b.new_empty(b.shape)
+
+
+@torch.library.custom_op("pamtorch::pam_bmm", mutates_args=())
+def pam_bmm(a: Tensor, b: Tensor, offset: Optional[float] = None) -> Tensor:
+    """Batched ``a[B,M,K] @PAM b[B,K,N]`` (float32, :func:`pamtorch.kernels.pam_bmm`)."""
+    return _EAGER["pam_bmm"](a, b, offset)
+
+
+@pam_bmm.register_fake
+def _(a, b, offset=None):
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+
+
+def _pam_bmm_backward(ctx, g):
+    a, b = ctx.saved_tensors
+    ga = pam_bmm(g, b.transpose(1, 2), ctx.offset) if ctx.needs_input_grad[0] else None
+    gb = pam_bmm(a.transpose(1, 2), g, ctx.offset) if ctx.needs_input_grad[1] else None
+    return ga, gb, None
+
+
+pam_bmm.register_autograd(_pam_bmm_backward, setup_context=_pam_mm_setup)
+
+
+@torch.library.custom_op("pamtorch::pam_bmm_exact_grad_a", mutates_args=())
+def pam_bmm_exact_grad_a(a: Tensor, b: Tensor, dc: Tensor, offset: Optional[float] = None) -> Tensor:
+    """Batched exact derivative of ``a @PAM b`` w.r.t. ``a``."""
+    return _EAGER["pam_bmm_exact_grad_a"](a, b, dc, offset)
+
+
+@pam_bmm_exact_grad_a.register_fake
+def _(a, b, dc, offset=None):
+    return a.new_empty(a.shape)
+
+
+@torch.library.custom_op("pamtorch::pam_bmm_exact_grad_b", mutates_args=())
+def pam_bmm_exact_grad_b(a: Tensor, b: Tensor, dc: Tensor, offset: Optional[float] = None) -> Tensor:
+    """Batched exact derivative of ``a @PAM b`` w.r.t. ``b``."""
+    return _EAGER["pam_bmm_exact_grad_b"](a, b, dc, offset)
+
+
+@pam_bmm_exact_grad_b.register_fake
+def _(a, b, dc, offset=None):
+    return b.new_empty(b.shape)
+
+
+_TRACED = {"pam_mm": pam_mm, "pam_mm_exact_grad_a": pam_mm_exact_grad_a,
+           "pam_mm_exact_grad_b": pam_mm_exact_grad_b, "pam_bmm": pam_bmm,
+           "pam_bmm_exact_grad_a": pam_bmm_exact_grad_a, "pam_bmm_exact_grad_b": pam_bmm_exact_grad_b}
+
+
+@torch.library.custom_op("pamtorch::sum", mutates_args=())
+def exact_sum(x: Tensor, dim: Optional[List[int]], keepdim: bool = False,
+              dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``aten.sum.dim_IntList`` run by aten: a compiled graph keeps eager's summation order."""
+    return torch.ops.aten.sum.dim_IntList(x, dim, keepdim, dtype=dtype)
+
+
+@exact_sum.register_fake
+def _(x, dim, keepdim=False, dtype=None):
+    return torch.ops.aten.sum.dim_IntList(x, dim, keepdim, dtype=dtype)
+
+
+def _sum_dims(x, dim=None, keepdim=False, *, dtype=None):
+    if not x.is_floating_point():
+        return NotImplemented
+    return exact_sum(x, dim, keepdim, dtype)
+
+
+def _sum_all(x, *, dtype=None):
+    if not x.is_floating_point():
+        return NotImplemented
+    return exact_sum(x, None, False, dtype)
+
+
+_EXACT_SUMS = {torch.ops.aten.sum.dim_IntList: _sum_dims, torch.ops.aten.sum.default: _sum_all}
+
+# the elementwise kernels of the compiled module (pa_elementwise.cpp) as custom ops, for PA
+# code that runs while a graph is traced (the function-level routes: attention, the
+# autograd functions of the exact derivatives): name -> number of tensor operands
+_ELEMENTWISE = {"ew_pam": 2, "ew_pad": 2, "ew_exp": 1, "ew_log": 1, "ew_sqrt": 1, "ew_rsqrt": 1,
+                "ew_exp_exact_grad": 3}
+_LIB = torch.library.Library("pamtorch", "FRAGMENT")
+_EAGER_EXT = arith._ext
+
+
+def _run_elementwise(name, *ts):
+    return getattr(_EAGER_EXT(*ts), name)(*ts).contiguous()
+
+
+def _fake_elementwise(*ts):
+    return ts[0].new_empty(torch.broadcast_shapes(*(t.shape for t in ts)))
+
+
+for _name, _n in _ELEMENTWISE.items():
+    _LIB.define(f"{_name}({', '.join(f'Tensor x{i}' for i in range(_n))}) -> Tensor")
+    _LIB.impl(_name, functools.partial(_run_elementwise, _name), "CPU")
+    torch.library.register_fake(f"pamtorch::{_name}", _fake_elementwise, lib=_LIB)
+
+
+class _ElementwiseOps:
+    """What ``arith._ext`` answers while tracing: the elementwise kernels as custom ops."""
+
+    def __getattr__(self, name):
+        raise AttributeError(f"pamtorch.compile: the compiled kernel {name!r} has no custom op; add it to "
+                             "pamtorch.compile._ELEMENTWISE (traced code called it outside nn.functional._fused)")
+
+
+for _name in _ELEMENTWISE:
+    setattr(_ElementwiseOps, _name, staticmethod(getattr(torch.ops.pamtorch, _name).default))
+_TRACED_EXT = _ElementwiseOps()
+
+
+def _traced_ext(*ts):
+    return _TRACED_EXT if _EAGER_EXT(*ts) is not None else None
+
+
+def _no_extension(*ts):
+    return None
+
+
+# while tracing: (module, attribute) -> what it is then. arith's float32 getter answers
+# the custom ops; the bfloat16/float16 getter and nn.functional's fused blocks answer
+# None, so those trace as compositions of the elementwise ops (bit-identical, by their
+# kernels' own tests)
+_TRACE_PATCHES = [(kernels, name, op) for name, op in _TRACED.items()] + [
+    (arith, "_ext", _traced_ext), (arith, "_lowp", _no_extension), (PF, "_fused", _no_extension)]
+
+# one trace at a time
+_TRACE_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _tracing():
+    """While a graph is traced the PA kernels that traced code calls directly are custom ops
+    (a graph node each, run by the same kernel when the graph runs). Another thread running
+    eager PA meanwhile gets the same bits, through the same kernels."""
+    with _TRACE_LOCK:
+        saved = [(mod, name, getattr(mod, name)) for mod, name, _ in _TRACE_PATCHES if hasattr(mod, name)]
+        for mod, name, value in _TRACE_PATCHES:
+            if hasattr(mod, name):
+                setattr(mod, name, value)
+        try:
+            yield
+        finally:
+            for mod, name, value in saved:
+                setattr(mod, name, value)
+
+
+@contextlib.contextmanager
+def _no_modes():
+    """No user dispatch or function mode while a graph is traced: a backward graph is
+    compiled on the first backward, which may run under ``pamtorch.mode``."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    function_modes = []
+    while torch._C._len_torch_function_stack():
+        function_modes.append(torch._C._pop_torch_function_stack())
+    try:
+        with _disable_current_modes():
+            yield
+    finally:
+        for m in reversed(function_modes):
+            torch._C._push_on_torch_function_stack(m)
+
+
+# ---------------------------------------------------------------------------
+# a routed aten op as one custom op: its PA implementation from the op table runs when the
+# compiled graph runs, on real tensors, exactly as the mode runs it in eager
+
+_ROUTED_LIB = torch.library.Library("pamtorch_pa", "FRAGMENT")
+_ROUTED: dict = {}   # aten overload -> its custom op
+_ROUTES: dict = {}   # the route argument -> (config of the mode, op kind)
+_ALIAS = re.compile(r"\([a-z]!?\)")
+
+
+def _route_key(config: Config, kind: str) -> str:
+    """The string a graph node carries for (config, kind): content, not an index, so a graph
+    served from inductor's on-disk cache names the same route in any process."""
+    key = f"{kind}:{config!r}"
+    _ROUTES.setdefault(key, (config, kind))
+    return key
+
+
+def _fresh(out, inputs):
+    """A custom op's result: contiguous (its fake says so) and never a view of an input."""
+    if isinstance(out, (tuple, list)):
+        return tuple(_fresh(o, inputs) for o in out)
+    if not isinstance(out, Tensor):
+        return out
+    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs):
+        return out.clone(memory_format=torch.contiguous_format)
+    return out.contiguous()
+
+
+def _tensors(args, kwargs) -> list:
+    flat = list(args) + list(kwargs.values())
+    return [t for x in flat for t in (x if isinstance(x, (list, tuple)) else [x]) if isinstance(t, Tensor)]
+
+
+def _run_routed(func, *args, pamtorch_route, **kwargs):
+    config, kind = _ROUTES[pamtorch_route]
+    impl = OP_TABLE[func.overloadpacket].impl
+    _ACTIVE.append(config)  # as the mode's dispatch handler does around an implementation
+    try:
+        out = impl(func, args, kwargs, config.kind(kind))
+    finally:
+        _ACTIVE.pop()
+    return _fresh(out, _tensors(args, kwargs))
+
+
+def _fake_routed(func, *args, pamtorch_route, **kwargs):
+    # the PA implementations return what the aten op returns, shapes and dtypes
+    out = func(*args, **kwargs)
+    if isinstance(out, (tuple, list)):
+        return tuple(None if o is None else torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in out)
+    return torch.empty(out.shape, dtype=out.dtype, device=out.device)
+
+
+def _routed_op(func):
+    """The custom op ``pamtorch_pa::<op>[__<overload>]`` standing for aten overload ``func``
+    run by its PA implementation: the aten schema plus ``str pamtorch_route``."""
+    op = _ROUTED.get(func)
+    if op is None:
+        text = _ALIAS.sub("", str(func._schema))   # aten::name.overload(args) -> returns
+        head, rest = text.split("(", 1)
+        args, ret = rest.rsplit(") -> ", 1)
+        parts = [a.strip() for a in args.split(",") if a.strip()]
+        parts += [] if "*" in parts else ["*"]
+        overload = func._schema.overload_name
+        name = func.overloadpacket.__name__ + (f"__{overload}" if overload else "")
+        _ROUTED_LIB.define(f"{name}({', '.join(parts + ['str pamtorch_route'])}) -> {ret.strip()}")
+        _ROUTED_LIB.impl(name, functools.partial(_run_routed, func), "CompositeExplicitAutograd")
+        torch.library.register_fake(f"pamtorch_pa::{name}", functools.partial(_fake_routed, func),
+                                    lib=_ROUTED_LIB)
+        op = _ROUTED[func] = getattr(torch.ops.pamtorch_pa, name).default
+    return op
+
+
+class _TracingMode(PAMode):
+    """The mode's dispatch handler while a graph is traced: the same decisions (free,
+    routed, refused, left exact), but a routed op becomes one custom-op node whose PA
+    implementation runs with the compiled graph; the tracer's own queries (``prim.device``
+    of a fake tensor) and pamtorch's custom ops run as they are."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("prim", "pamtorch", "pamtorch_pa"):
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def _work(self, kind, impl, func, args, kwargs, opcfg):
+        if impl is None:
+            return func(*args, **kwargs)
+        return _routed_op(func)(*args, **kwargs, pamtorch_route=_route_key(self.config, kind))
+
+
+# ---------------------------------------------------------------------------
+# which config a node runs under
+
+def _module_ids(stack) -> list:
+    """ids of the modules in a node's ``nn_module_stack`` (keys ``"<id>"`` or ``"<id>@<n>"``)."""
+    out = []
+    for key in (stack or {}):
+        head = str(key).split("@")[0]
+        if head.isdigit():
+            out.append(int(head))
+    return out
+
+
+class _Scope:
+    """The config each graph node runs under: ``config`` for every node (a stock model,
+    as under ``pamtorch.mode``), or per converted region (``regions``: id(module) ->
+    config; a node outside every region runs exact, as in the eager converted model)."""
+
+    def __init__(self, config: Optional[Config], leave_exact=(), regions=None):
+        self.config, self.leave_exact, self.regions = config, tuple(leave_exact), regions
+        self._modes: dict = {}
+
+    def of(self, node: fx.Node) -> Optional[Config]:
+        if self.regions is None:
+            return self.config
+        stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
+        for i in _module_ids(stack):
+            if i in self.regions:
+                return self.regions[i]
+        return None
+
+    def dispatch_mode(self, config: Config) -> _TracingMode:
+        m = self._modes.get(id(config))
+        if m is None:
+            m = self._modes[id(config)] = (config, _TracingMode(config, self.leave_exact))
+        return m[1]
+
+
+class _Routed(fx.Interpreter):
+    """Runs a graph with each covered node under a mode: the function-level routes
+    (``_PAFunctionMode``) over Dynamo's graph, the dispatch handler over an aten graph."""
+
+    def __init__(self, gm, scope: _Scope, make_mode):
+        super().__init__(gm)
+        self.scope, self.make_mode = scope, make_mode
+
+    def run_node(self, n):
+        cfg = self.scope.of(n) if n.op in ("call_function", "call_method", "call_module") else None
+        if cfg is None:
+            return super().run_node(n)
+        with self.make_mode(cfg):
+            return super().run_node(n)
+
+
+class _FunctionRouted(torch.nn.Module):
+    """Dynamo's graph run with the mode's function-level routes, for aot_autograd to trace."""
+
+    def __init__(self, gm: fx.GraphModule, scope: _Scope):
+        super().__init__()
+        self.gm, self.scope = gm, scope
+
+    def forward(self, *args):
+        return _Routed(self.gm, self.scope,
+                       lambda cfg: _PAFunctionMode(cfg, self.scope.leave_exact)).run(*args)
+
+
+def _pa_graph(gm: fx.GraphModule, example_inputs, scope: _Scope, exact_sums: bool) -> fx.GraphModule:
+    """``gm`` (an aten graph) traced again with its covered nodes routed by the mode's
+    dispatch handler, and decomposed for inductor."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    table = dict(select_decomp_table())
+    if exact_sums:
+        table.update(_EXACT_SUMS)
+
+    def run(*args):
+        return _Routed(gm, scope, scope.dispatch_mode).run(*args)
+
+    fake = detect_fake_mode(example_inputs) or contextlib.nullcontext()
+    with _no_modes(), _tracing(), fake:
+        out = make_fx(run, tracing_mode="real", decomposition_table=table)(*example_inputs)
+    out.graph.eliminate_dead_code()
+    out.recompile()
+    return out
+
+
+def _outside_modes(fn):
+    """A compiled PA graph (boxed calling convention) that runs outside any dispatch mode:
+    a backward run under ``pamtorch.mode`` is already PA, and the mode must not route the
+    graph's aten and custom-op calls a second time."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def run(args):
+        if torch._C._len_torch_dispatch_stack():
+            with _disable_current_modes():
+                return fn(args)
+        return fn(args)
+    run._boxed_call = True
+    return run
+
+
+class _Backend:
+    """A ``torch.compile`` backend (see the module docstring); ``graphs`` collects the PA
+    graphs it built."""
+
+    def __init__(self, scope: _Scope, inductor: bool, exact_sums: bool):
+        self.scope, self.inductor, self.exact_sums = scope, inductor, exact_sums
+        self.graphs: list = []
+
+    def _compiler(self, is_backward: bool, is_inference: bool = False):
+        def compile_graph(gm, example_inputs):
+            pa = _pa_graph(gm, example_inputs, self.scope, self.exact_sums)
+            self.graphs.append(pa)
+            if not self.inductor:
+                from functorch.compile import make_boxed_func
+                return _outside_modes(make_boxed_func(pa))
+            from torch._inductor.compile_fx import compile_fx_inner
+            return _outside_modes(compile_fx_inner(pa, example_inputs, is_backward=is_backward,
+                                                   is_inference=is_inference))
+        return compile_graph
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+
+        aot = aot_autograd(fw_compiler=self._compiler(False), bw_compiler=self._compiler(True),
+                           inference_compiler=self._compiler(False, True))
+        with _no_modes(), _tracing():
+            return aot(_FunctionRouted(gm, self.scope), example_inputs)
+
+
+_BACKENDS = ("inductor", "eager")
+
+
+def pa_backend(config: Optional[Config] = None, *, inductor: bool = True, exact_sums: bool = True,
+               leave_exact=()):
+    """A ``torch.compile`` backend that compiles a stock model as ``pamtorch.mode(config,
+    leave_exact)`` runs it: ``torch.compile(model, backend=pa_backend(cfg), dynamic=False)``
+    (``from pamtorch.compile import pa_backend``). Its ``graphs`` holds the PA graphs it built."""
+    config = Config.paper() if config is None else config
+    if not isinstance(config, Config):
+        raise TypeError(f"pamtorch.compile: config must be a pamtorch Config, got {type(config).__name__}")
+    return _Backend(_Scope(config, leave_exact), inductor, exact_sums)
+
+
+def _regions(model: torch.nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, ConvertedModule)]
+
+
+def compile(model: torch.nn.Module, config: Optional[Config] = None, *, backend: str = "inductor",
+            exact_sums: bool = True, leave_exact=(), **compile_kwargs):
+    """``torch.compile(model)`` with piecewise affine arithmetic, forward and backward.
+
+    A stock model (no converted modules) compiles as ``pamtorch.mode(config, leave_exact)``
+    runs it (``config`` default ``Config.paper()``). A model made by ``pamtorch.convert``
+    compiles its mode regions, each with its own config, and leaves the rest exact, as
+    it runs in eager; ``config`` and ``leave_exact`` must then be left out.
+
+    ``backend``: "inductor" (generated C++ for the PA elementwise ops) or "eager" (the PA
+    graphs run op by op; compiles in seconds). ``exact_sums`` (default True): float sums
+    run by aten, so the results equal the eager mode's bit for bit (module docstring).
+    Other keyword arguments go to ``torch.compile`` (``fullgraph=True`` to refuse graph
+    breaks); ``dynamic`` defaults to False. Returns ``torch.compile``'s module, with the PA
+    graphs built so far in ``pamtorch_graphs`` (filled on the first call)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"pamtorch.compile: backend must be one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"pamtorch.compile: model must be a torch.nn.Module, got {type(model).__name__}")
+    regions = _regions(model)
+    if regions and (config is not None or leave_exact):
+        raise ValueError("pamtorch.compile: this model has converted modules (pamtorch.convert), which "
+                         "carry their own config; call pamtorch.compile(model) without config and "
+                         "leave_exact, or compile the stock model with a config")
+    compile_kwargs.setdefault("dynamic", False)
+    if not regions:
+        be = pa_backend(config, inductor=backend == "inductor", exact_sums=exact_sums,
+                        leave_exact=leave_exact)
+        compiled = torch.compile(model, backend=be, **compile_kwargs)
+        compiled.pamtorch_graphs = be.graphs
+        return compiled
+    scope = _Scope(None, (), {})
+    be = _Backend(scope, backend == "inductor", exact_sums)
+    compiled = torch.compile(model, backend=be, **compile_kwargs)
+    compiled.pamtorch_graphs = be.graphs
+    swapped: list = []
+
+    def stock(mod, args):
+        # Dynamo traces the regions' own (stock) forwards; the nodes keep their module's
+        # id, which the backend maps to the region's config
+        scope.regions.clear()
+        for m in regions:
+            scope.regions[id(m)] = m.pamtorch_config
+            swapped.append((m, type(m)))
+            m.__class__ = m._pa_base
+
+    def back(mod, args, out):
+        while swapped:
+            m, cls = swapped.pop()
+            m.__class__ = cls
+
+    compiled.register_forward_pre_hook(stock)
+    compiled.register_forward_hook(back, always_call=True)
+    return compiled
+
+
+# ---------------------------------------------------------------------------
+# checking a graph
+
+def _val(x):
+    if isinstance(x, fx.Node):
+        return x.meta.get("val")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_val(y) for y in x)
+    if isinstance(x, dict):
+        return {k: _val(v) for k, v in x.items()}
+    return x
+
+
+# prims that inductor's decompositions leave in a graph and that do no arithmetic: a cast
+# (aten._to_copy's decomposition) and arange
+_FREE_PRIMS = ("convert_element_type", "iota")
+
+
+def float_multiplications(gm: fx.GraphModule) -> list:
+    """The nodes of a traced graph that multiply floats, as strings: aten/prims calls the
+    mode classifies as not free (``pamtorch.mode.classify``, the rule ``pamtorch.audit``
+    applies), with their example values from the trace. The ``pamtorch`` custom ops (the
+    PAM kernels, the exact sum) do no float multiplication."""
+    found = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        if n.target.namespace in ("pamtorch", "pamtorch_pa") or (n.target.namespace == "prims" and
+                                                n.target.overloadpacket.__name__ in _FREE_PRIMS):
+            continue
+        if classify(n.target, _val(n.args), _val(n.kwargs), _val(n)) != "free":
+            found.append(f"{n.name}: {n.target}")
+    return found

@@ -1,0 +1,208 @@
+"""pamtorch.compile: one graph per direction, the eager mode's bits, no float multiplication left.
+
+The reference is the eager ``pamtorch.mode`` (or the eager converted model), whose numerics the
+rest of the suite checks against float64 and tests/reference.py; here the compiled step must
+reproduce it bit for bit."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pamtorch
+from pamtorch import Config
+from pamtorch.compile import exact_sum, float_multiplications, pam_bmm, pam_mm
+from pamtorch.convert import ConvertedModule
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block (causal SDPA, GELU MLP) with a cross-entropy head."""
+
+    def __init__(self, d=16, heads=2, vocab=11):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x, y):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
+        x = x + self.mlp(self.ln2(x))
+        return F.cross_entropy(self.head(x).reshape(B * T, -1), y)
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 5))
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.net(x), y)
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+def _eager(model, config, *inputs):
+    with pamtorch.mode(config):
+        return _grads(model, model(*inputs))
+
+
+def _assert_bits(ref, got):
+    assert len(ref) == len(got)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert torch.equal(a, b), f"tensor {i}: max |diff| {(a - b).abs().max().item()}"
+
+
+def _targets(compiled):
+    return {str(n.target) for g in compiled.pamtorch_graphs for n in g.graph.nodes if n.op == "call_function"}
+
+
+def test_mlp_inductor_equals_eager_mode_bitwise():
+    torch.manual_seed(0)
+    model, x, y = _MLP(), torch.randn(6, 12), torch.randint(0, 5, (6,))
+    cfg = Config.paper()
+    ref = _eager(model, cfg, x, y)
+    compiled = pamtorch.compile(model, cfg, fullgraph=True)
+    _assert_bits(ref, _grads(model, compiled(x, y)))
+    # one forward and one backward graph, each PA: every multiply-like aten op is a node of
+    # its PA implementation, the float sums are aten's own; no float multiplication is left
+    assert len(compiled.pamtorch_graphs) == 2
+    assert all(float_multiplications(g) == [] for g in compiled.pamtorch_graphs)
+    targets = _targets(compiled)
+    assert {"pamtorch_pa.addmm.default", "pamtorch_pa.mm.default", "pamtorch_pa.gelu.default",
+            "pamtorch_pa.gelu_backward.default", "pamtorch.sum.default"} <= targets
+    assert not targets & {"aten.mm.default", "aten.addmm.default", "aten.mul.Tensor", "aten.div.Tensor",
+                          "aten.sum.dim_IntList", "aten.exp.default", "aten.gelu.default"}
+    # the second step reuses the compiled graphs
+    _assert_bits(_eager(model, cfg, x, y), _grads(model, compiled(x, y)))
+    assert len(compiled.pamtorch_graphs) == 2
+
+
+def test_transformer_block_one_graph_equals_eager_mode_bitwise():
+    torch.manual_seed(1)
+    model = _Block()
+    x, y = torch.randn(2, 5, 16), torch.randint(0, 11, (10,))
+    cfg = Config.paper()
+    ref = _eager(model, cfg, x, y)
+    compiled = pamtorch.compile(model, cfg, fullgraph=True)
+    _assert_bits(ref, _grads(model, compiled(x, y)))
+    assert len(compiled.pamtorch_graphs) == 2
+    assert all(float_multiplications(g) == [] for g in compiled.pamtorch_graphs)
+    # attention runs the mode's function-level route: PAM kernels and PA elementwise ops
+    assert {"pamtorch.pam_bmm.default", "pamtorch.ew_pam.default", "pamtorch.ew_exp.default",
+            "pamtorch_pa.native_layer_norm_backward.default"} <= _targets(compiled)
+
+
+def test_exact_derivative_kinds_equal_eager_mode():
+    # function-level routes (exact matmul and loss derivatives) apply while aot_autograd traces
+    torch.manual_seed(2)
+    model, x, y = _MLP(), torch.randn(6, 12), torch.randint(0, 5, (6,))
+    cfg = Config.paper().with_derivative("exact")
+    ref = _eager(model, cfg, x, y)
+    compiled = pamtorch.compile(model, cfg, backend="eager", fullgraph=True)
+    _assert_bits(ref, _grads(model, compiled(x, y)))
+    targets = _targets(compiled)
+    assert {"pamtorch.pam_mm_exact_grad_a.default", "pamtorch.pam_mm_exact_grad_b.default"} <= targets
+    # and they differ from the approx derivative's gradients
+    approx = _eager(model, Config.paper(), x, y)
+    assert not torch.equal(approx[1], ref[1])
+
+
+class _Scaled(nn.Module):
+    """A parameter-free module of no known family: its multiply stays exact under convert."""
+
+    def forward(self, x):
+        return x * 0.7
+
+
+def test_converted_model_compiles_its_regions():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 16), _Scaled(), nn.GELU(), nn.Linear(16, 3))
+    x = torch.randn(4, 8)
+    pamtorch.convert(model, Config.paper())
+    model.zero_grad()
+    out = model(x)
+    ref = _grads(model, out.square().sum())
+    compiled = pamtorch.compile(model, fullgraph=True, backend="eager")
+    got = _grads(model, compiled(x).square().sum())
+    _assert_bits(ref, got)
+    # the regions are converted modules again after the call
+    assert all(isinstance(m, ConvertedModule) for m in model if m is not model[1])
+    # the exact multiply outside the regions is the one float multiplication the graphs keep
+    found = [f for g in compiled.pamtorch_graphs for f in float_multiplications(g)]
+    assert found and all("aten.mul.Tensor" in f for f in found)
+    with pytest.raises(ValueError, match="converted modules"):
+        pamtorch.compile(model, Config.paper())
+
+
+def test_exact_kind_left_in_graph_is_reported():
+    # a kind the config leaves exact keeps torch's float product, and the check says so
+    torch.manual_seed(4)
+    model, x, y = _MLP(), torch.randn(6, 12), torch.randint(0, 5, (6,))
+    cfg = Config.ablation("softmax", "norm", "loss", "optimizer", "elementwise", "nonlinear")
+    compiled = pamtorch.compile(model, cfg, backend="eager", fullgraph=True)
+    _assert_bits(_eager(model, cfg, x, y), _grads(model, compiled(x, y)))
+    found = [f for g in compiled.pamtorch_graphs for f in float_multiplications(g)]
+    assert any("aten.addmm" in f for f in found) and any("aten.mm" in f for f in found)
+
+
+def test_backward_under_mode_runs_the_compiled_graph_once():
+    # the compiled backward is PA already; under pamtorch.mode it must not be routed again
+    torch.manual_seed(5)
+    model, x, y = _MLP(), torch.randn(6, 12), torch.randint(0, 5, (6,))
+    cfg = Config.paper()
+    ref = _eager(model, cfg, x, y)
+    compiled = pamtorch.compile(model, cfg, backend="eager", fullgraph=True)
+    loss = compiled(x, y)
+    model.zero_grad(set_to_none=True)
+    with pamtorch.mode(cfg):
+        loss.backward()
+    _assert_bits(ref, [loss.detach()] + [p.grad for p in model.parameters()])
+
+
+def test_custom_ops_match_the_kernels_and_the_approx_derivative():
+    torch.manual_seed(6)
+    a, b = torch.randn(5, 7, requires_grad=True), torch.randn(7, 3, requires_grad=True)
+    g = torch.randn(5, 3)
+    ref = pamtorch.matmul(a, b, derivative="approx")
+    ra, rb = torch.autograd.grad(ref, (a, b), g)
+    out = pam_mm(a, b)
+    ga, gb = torch.autograd.grad(out, (a, b), g)
+    for x, y in [(ref, out), (ra, ga), (rb, gb)]:
+        assert torch.equal(x, y)
+    a3, b3 = torch.randn(2, 5, 7, requires_grad=True), torch.randn(2, 7, 3, requires_grad=True)
+    ref3 = pamtorch.bmm(a3, b3, offset=1.0552, derivative="approx")
+    out3 = pam_bmm(a3, b3, 1.0552)
+    g3 = torch.randn(2, 5, 3)
+    assert torch.equal(ref3, out3)
+    for x, y in zip(torch.autograd.grad(ref3, (a3, b3), g3), torch.autograd.grad(out3, (a3, b3), g3)):
+        assert torch.equal(x, y)
+    torch.library.opcheck(torch.ops.pamtorch.pam_mm.default, (a.detach(), b.detach(), None),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    t = torch.randn(4, 6)
+    assert torch.equal(exact_sum(t, [0], True), t.sum(0, keepdim=True))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pamtorch.compile(_MLP(), backend="cudagraphs")
+    with pytest.raises(TypeError, match="must be a pamtorch Config"):
+        pamtorch.compile(_MLP(), "paper")
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        pamtorch.compile(lambda x: x)
