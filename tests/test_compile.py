@@ -151,6 +151,32 @@ def test_converted_model_compiles_its_regions():
         pamtorch.compile(model, Config.paper())
 
 
+def test_transformer_encoder_inference_and_converted_training():
+    torch.manual_seed(7)
+    cfg = Config.paper()
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False)
+    x = torch.randn(2, 5, 16)
+    model.eval()
+    with torch.no_grad():
+        with pamtorch.mode(cfg):
+            ref = model(x)
+        # eval without grad: the fused fast path (no PA form) is off, as under the mode
+        assert torch.equal(ref, pamtorch.compile(model, cfg, backend="eager", fullgraph=True)(x))
+    torch._dynamo.reset()
+    pamtorch.convert(model, cfg)
+    model.train()
+    ref = _grads(model, model(x).square().mean())
+    compiled = pamtorch.compile(model, backend="eager", fullgraph=True)
+    _assert_bits(ref, _grads(model, compiled(x).square().mean()))
+    assert all(float_multiplications(g) == [] for g in compiled.pamtorch_graphs)
+    model.eval()
+    with torch.no_grad():
+        ref, got = model(x), compiled(x)   # the inference graph knows the regions too
+    assert torch.equal(ref, got)
+    assert float_multiplications(compiled.pamtorch_graphs[-1]) == []
+
+
 def test_exact_kind_left_in_graph_is_reported():
     # a kind the config leaves exact keeps torch's float product, and the check says so
     torch.manual_seed(4)

@@ -431,8 +431,11 @@ class _FunctionRouted(torch.nn.Module):
         self.gm, self.scope = gm, scope
 
     def forward(self, *args):
-        return _Routed(self.gm, self.scope,
-                       lambda cfg: _PAFunctionMode(cfg, self.scope.leave_exact)).run(*args)
+        # the aten nodes keep their Dynamo node's metadata (its module stack), as
+        # aot_autograd arranges for a GraphModule itself
+        with fx.traceback.preserve_node_meta():
+            return _Routed(self.gm, self.scope,
+                           lambda cfg: _PAFunctionMode(cfg, self.scope.leave_exact)).run(*args)
 
 
 def _pa_graph(gm: fx.GraphModule, example_inputs, scope: _Scope, exact_sums: bool) -> fx.GraphModule:
@@ -544,34 +547,39 @@ def compile(model: torch.nn.Module, config: Optional[Config] = None, *, backend:
                          "carry their own config; call pamtorch.compile(model) without config and "
                          "leave_exact, or compile the stock model with a config")
     compile_kwargs.setdefault("dynamic", False)
-    if not regions:
+    if regions:
+        scope = _Scope(None, (), {})
+        be = _Backend(scope, backend == "inductor", exact_sums)
+    else:
         be = pa_backend(config, inductor=backend == "inductor", exact_sums=exact_sums,
                         leave_exact=leave_exact)
-        compiled = torch.compile(model, backend=be, **compile_kwargs)
-        compiled.pamtorch_graphs = be.graphs
-        return compiled
-    scope = _Scope(None, (), {})
-    be = _Backend(scope, backend == "inductor", exact_sums)
+        scope = None
     compiled = torch.compile(model, backend=be, **compile_kwargs)
     compiled.pamtorch_graphs = be.graphs
-    swapped: list = []
+    undo: list = []
 
-    def stock(mod, args):
+    def enter(mod, args):
+        # as under the mode: the fused fast paths of nn.MultiheadAttention and
+        # nn.TransformerEncoderLayer (aten ops with no PA form) are off
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        undo.append(lambda: torch.backends.mha.set_fastpath_enabled(fastpath))
+        if scope is None:
+            return
         # Dynamo traces the regions' own (stock) forwards; the nodes keep their module's
         # id, which the backend maps to the region's config
         scope.regions.clear()
         for m in regions:
             scope.regions[id(m)] = m.pamtorch_config
-            swapped.append((m, type(m)))
+            undo.append(functools.partial(setattr, m, "__class__", type(m)))
             m.__class__ = m._pa_base
 
-    def back(mod, args, out):
-        while swapped:
-            m, cls = swapped.pop()
-            m.__class__ = cls
+    def leave(mod, args, out):
+        while undo:
+            undo.pop()()
 
-    compiled.register_forward_pre_hook(stock)
-    compiled.register_forward_hook(back, always_call=True)
+    compiled.register_forward_pre_hook(enter)
+    compiled.register_forward_hook(leave, always_call=True)
     return compiled
 
 
