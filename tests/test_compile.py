@@ -177,6 +177,16 @@ def test_transformer_encoder_inference_and_converted_training():
     assert float_multiplications(compiled.pamtorch_graphs[-1]) == []
 
 
+def test_dynamic_shapes_one_graph_for_every_batch_size():
+    torch.manual_seed(8)
+    model, cfg = _MLP(), Config.paper()
+    compiled = pamtorch.compile(model, cfg, backend="eager", dynamic=True, fullgraph=True)
+    for n in (3, 7, 10):
+        x, y = torch.randn(n, 12), torch.randint(0, 5, (n,))
+        _assert_bits(_eager(model, cfg, x, y), _grads(model, compiled(x, y)))
+    assert len(compiled.pamtorch_graphs) == 2   # symbolic batch size: no recompilation
+
+
 def test_exact_kind_left_in_graph_is_reported():
     # a kind the config leaves exact keeps torch's float product, and the check says so
     torch.manual_seed(4)

@@ -31,8 +31,8 @@ limits: floating-point sums run as ``torch.ops.pamtorch.sum`` (aten's own sum, o
 inductor's loops) because inductor adds a row in sequence where aten's CPU sum adds in a
 pairwise/vectorized order, which rounds differently (``exact_sums=False`` lets inductor
 fuse them: faster, last-bit differences); random ops (dropout) draw from inductor's
-generator, not the eager one. Shapes are static (``dynamic=False``): a new shape
-recompiles. The optimizer step is not compiled: run it under ``pamtorch.mode(config)``.
+generator, not the eager one. The optimizer step is not compiled: run it under
+``pamtorch.mode(config)``.
 
 :func:`float_multiplications` lists the nodes of a PA graph that still multiply floats
 (the mode's classification, as ``pamtorch.audit`` applies it at run time); the PA graphs
@@ -510,7 +510,7 @@ _BACKENDS = ("inductor", "eager")
 def pa_backend(config: Optional[Config] = None, *, inductor: bool = True, exact_sums: bool = True,
                leave_exact=()):
     """A ``torch.compile`` backend that compiles a stock model as ``pamtorch.mode(config,
-    leave_exact)`` runs it: ``torch.compile(model, backend=pa_backend(cfg), dynamic=False)``
+    leave_exact)`` runs it: ``torch.compile(model, backend=pa_backend(cfg))``
     (``from pamtorch.compile import pa_backend``). Its ``graphs`` holds the PA graphs it built."""
     config = Config.paper() if config is None else config
     if not isinstance(config, Config):
@@ -535,8 +535,10 @@ def compile(model: torch.nn.Module, config: Optional[Config] = None, *, backend:
     graphs run op by op; compiles in seconds). ``exact_sums`` (default True): float sums
     run by aten, so the results equal the eager mode's bit for bit (module docstring).
     Other keyword arguments go to ``torch.compile`` (``fullgraph=True`` to refuse graph
-    breaks); ``dynamic`` defaults to False. Returns ``torch.compile``'s module, with the PA
-    graphs built so far in ``pamtorch_graphs`` (filled on the first call)."""
+    breaks, ``dynamic``). Returns ``torch.compile``'s module, with the PA graphs built so
+    far in ``pamtorch_graphs`` (filled on the first call). While it runs, the fused fast
+    paths of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` are off (as under
+    the mode) and a converted model's regions are their stock classes (one thread at a time)."""
     if backend not in _BACKENDS:
         raise ValueError(f"pamtorch.compile: backend must be one of {_BACKENDS}, got {backend!r}")
     if not isinstance(model, torch.nn.Module):
@@ -546,7 +548,6 @@ def compile(model: torch.nn.Module, config: Optional[Config] = None, *, backend:
         raise ValueError("pamtorch.compile: this model has converted modules (pamtorch.convert), which "
                          "carry their own config; call pamtorch.compile(model) without config and "
                          "leave_exact, or compile the stock model with a config")
-    compile_kwargs.setdefault("dynamic", False)
     if regions:
         scope = _Scope(None, (), {})
         be = _Backend(scope, backend == "inductor", exact_sums)
