@@ -7,14 +7,16 @@ One step: forward, loss, backward, gradient clipping, AdamW, as ``pamtorch bench
 runs it (the same model and batches; dropout set to 0 so the compiled and eager steps do
 the same work). Variants, each on its own copy of the model:
 
-* ``fp32``: eager torch; ``fp32-compiled``: ``torch.compile`` (inductor) of model + loss;
+* ``fp32``: eager torch; ``fp32-compiled``: ``torch.compile`` (inductor) of model + loss
+  (the recipe's ``task.loss``);
 * ``pa``: the whole step under ``pamtorch.mode(config)``;
 * ``pa-compiled``: ``pamtorch.compile`` (inductor) of model + loss, clipping and AdamW
   under ``pamtorch.mode(config)``; ``pa-compiled-eager``: the same with backend="eager";
   ``pa-compiled-fused-sums``: inductor with ``exact_sums=False``.
 
-The variants take turns step by step and the median step time is reported with its ratio
-to the first variant. Compilation (minutes on a loaded 2-core machine) happens in the
+The variants take turns step by step and the median step time (and the process's CPU
+time per step, the steadier figure on a shared machine) is reported with its ratio to the
+first variant. Compilation (minutes on a loaded 2-core machine) happens in the
 warm-up steps and is reported apart.
 """
 import argparse
@@ -29,7 +31,6 @@ except ImportError:  # run from a checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 import torch
-import torch.nn.functional as F
 
 import pamtorch
 from pamtorch import bench
@@ -39,14 +40,14 @@ VARIANTS = ("fp32", "fp32-compiled", "pa", "pa-compiled", "pa-compiled-eager", "
 
 
 class _ModelAndLoss(torch.nn.Module):
-    """model(x) and its cross entropy: the part of the step that compiles."""
+    """The recipe's model and loss (``task.loss``): the part of the step that compiles."""
 
-    def __init__(self, model, label_smoothing):
+    def __init__(self, task, model):
         super().__init__()
-        self.model, self.label_smoothing = model, label_smoothing
+        self.task, self.model = task, model
 
-    def forward(self, x, y):
-        return F.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
+    def forward(self, *batch):
+        return self.task.loss(self.model, batch)[0]
 
 
 def _variant(name, task, hp, config):
@@ -56,14 +57,14 @@ def _variant(name, task, hp, config):
 
     model = copy.deepcopy(task.model)
     opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
-    step = _ModelAndLoss(model, getattr(task, "label_smoothing", 0.0))
+    step = _ModelAndLoss(task, model)
     mode = (lambda: pamtorch.mode(config)) if name.startswith("pa") else contextlib.nullcontext
     if name == "fp32-compiled":
-        return torch.compile(step, fullgraph=True, dynamic=False), contextlib.nullcontext, model, opt
+        return torch.compile(step), contextlib.nullcontext, model, opt
     if name.startswith("pa-compiled"):
         kwargs = {"pa-compiled": {}, "pa-compiled-eager": {"backend": "eager"},
                   "pa-compiled-fused-sums": {"exact_sums": False}}[name]
-        return pa_compile(step, config, fullgraph=True, **kwargs), mode, model, opt
+        return pa_compile(step, config, **kwargs), mode, model, opt
     return step, mode, model, opt
 
 
@@ -78,12 +79,13 @@ def run(recipe="vit", config="pam-full", variants=("fp32", "fp32-compiled", "pa"
     task, hp = bench._step_setup(recipe, ["--dropout", "0", *train_args], seed)
     runs = {v: _variant(v, task, hp, cfg) for v in variants}
     times = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}   # this process's CPU time: steadier on a shared machine
     warm = {v: 0.0 for v in variants}
     for step in range(reps + 2):  # two warm-up steps: compilation, lazily built kernels
         batch = task.batch(step, hp.batch_size, seed)
         for v, (fwd, rest, model, opt) in runs.items():
             torch.manual_seed(step)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if v == "pa":
                 with rest():
                     loss = fwd(*batch)
@@ -101,11 +103,13 @@ def run(recipe="vit", config="pam-full", variants=("fp32", "fp32-compiled", "pa"
             dt = time.perf_counter() - t0
             if step >= 2:
                 times[v].append(dt)
+                cpu[v].append(time.process_time() - c0)
             else:
                 warm[v] += dt
-    base = statistics.median(times[variants[0]])
+    base, cbase = statistics.median(times[variants[0]]), statistics.median(cpu[variants[0]])
     return [{"recipe": recipe, "config": config, "variant": v, "threads": threads, "batch": hp.batch_size,
              "step_ms": statistics.median(times[v]) * 1e3, "x_first": statistics.median(times[v]) / base,
+             "cpu_ms": statistics.median(cpu[v]) * 1e3, "x_first_cpu": statistics.median(cpu[v]) / cbase,
              "warmup_s": warm[v]} for v in variants]
 
 
@@ -122,11 +126,13 @@ def main(argv=None):
     rows = run(args.recipe, args.config, tuple(args.variants.split(",")), args.reps, args.threads,
                args.train_args)
     first = rows[0]["variant"]
-    print(f"| recipe | config | batch | threads | variant | step ms (median) | x {first} | warm-up s |")
-    print("|" + "---|" * 8)
+    print(f"| recipe | config | batch | threads | variant | step ms (median) | x {first} | CPU ms (median) "
+          f"| x {first} (CPU) | warm-up s |")
+    print("|" + "---|" * 10)
     for r in rows:
         print(f"| {r['recipe']} | {r['config']} | {r['batch']} | {r['threads']} | {r['variant']} | "
-              f"{r['step_ms']:.1f} | {r['x_first']:.2f} | {r['warmup_s']:.0f} |")
+              f"{r['step_ms']:.1f} | {r['x_first']:.2f} | {r['cpu_ms']:.1f} | {r['x_first_cpu']:.2f} | "
+              f"{r['warmup_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -27,12 +27,13 @@ substitution to the graph level, with the same op table and the same dispatch lo
    (``backend="eager"``, compiles in seconds).
 
 The compiled step equals the eager mode's bit for bit (forward, gradients), with these
-limits: floating-point sums run as ``torch.ops.pamtorch.sum`` (aten's own sum, out of
-inductor's loops) because inductor adds a row in sequence where aten's CPU sum adds in a
-pairwise/vectorized order, which rounds differently (``exact_sums=False`` lets inductor
-fuse them: faster, last-bit differences); random ops (dropout) draw from inductor's
-generator, not the eager one. The optimizer step is not compiled: run it under
-``pamtorch.mode(config)``.
+limits: under inductor, floating-point sums run as ``torch.ops.pamtorch.sum`` (aten's own
+sum, out of inductor's loops) because inductor adds a row in sequence where aten's CPU sum
+adds in a pairwise/vectorized order, which rounds differently (``exact_sums=False`` lets
+inductor fuse them: faster, last-bit differences), and the ops a config leaves exact are
+compiled as ``torch.compile`` compiles them (decomposed, not bit-identical to eager aten);
+random ops (dropout) draw from inductor's generator, not the eager one. The optimizer
+step is not compiled: run it under ``pamtorch.mode(config)``.
 
 :func:`float_multiplications` lists the nodes of a PA graph that still multiply floats
 (the mode's classification, as ``pamtorch.audit`` applies it at run time); the PA graphs
@@ -438,15 +439,17 @@ class _FunctionRouted(torch.nn.Module):
                            lambda cfg: _PAFunctionMode(cfg, self.scope.leave_exact)).run(*args)
 
 
-def _pa_graph(gm: fx.GraphModule, example_inputs, scope: _Scope, exact_sums: bool) -> fx.GraphModule:
+def _pa_graph(gm: fx.GraphModule, example_inputs, scope: _Scope, inductor: bool,
+              exact_sums: bool) -> fx.GraphModule:
     """``gm`` (an aten graph) traced again with its covered nodes routed by the mode's
-    dispatch handler, and decomposed for inductor."""
+    dispatch handler; for inductor, decomposed as inductor's own aot_autograd would, and
+    with the float sums as ``pamtorch.sum`` if ``exact_sums``."""
     from torch._guards import detect_fake_mode
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    table = dict(select_decomp_table())
-    if exact_sums:
+    table = dict(select_decomp_table()) if inductor else {}
+    if inductor and exact_sums:
         table.update(_EXACT_SUMS)
 
     def run(*args):
@@ -485,7 +488,7 @@ class _Backend:
 
     def _compiler(self, is_backward: bool, is_inference: bool = False):
         def compile_graph(gm, example_inputs):
-            pa = _pa_graph(gm, example_inputs, self.scope, self.exact_sums)
+            pa = _pa_graph(gm, example_inputs, self.scope, self.inductor, self.exact_sums)
             self.graphs.append(pa)
             if not self.inductor:
                 from functorch.compile import make_boxed_func
@@ -531,9 +534,10 @@ def compile(model: torch.nn.Module, config: Optional[Config] = None, *, backend:
     compiles its mode regions, each with its own config, and leaves the rest exact, as
     it runs in eager; ``config`` and ``leave_exact`` must then be left out.
 
-    ``backend``: "inductor" (generated C++ for the PA elementwise ops) or "eager" (the PA
-    graphs run op by op; compiles in seconds). ``exact_sums`` (default True): float sums
-    run by aten, so the results equal the eager mode's bit for bit (module docstring).
+    ``backend``: "inductor" (generated C++ for the free ops around the PA ops) or "eager" (the PA
+    graphs run op by op; compiles in seconds). ``exact_sums`` (default True): under
+    inductor, float sums run by aten, so the results equal the eager mode's bit for bit
+    (module docstring).
     Other keyword arguments go to ``torch.compile`` (``fullgraph=True`` to refuse graph
     breaks, ``dynamic``). Returns ``torch.compile``'s module, with the PA graphs built so
     far in ``pamtorch_graphs`` (filled on the first call). While it runs, the fused fast
