@@ -140,9 +140,10 @@ def _fused(*ts):
 
 
 def _fused_rows(x: torch.Tensor, k: int, *ts):
-    """:func:`_fused` for the row kernels of ``pa_norm.cpp``, which take ``x`` non-empty and
-    contiguous, its last ``k`` dims as the rows; ``ts``: the other operands (None: absent)."""
-    if x.numel() == 0 or not x.is_contiguous() or not 1 <= k <= x.dim():
+    """:func:`_fused` for the row kernels of ``pa_norm.cpp``, which take ``x`` non-empty, its last
+    ``k`` dims as the rows (and return None for layouts they do not take); ``ts``: the other
+    operands (None: absent)."""
+    if x.numel() == 0 or not 1 <= k <= x.dim():
         return None
     return _fused(x, *(t for t in ts if t is not None))
 
@@ -193,8 +194,9 @@ def softmax_forward(x: torch.Tensor, dim: int, safe: bool = False, *, _ops=_RAW)
     if x.numel() == 0:
         return x.clone()
     ext = _fused_rows(x, 1) if _ops is _RAW and _is_last(x, dim) else None
-    if ext is not None:  # along the last dim of contiguous rows: one pass, torch's own sum, one pass
-        return ext.fused_softmax_forward(x.detach(), safe)
+    y = None if ext is None else ext.fused_softmax_forward(x.detach(), safe)
+    if y is not None:  # along the last dim: one pass, torch's own sum, one pass
+        return y
     m = x.amax(dim, keepdim=True)
     if safe:
         m = torch.where(m == -math.inf, torch.zeros_like(m), m)
@@ -211,8 +213,9 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tenso
         return torch.zeros_like(y)
     dy = dy.to(y.dtype)
     ext = _fused_rows(y, 1, dy) if _is_last(y, dim) and dy.shape == y.shape else None
-    if ext is not None and dy.is_contiguous():
-        return ext.fused_softmax_backward(y.detach(), dy.detach())
+    dx = None if ext is None else ext.fused_softmax_backward(y.detach(), dy.detach())
+    if dx is not None:
+        return dx
     return arith.pam(y, dy - arith.pam(dy, y).sum(dim, keepdim=True))
 
 
@@ -367,7 +370,7 @@ def _fused_norm_forward(x, shape, weight, bias, eps, centered):
     if ext is None or any(t is not None and tuple(t.shape) != shape for t in (w, b)):
         return None
     y, mean, rstd = ext.fused_norm_forward(x.detach(), len(shape), w, b, float(eps), centered)
-    if y is None:  # a NaN arose in the bias add: its pattern is torch's add's choice
+    if y is None:  # a layout it does not take, or a NaN from the bias add (torch's add picks its pattern)
         return None
     return (y, mean, rstd) if centered else (y, rstd)
 
@@ -380,11 +383,14 @@ def _fused_norm_backward(dy, x, shape, mean, rstd, weight, want_dx, want_dw):
     w = None if weight is None else weight.detach().to(x.dtype)
     ext = _fused_rows(x, len(shape), dy, mean, rstd, w)
     stat = tuple(x.shape[:x.dim() - len(shape)]) + (1,) * len(shape)  # aten's mean / rstd shape
-    if (ext is None or dy.shape != x.shape or not dy.is_contiguous() or tuple(rstd.shape) != stat
+    if (ext is None or dy.shape != x.shape or tuple(rstd.shape) != stat
             or (mean is not None and tuple(mean.shape) != stat) or (w is not None and tuple(w.shape) != shape)):
         return None
-    return ext.fused_norm_backward(dy.detach(), x.detach(), len(shape), None if mean is None else mean.detach(),
-                                   rstd.detach(), w, bool(want_dx), bool(want_dw), mean is not None)
+    dx, dw = ext.fused_norm_backward(dy.detach(), x.detach(), len(shape), None if mean is None else mean.detach(),
+                                     rstd.detach(), w, bool(want_dx), bool(want_dw), mean is not None)
+    if (want_dx and dx is None) or (want_dw and dw is None):  # layouts the kernel does not take
+        return None
+    return dx, dw
 
 
 # ---------------------------------------------------------------------------
