@@ -187,6 +187,32 @@ def test_dynamic_shapes_one_graph_for_every_batch_size():
     assert len(compiled.pamtorch_graphs) == 2   # symbolic batch size: no recompilation
 
 
+class _Numbers(nn.Module):
+    """Python numbers where aten takes tensors (``mul.Tensor(x, 8.0)``), an integer tensor
+    times a float (the mode converts it), pow and div by numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(10, 8), nn.Linear(8, 3)
+
+    def forward(self, t, n):
+        return self.lin(self.emb(t) * 8.0 + n * 0.5).pow(2) / 3 + (t * 1.5).sum()
+
+
+def test_python_numbers_in_routed_ops():
+    torch.manual_seed(9)
+    model, cfg = _Numbers(), Config.paper()
+    t, n = torch.randint(0, 10, (4, 5)), torch.randn(4, 5, 8)
+    with pamtorch.mode(cfg):
+        out = model(t, n)
+        ref = torch.autograd.grad(out.sum(), list(model.parameters()))
+    compiled = pamtorch.compile(model, cfg, backend="eager", fullgraph=True)
+    out2 = compiled(t, n)
+    _assert_bits([out, *ref], [out2, *torch.autograd.grad(out2.sum(), list(model.parameters()))])
+    assert {"pamtorch_pa.mul__Tensor.default", "pamtorch_pa.pow__Tensor_Scalar.default",
+            "pamtorch_pa.div__Tensor.default"} <= _targets(compiled)
+
+
 def test_exact_kind_left_in_graph_is_reported():
     # a kind the config leaves exact keeps torch's float product, and the check says so
     torch.manual_seed(4)

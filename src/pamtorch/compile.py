@@ -290,12 +290,44 @@ _ROUTES: dict = {}   # the route argument -> (config of the mode, op kind)
 _ALIAS = re.compile(r"\([a-z]!?\)")
 
 
-def _route_key(config: Config, kind: str) -> str:
-    """The string a graph node carries for (config, kind): content, not an index, so a graph
+def _route_key(config: Config, kind: str, numbers=()) -> str:
+    """The string a graph node carries for (config, kind, ``numbers``: the positions or names
+    of the Python numbers it passes as 0-d tensors): content, not an index, so a graph
     served from inductor's on-disk cache names the same route in any process."""
-    key = f"{kind}:{config!r}"
-    _ROUTES.setdefault(key, (config, kind))
+    key = f"{kind}|{','.join(map(str, numbers))}|{config!r}"
+    _ROUTES.setdefault(key, (config, kind, tuple(numbers)))
     return key
+
+
+def _as_tensors(func, args, kwargs):
+    """(args, kwargs, where): the Python numbers an aten call passes for Tensor arguments
+    (``mul.Tensor(x, 8.0)``, as traced graphs hold them) as 0-d tensors of the widest
+    dtype of their kind, which a custom op can take, and where they were."""
+    tensor_type = torch._C.TensorType.get()
+    schema = func._schema.arguments
+    where = []
+
+    def box(i, v):
+        where.append(i)
+        dtype = (torch.bool if isinstance(v, bool) else torch.int64 if isinstance(v, int)
+                 else torch.complex128 if isinstance(v, complex) else torch.float64)
+        return torch.tensor(v, dtype=dtype)
+
+    def numeric(v):
+        return isinstance(v, (bool, int, float, complex))
+
+    args = [box(i, v) if i < len(schema) and numeric(v) and schema[i].type == tensor_type else v
+            for i, v in enumerate(args)]
+    types = {a.name: a.type for a in schema}
+    kwargs = {n: box(n, v) if numeric(v) and types.get(n) == tensor_type else v for n, v in kwargs.items()}
+    return args, kwargs, where
+
+
+def _unbox(numbers, args, kwargs, value):
+    """The Python numbers back where ``_as_tensors`` boxed them (``value(t)`` of each)."""
+    args = [value(v) if i in numbers else v for i, v in enumerate(args)]
+    kwargs = {n: value(v) if n in numbers else v for n, v in kwargs.items()}
+    return args, kwargs
 
 
 def _fresh(out, inputs):
@@ -315,18 +347,25 @@ def _tensors(args, kwargs) -> list:
 
 
 def _run_routed(func, *args, pamtorch_route, **kwargs):
-    config, kind = _ROUTES[pamtorch_route]
+    config, kind, numbers = _ROUTES[pamtorch_route]
+    if numbers:
+        args, kwargs = _unbox(numbers, args, kwargs, lambda t: t.item())
     impl = OP_TABLE[func.overloadpacket].impl
     _ACTIVE.append(config)  # as the mode's dispatch handler does around an implementation
     try:
-        out = impl(func, args, kwargs, config.kind(kind))
+        out = impl(func, tuple(args), kwargs, config.kind(kind))
     finally:
         _ACTIVE.pop()
     return _fresh(out, _tensors(args, kwargs))
 
 
 def _fake_routed(func, *args, pamtorch_route, **kwargs):
-    # the PA implementations return what the aten op returns, shapes and dtypes
+    # the PA implementations return what the aten op returns, shapes and dtypes (which
+    # depend on a number's type, not on its value)
+    numbers = _ROUTES[pamtorch_route][2]
+    if numbers:
+        args, kwargs = _unbox(numbers, args, kwargs, lambda t: {torch.bool: True, torch.int64: 1,
+                                                                torch.complex128: 1j}.get(t.dtype, 1.0))
     out = func(*args, **kwargs)
     if isinstance(out, (tuple, list)):
         return tuple(None if o is None else torch.empty(o.shape, dtype=o.dtype, device=o.device) for o in out)
@@ -367,7 +406,8 @@ class _TracingMode(PAMode):
     def _work(self, kind, impl, func, args, kwargs, opcfg):
         if impl is None:
             return func(*args, **kwargs)
-        return _routed_op(func)(*args, **kwargs, pamtorch_route=_route_key(self.config, kind))
+        args, kwargs, numbers = _as_tensors(func, args, kwargs)
+        return _routed_op(func)(*args, **kwargs, pamtorch_route=_route_key(self.config, kind, numbers))
 
 
 # ---------------------------------------------------------------------------
