@@ -257,11 +257,11 @@ struct NormOut {
 };
 
 // the backward's operands: dy, x (with their row offsets), the forward's per-row mean and rstd,
-// w (and its tiling), and the buffers G, GX, DYX, which share the row offsets oi
+// w (and its tiling), the buffers G, GX, DYX, which share the row offsets oi, and dx (odx)
 struct GradArgs {
   const uint32_t *dy, *x, *mean, *rstd, *w, *wt;
-  uint32_t *G, *GX, *DYX;
-  const int64_t *ody, *ox, *oi;
+  uint32_t *G, *GX, *DYX, *DX;
+  const int64_t *ody, *ox, *oi, *odx;
 };
 
 // norm backward, first pass: with xh = (x - mean) *^ rstd (or x *^ rstd) and g = dy *^ w (or dy):
@@ -304,8 +304,7 @@ struct NormGradTerms {
 };
 
 // norm backward, second pass: dx = rstd *^ ((g - ga) - xh *^ gb), or rstd *^ (g - xh *^ gb)
-// without centering, with ga = Σg /^ n and gb = Σ(g *^ xh) /^ n per row; g: G (with w) or dy,
-// dx into GX
+// without centering, with ga = Σg /^ n and gb = Σ(g *^ xh) /^ n per row; g: G (with w) or dy
 template <bool CENTER, bool HAS_W>
 struct NormGradX {
   static PA_INLINE void run(GradArgs a, const uint32_t* ga, const uint32_t* gb, Geo geo, int64_t r0,
@@ -315,7 +314,7 @@ struct NormGradX {
       m = chunk_len(r, c, geo, r1);
       const uint32_t* __restrict xs = a.x + row_at(a.ox, r, geo.n) + c;
       const uint32_t* __restrict gs = HAS_W ? a.G + row_at(a.oi, r, geo.n) + c : a.dy + row_at(a.ody, r, geo.n) + c;
-      uint32_t* __restrict os = a.GX + row_at(a.oi, r, geo.n) + c;
+      uint32_t* __restrict os = a.DX + row_at(a.odx, r, geo.n) + c;
       expand(re, a.rstd, r, c, geo, m);
       expand(be, gb, r, c, geo, m);
       if (CENTER) {
@@ -390,7 +389,7 @@ struct SoftmaxDiv {
   }
 };
 
-// softmax backward: p = dy *^ y, then (in place) y *^ (dy - Σp) per row
+// softmax backward: p = dy *^ y, then y *^ (dy - Σp) per row
 struct SoftmaxGradTerms {
   static PA_INLINE void run(const uint32_t* dy, const int64_t* ody, const uint32_t* y, const int64_t* oy,
                             uint32_t* p, const int64_t* op, Geo g, int64_t r0, int64_t r1) {
@@ -508,6 +507,12 @@ struct RowMap {
 at::Tensor dense_like(const at::Tensor& t) {
   at::Tensor out;
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(t).build();
+  return iter.output();
+}
+// A new tensor in the layout of TensorIterator's result of the operands a and b (broadcast).
+at::Tensor layout_of(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out;
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(a).add_const_input(b).build();
   return iter.output();
 }
 
@@ -675,7 +680,16 @@ std::tuple<at::Tensor, at::Tensor> norm_backward(const at::Tensor& dy, const at:
   if (want_dw) DYX = dense_like(dy);
   const RowMap mi(G.defined() ? G : (GX.defined() ? GX : DYX), k);
   TORCH_CHECK(mi.ok, "pamtorch ", op, ": internal error: unexpected layout of the gradient terms");
-  const Geo geo{n, mx.adjacent && mdy.adjacent && mi.adjacent};
+  // dx = rstd *^ t, t (in dy's layout, as GX): TensorIterator's result of (rstd, t), where rstd's
+  // strides order the leading dims; into GX's memory where that is the same layout
+  at::Tensor DX;
+  if (want_dx) {
+    DX = layout_of(rstd, GX);
+    if (DX.strides() == GX.strides()) DX = GX;
+  }
+  const RowMap mdx(DX.defined() ? DX : x, k);
+  TORCH_CHECK(mdx.ok, "pamtorch ", op, ": internal error: unexpected layout of dx");
+  const Geo geo{n, mx.adjacent && mdy.adjacent && mi.adjacent && mdx.adjacent};
   const GradArgs a{bits(dy),
                    bits(x),
                    centered ? mv.data() : nullptr,
@@ -685,9 +699,11 @@ std::tuple<at::Tensor, at::Tensor> norm_backward(const at::Tensor& dy, const at:
                    G.defined() ? bits_mut(G) : nullptr,
                    GX.defined() ? bits_mut(GX) : nullptr,
                    DYX.defined() ? bits_mut(DYX) : nullptr,
+                   DX.defined() ? bits_mut(DX) : nullptr,
                    mdy.ptr(),
                    mx.ptr(),
-                   mi.ptr()};
+                   mi.ptr(),
+                   mdx.ptr()};
   for_rows(R, n, [&](int64_t r0, int64_t r1) {
     if (centered && cw.has()) grad_terms<true, true>(want_dx, want_dw, a, geo, r0, r1);
     else if (centered) grad_terms<true, false>(want_dx, false, a, geo, r0, r1);
@@ -707,13 +723,13 @@ std::tuple<at::Tensor, at::Tensor> norm_backward(const at::Tensor& dy, const at:
   if (centered) ga = PerRow(at::sum(cw.has() ? G : dy, sh.dims, true), k, by_n).v;
   const std::vector<uint32_t> gb = PerRow(at::sum(GX, sh.dims, true), k, by_n).v;
   const uint32_t *gap = centered ? ga.data() : nullptr, *gbp = gb.data();
-  for_rows(R, n, [&](int64_t r0, int64_t r1) {  // dx into GX's memory
+  for_rows(R, n, [&](int64_t r0, int64_t r1) {
     if (centered && cw.has()) run<NormGradX<true, true>>(a, gap, gbp, geo, r0, r1);
     else if (centered) run<NormGradX<true, false>>(a, gap, gbp, geo, r0, r1);
     else if (cw.has()) run<NormGradX<false, true>>(a, gap, gbp, geo, r0, r1);
     else run<NormGradX<false, false>>(a, gap, gbp, geo, r0, r1);
   });
-  return {GX, dw};
+  return {DX, dw};
 }
 
 // softmax_forward along the last dim (safe: as aten._safe_softmax); None where x is not laid out
@@ -757,20 +773,25 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy) {
   const RowMap my(y, 1), mdy(dy, 1);
   if (!my.ok || !mdy.ok) return at::Tensor();
   at::Tensor p = dense_like(dy);  // the layout of the composition's dy *^ y
-  const RowMap mp(p, 1);
-  TORCH_CHECK(mp.ok, "pamtorch ", op, ": internal error: unexpected layout of the products");
-  const Geo g{sh.n, my.adjacent && mdy.adjacent && mp.adjacent};
+  // the result y *^ (dy - Σp), dy - Σp in dy's layout (as p): TensorIterator's result of (y, p);
+  // into p's memory where that is the same layout
+  at::Tensor out = layout_of(y, p);
+  if (out.strides() == p.strides()) out = p;
+  const RowMap mp(p, 1), mo(out, 1);
+  TORCH_CHECK(mp.ok && mo.ok, "pamtorch ", op, ": internal error: unexpected layout of the products");
+  const Geo g{sh.n, my.adjacent && mdy.adjacent && mp.adjacent && mo.adjacent};
   const uint32_t *yp = bits(y), *dyp = bits(dy);
   uint32_t* pp = bits_mut(p);
+  uint32_t* op_ = bits_mut(out);
   for_rows(sh.R, sh.n, [&](int64_t r0, int64_t r1) {
     run<SoftmaxGradTerms>(dyp, mdy.ptr(), yp, my.ptr(), pp, mp.ptr(), g, r0, r1);
   });
   const std::vector<uint32_t> s = row_values(at::sum(p, {-1}, true), 1, sh.R, op, "sum");
   const uint32_t* sp = s.data();
   for_rows(sh.R, sh.n, [&](int64_t r0, int64_t r1) {
-    run<SoftmaxGradX>(dyp, mdy.ptr(), yp, my.ptr(), sp, pp, mp.ptr(), g, r0, r1);
+    run<SoftmaxGradX>(dyp, mdy.ptr(), yp, my.ptr(), sp, op_, mo.ptr(), g, r0, r1);
   });
-  return p;
+  return out;
 }
 
 }  // namespace
