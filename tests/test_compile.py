@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import pamtorch
 from pamtorch import Config
-from pamtorch.compile import exact_sum, float_multiplications, pam_bmm, pam_mm
+from pamtorch.compile import exact_sum, float_multiplications, pa_backend, pam_bmm, pam_mm
 from pamtorch.convert import ConvertedModule
 
 aten = torch.ops.aten
@@ -211,6 +211,45 @@ def test_python_numbers_in_routed_ops():
     _assert_bits([out, *ref], [out2, *torch.autograd.grad(out2.sum(), list(model.parameters()))])
     assert {"pamtorch_pa.mul__Tensor.default", "pamtorch_pa.pow__Tensor_Scalar.default",
             "pamtorch_pa.div__Tensor.default"} <= _targets(compiled)
+
+
+@torch._dynamo.disable
+def _eager_scale(h):
+    return h * 0.3   # never compiled: runs as eager code between two graphs
+
+
+class _Breaks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.gelu(self.a(x))
+        if h.sum().item() > -1e9:   # a graph break on data
+            h = _eager_scale(h)
+        return self.b(h)
+
+
+def test_graph_breaks_refused_by_default_and_eager_code_between_graphs_runs_pa():
+    torch.manual_seed(10)
+    model, cfg, x = _Breaks(), Config.paper(), torch.randn(4, 8)
+    with pytest.raises(Exception, match="item|graph break|Unsupported"):
+        pamtorch.compile(model, cfg, backend="eager")(x)
+    torch._dynamo.reset()
+    with pamtorch.mode(cfg):
+        out = model(x)
+        ref = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    compiled = pamtorch.compile(model, cfg, backend="eager", fullgraph=False)
+    out2 = compiled(x)
+    with pamtorch.mode(cfg):   # the eager code's backward is PA under the mode
+        got = torch.autograd.grad(out2.square().sum(), list(model.parameters()))
+    _assert_bits([out, *ref], [out2, *got])
+    # the multiply between the graphs ran PA: with the backend alone it runs exact, other bits
+    torch._dynamo.reset()
+    assert not torch.equal(out, torch.compile(model, backend=pa_backend(cfg, inductor=False))(x))
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="fullgraph=True only"):
+        pamtorch.compile(pamtorch.convert(_Breaks(), cfg), fullgraph=False)
 
 
 def test_exact_kind_left_in_graph_is_reported():

@@ -33,7 +33,9 @@ adds in a pairwise/vectorized order, which rounds differently (``exact_sums=Fals
 inductor fuse them: faster, last-bit differences), and the ops a config leaves exact are
 compiled as ``torch.compile`` compiles them (decomposed, not bit-identical to eager aten);
 random ops (dropout) draw from inductor's generator, not the eager one. The optimizer
-step is not compiled: run it under ``pamtorch.mode(config)``.
+step is not compiled: run it under ``pamtorch.mode(config)``. ``fullgraph`` defaults to
+True: code a graph break leaves to eager torch would otherwise run outside PA (see
+:func:`compile` for ``fullgraph=False``).
 
 :func:`float_multiplications` lists the nodes of a PA graph that still multiply floats
 (the mode's classification, as ``pamtorch.audit`` applies it at run time); the PA graphs
@@ -410,6 +412,15 @@ class _TracingMode(PAMode):
         return _routed_op(func)(*args, **kwargs, pamtorch_route=_route_key(self.config, kind, numbers))
 
 
+class _Remainder(PAMode):
+    """The mode's dispatch handler for code a graph break leaves to eager torch: Dynamo
+    compiles under it (it ignores compile internals), the compiled graphs run outside it."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+
 # ---------------------------------------------------------------------------
 # which config a node runs under
 
@@ -578,11 +589,19 @@ def compile(model: torch.nn.Module, config: Optional[Config] = None, *, backend:
     graphs run op by op; compiles in seconds). ``exact_sums`` (default True): under
     inductor, float sums run by aten, so the results equal the eager mode's bit for bit
     (module docstring).
-    Other keyword arguments go to ``torch.compile`` (``fullgraph=True`` to refuse graph
-    breaks, ``dynamic``). Returns ``torch.compile``'s module, with the PA graphs built so
-    far in ``pamtorch_graphs`` (filled on the first call). While it runs, the fused fast
-    paths of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` are off (as under
-    the mode) and a converted model's regions are their stock classes (one thread at a time)."""
+
+    ``fullgraph`` defaults to True: a graph break leaves code to eager torch. With
+    ``fullgraph=False`` (stock models only) that code runs under the mode's dispatch
+    handler in the forward (a mode torch.compile compiles under, as it ignores the
+    compiled graphs); its backward is PA only if ``backward()`` runs under
+    ``pamtorch.mode(config)``, and the mode's function-level routes do not apply to it
+    (attention there is refused, exact/ste derivative kinds there are approx).
+
+    Other keyword arguments go to ``torch.compile`` (``dynamic``...). Returns
+    ``torch.compile``'s module, with the PA graphs built so far in ``pamtorch_graphs``
+    (filled on the first call). While it runs, the fused fast paths of
+    ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` are off (as under the mode)
+    and a converted model's regions are their stock classes (one thread at a time)."""
     if backend not in _BACKENDS:
         raise ValueError(f"pamtorch.compile: backend must be one of {_BACKENDS}, got {backend!r}")
     if not isinstance(model, torch.nn.Module):
@@ -592,13 +611,21 @@ def compile(model: torch.nn.Module, config: Optional[Config] = None, *, backend:
         raise ValueError("pamtorch.compile: this model has converted modules (pamtorch.convert), which "
                          "carry their own config; call pamtorch.compile(model) without config and "
                          "leave_exact, or compile the stock model with a config")
+    compile_kwargs.setdefault("fullgraph", True)
+    remainder = None
     if regions:
+        if not compile_kwargs["fullgraph"]:
+            raise ValueError("pamtorch.compile: a converted model compiles with fullgraph=True only (code "
+                             "a graph break leaves to eager torch would run its regions exact); remove "
+                             "the graph break, or compile the stock model with a config")
         scope = _Scope(None, (), {})
         be = _Backend(scope, backend == "inductor", exact_sums)
     else:
         be = pa_backend(config, inductor=backend == "inductor", exact_sums=exact_sums,
                         leave_exact=leave_exact)
         scope = None
+        if not compile_kwargs["fullgraph"]:
+            remainder = _Remainder(be.scope.config, leave_exact)
     compiled = torch.compile(model, backend=be, **compile_kwargs)
     compiled.pamtorch_graphs = be.graphs
     undo: list = []
@@ -609,6 +636,9 @@ def compile(model: torch.nn.Module, config: Optional[Config] = None, *, backend:
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         undo.append(lambda: torch.backends.mha.set_fastpath_enabled(fastpath))
+        if remainder is not None:
+            remainder.__enter__()
+            undo.append(lambda: remainder.__exit__(None, None, None))
         if scope is None:
             return
         # Dynamo traces the regions' own (stock) forwards; the nodes keep their module's
