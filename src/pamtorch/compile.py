@@ -21,7 +21,10 @@ substitution to the graph level, with the same op table and the same dispatch lo
    custom-op node, ``torch.ops.pamtorch_pa.<op>`` (``pamtorch_pa.addmm``...), whose PA
    implementation from ``OP_TABLE`` runs when the graph runs, on real tensors, with the
    compiled kernels, as in eager. PA code that runs while tracing (the function-level
-   routes) calls the kernels as custom ops (``pamtorch.pam_mm``, ``pamtorch.ew_pam``...);
+   routes) calls the kernels as custom ops (``pamtorch.pam_mm``, ``pamtorch.ew_pam``...).
+   (Tracing the PA implementations themselves into integer aten ops for inductor to fuse
+   was tried and measured slower than the compiled kernels: inductor's loops on the int64
+   patterns of arith's torch forms made a ViT step 1.5x slower than the eager mode);
 4. the PA graphs go to inductor (``backend="inductor"``: the free ops around the PA ops,
    views, additions, masks, fused into generated C++ loops) or run as they are
    (``backend="eager"``, compiles in seconds).
