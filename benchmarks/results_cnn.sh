@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # RESULTS.md, CNN rows: pre-activation ResNet-20 on Fashion-MNIST (../shared/data/fashion-mnist),
-# batch 64, 200 steps, seed 0: fp32, pam-conv (the paper's CNN variant: PA convolutions and
-# linear layers, BatchNorm and the rest exact) and pam-full, one after another, one thread each.
-# Usage (from the repository root): benchmarks/results_cnn.sh   (a finished run is skipped)
+# batch 64, seed 0: fp32, pam-conv (the paper's CNN variant: PA convolutions and linear layers,
+# BatchNorm and the rest exact) and pam-full, one after another, one thread each.
+# Usage (from the repository root):
+#   benchmarks/results_cnn.sh          # the 200-step smoke rows (all in the preset's warmup)
+#   STEPS=1000 WARMUP=100 benchmarks/results_cnn.sh   # the longer rows: 100 warmup steps, then cosine
+# A finished run (its metrics.json exists) is skipped.
 set -euo pipefail
 PAMTORCH=${PAMTORCH:-.venv/bin/pamtorch}
+STEPS=${STEPS:-200}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-for arith in fp32 pam-conv pam-full; do
-  out=runs/results/cnn-$arith-s0
+extra=(); suffix=""
+if [[ -n ${WARMUP:-} ]]; then extra=(--warmup "$WARMUP"); fi
+if [[ $STEPS != 200 ]]; then suffix="-${STEPS}"; fi
+for arith in ${ARITHS:-fp32 pam-conv pam-full}; do
+  out=runs/results/cnn-$arith$suffix-s0
   [[ -f $out/metrics.json ]] && { echo "skip $out (done)"; continue; }
   mkdir -p "$out"
   echo "$(date -u +%FT%TZ) start $out"
   start=$(date +%s)
-  "$PAMTORCH" train cnn --data-dir ../shared/data/fashion-mnist --preset resnet20 --batch-size 64 --steps 200 \
-    --eval-every 100 --threads 1 --no-progress --arith "$arith" --seed 0 --out "$out" > "$out/console.log" 2>&1
+  "$PAMTORCH" train cnn --data-dir ../shared/data/fashion-mnist --preset resnet20 --batch-size 64 --steps "$STEPS" \
+    "${extra[@]}" --eval-every $((STEPS / 2)) --threads 1 --no-progress --arith "$arith" --seed 0 --out "$out" \
+    > "$out/console.log" 2>&1
   echo "$(date -u +%FT%TZ) done $out wall=$(( $(date +%s) - start ))s"
 done

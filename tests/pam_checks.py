@@ -1,7 +1,7 @@
 """Float64 references and comparison rules for the PAM matrix-product kernels.
 
 Shared by tests/test_triton_interpret.py, tests/test_matmul.py and
-benchmarks/gpu_matmul.py (which puts tests/ on sys.path), so every backend is held to
+benchmarks/gpu.py (which puts tests/ on sys.path), so every backend is held to
 the same rule:
 
     |C - ref| <= K * eps32 * sum_k |product_k| + tiny          (finite entries)

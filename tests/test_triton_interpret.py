@@ -6,7 +6,7 @@ run); the variable is restored when this module's tests end, and the copy is not
 registered as ``pamtorch.kernels.triton.matmul``, so on a GPU machine the rest of the
 suite still gets compiled kernels. Every result is
 compared with the float64 reference of ``pam_checks`` (shared with
-benchmarks/gpu_matmul.py). Sizes are small: the interpreter runs numpy per tile.
+benchmarks/gpu.py). Sizes are small: the interpreter runs numpy per tile.
 """
 import os
 

@@ -241,9 +241,11 @@ class _EncoderTask:
             torch.nn.TransformerEncoder(layer, self.layers, enable_nested_tensor=False),
             torch.nn.Linear(self.d_model, self.vocab))
 
+    device = torch.device("cpu")
+
     def batch(self, step, batch_size, seed):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        return torch.randint(0, self.vocab, (batch_size, self.seq + 1), generator=g)
+        return torch.randint(0, self.vocab, (batch_size, self.seq + 1), generator=g).to(self.device)
 
     def loss(self, model, batch):
         logits = model(batch[:, :-1])
@@ -270,15 +272,19 @@ def _step_hparams(recipe: str, train_args):
     return args, mod, T.resolve_hparams(args, mod)
 
 
-def _step_setup(recipe: str, train_args, seed: int):
-    """(task, settings) for one benchmark model: a ``pamtorch train`` recipe with
+def _step_setup(recipe: str, train_args, seed: int, device="cpu"):
+    """(task, settings) for one benchmark model on ``device`` (its batches are made there; the
+    model is moved there by :func:`_copies`): a ``pamtorch train`` recipe with
     ``train_args``, or the stock encoder (:class:`_EncoderTask`, AdamW lr 1e-3, weight
     decay 0.01, clipping at 1)."""
     args, mod, hp = _step_hparams(recipe, train_args)
     torch.manual_seed(seed)
+    device = torch.device(device)
     if mod is None:
-        return _EncoderTask(), hp
-    return mod.Task(args, hp, None, torch.device("cpu")), hp
+        task = _EncoderTask()
+        task.device = device
+        return task, hp
+    return mod.Task(args, hp, None, device), hp
 
 
 def _train_step(task, hp, model, opt, batch):
@@ -291,23 +297,23 @@ def _train_step(task, hp, model, opt, batch):
     opt.step()
 
 
-def _copies(task, hp, n):
-    """``n`` copies of the task's model, each with its own AdamW."""
+def _copies(task, hp, n, device="cpu"):
+    """``n`` copies of the task's model on ``device``, each with its own AdamW."""
     import copy
 
     out = []
     for _ in range(n):
-        model = copy.deepcopy(task.model)
+        model = copy.deepcopy(task.model).to(device)
         out.append((model, torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=hp.betas,
                                              weight_decay=hp.weight_decay)))
     return out
 
 
-def _step_variant(variant: str, model):
+def _step_variant(variant: str, model, device_type: str = "cpu"):
     """The context factory of a bench step variant ``ARITH[@DTYPE]``: ``pamtorch train --arith
     ARITH``'s; with ``@bfloat16`` or ``@float16`` the model is cast to that dtype (its floating
-    inputs too, by a forward pre-hook), with ``@autocast`` the step runs under CPU autocast
-    to bfloat16."""
+    inputs too, by a forward pre-hook), with ``@autocast`` the step runs under autocast to
+    bfloat16 (on ``device_type``, CPU or CUDA)."""
     from .recipes import train as T
 
     arith, _, dtype = variant.partition("@")
@@ -317,7 +323,7 @@ def _step_variant(variant: str, model):
     if dtype == "autocast":
         @contextlib.contextmanager
         def autocast():
-            with ctx(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with ctx(), torch.autocast(device_type, dtype=torch.bfloat16):
                 yield
         return autocast
     if dtype not in ("bfloat16", "float16"):
@@ -331,7 +337,7 @@ def _step_variant(variant: str, model):
 
 
 def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-full", "paper-exact-loss"),
-               reps: int = 10, threads=None, train_args=(), seed: int = 0) -> list:
+               reps: int = 10, threads=None, train_args=(), seed: int = 0, device="cpu") -> list:
     """Time one training step (forward, loss, backward, clipping, AdamW) of ``pamtorch train
     RECIPE``'s model (or of the stock ``encoder``, :class:`_EncoderTask`) under each
     arithmetic variant, as ``pamtorch train`` runs it.
@@ -344,27 +350,45 @@ def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-f
     of the two ratios there. ``train_args`` are
     extra ``pamtorch train`` options (e.g. ``--data-dir``, ``--preset``, ``--batch-size``).
     A variant ``ARITH@bfloat16`` (``@float16``, ``@autocast``) trains in that dtype
-    (:func:`_step_variant`)."""
+    (:func:`_step_variant`). On a ``device`` other than the CPU (``cuda``) the model and its
+    batches live there and each timed step ends with a device synchronisation; the CPU-time
+    columns then count the host's share only."""
+    from .recipes.train import UserError
+
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"bench step --device {device}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"bench step --device {device}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"bench step --device {device}: no such CUDA device here "
+                        f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} available)")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
-        task, hp = _step_setup(recipe, train_args, seed)
-        runs = {v: (m, o, _step_variant(v, m)) for v, (m, o) in zip(variants, _copies(task, hp, len(variants)))}
+        task, hp = _step_setup(recipe, train_args, seed, device)
+        runs = {v: (m, o, _step_variant(v, m, device.type))
+                for v, (m, o) in zip(variants, _copies(task, hp, len(variants), device))}
         times = {v: [] for v in variants}
         cpu = {v: [] for v in variants}  # this process's CPU time (all its threads)
         for step in range(reps + 2):  # two warm-up steps
             batch = task.batch(step, hp.batch_size, seed)
             for v, (model, opt, ctx) in runs.items():
                 torch.manual_seed(step)
+                sync()
                 t0, c0 = time.perf_counter(), time.process_time()
                 with ctx():
                     _train_step(task, hp, model, opt, batch)
+                sync()
                 if step >= 2:
                     times[v].append(time.perf_counter() - t0)
                     cpu[v].append(time.process_time() - c0)
         base, cbase = statistics.median(times[variants[0]]), statistics.median(cpu[variants[0]])
         return [{"recipe": recipe, "preset": hp.preset, "variant": v, "threads": torch.get_num_threads(),
+                 "device": str(device),
                  "batch_size": hp.batch_size, "t_step_ms": statistics.median(times[v]) * 1e3,
                  "x_first": statistics.median(times[v]) / base, "cpu_step_ms": statistics.median(cpu[v]) * 1e3,
                  "x_first_cpu": statistics.median(cpu[v]) / cbase} for v in variants]
@@ -375,10 +399,12 @@ def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-f
 def format_step_table(rows) -> str:
     """Markdown table of bench_step rows (ratios against the first variant, normally fp32)."""
     first = rows[0]["variant"] if rows else "fp32"
-    lines = [f"| recipe | preset | batch | threads | variant | step ms (median) | x {first} | CPU ms (median) "
-             f"| x {first} (CPU) |", "|" + "---|" * 9]
+    dev = any(r.get("device", "cpu") != "cpu" for r in rows)
+    lines = [f"| recipe | preset | batch | {'device | ' if dev else ''}threads | variant | step ms (median) | x {first} "
+             f"| CPU ms (median) | x {first} (CPU) |", "|" + "---|" * (10 if dev else 9)]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['preset']} | {r['batch_size']} | {r['threads']} | {r['variant']} | "
+        where = f"{r.get('device', 'cpu')} | " if dev else ""
+        lines.append(f"| {r['recipe']} | {r['preset']} | {r['batch_size']} | {where}{r['threads']} | {r['variant']} | "
                      f"{r['t_step_ms']:.1f} | {r['x_first']:.2f} | {r['cpu_step_ms']:.1f} | {r['x_first_cpu']:.2f} |")
     return "\n".join(lines)
 

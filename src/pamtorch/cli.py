@@ -25,6 +25,9 @@ def _bench(args) -> int:
 
     if args.memory and args.what != "step":
         raise UserError(f"--memory: only bench step measures memory (got bench {args.what})")
+    if args.device != "cpu" and (args.what != "step" or args.memory):
+        raise UserError(f"--device {args.device}: only bench step (without --memory) runs on another device; "
+                        f"bench {args.what}{' --memory' if args.memory else ''} measures the CPU")
     if args.what == "matmul":
         rows = bench.bench_matmul(tuple(args.sizes or (512, 1024, 2048)), reps=args.reps, threads=args.threads)
         table = bench.format_matmul_table(rows)
@@ -34,7 +37,7 @@ def _bench(args) -> int:
             train_args=tuple(args.train_args)))
     elif args.what == "step":
         rows = bench.bench_step(args.recipe, tuple(args.variants.split(",")), reps=args.reps,
-                                threads=args.threads, train_args=tuple(args.train_args))
+                                threads=args.threads, train_args=tuple(args.train_args), device=args.device)
         table = bench.format_step_table(rows)
     elif args.what == "profile":
         table = bench.format_profile_table(bench.bench_profile(
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "elements (default 65536 1048576 4194304)")
     b.add_argument("--reps", type=POSITIVE_INT, default=5)
     b.add_argument("--threads", type=POSITIVE_INT, default=None)
+    b.add_argument("--device", default="cpu",
+                   help="step: the device the model trains on (cpu, cuda, cuda:N; default cpu)")
     b.add_argument("--memory", action="store_true",
                    help="step: measure each variant's peak memory (a fresh process each, --reps steps) "
                         "instead of its time")

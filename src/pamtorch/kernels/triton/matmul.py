@@ -133,7 +133,7 @@ def _combine(x, p, hi, lo, s):
 @triton.jit
 def _pam_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   stride_ab, stride_bb, stride_cb, D,
+                   stride_ab, stride_bb, stride_cb, D, MB, NB, KB,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)  # one batch entry per grid row (2-D: batch 0)
@@ -181,7 +181,7 @@ def _pam_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
 def _pam_mm_exact_grad_a_kernel(a_ptr, b_ptr, g_ptr, o_ptr, M, N, K,
                                 stride_am, stride_ak, stride_bk, stride_bn,
                                 stride_gm, stride_gn, stride_om, stride_ok,
-                                stride_ab, stride_bb, stride_gb, stride_ob, D,
+                                stride_ab, stride_bb, stride_gb, stride_ob, D, MB, NB, KB,
                                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                                 GROUP_M: tl.constexpr):
     """dA[i,k] = sum_j PAM-shift of dC[i,j] by sign(B[k,j]) 2^(E_B[k,j] + carry), with the
@@ -276,9 +276,12 @@ if INTERPRET:
     _mm = _pam_mm_kernel
     _grad_kernel = _pam_mm_exact_grad_a_kernel
 else:
-    _mm = triton.autotune(configs=_gpu_configs(), key=["M", "N", "K"])(_pam_mm_kernel)
+    # Tuned per power-of-two bucket of the sizes (MB, NB, KB; unused by the kernels), not per
+    # exact size: a training run with variable sequence lengths would otherwise re-tune (time
+    # every config) at each new length.
+    _mm = triton.autotune(configs=_gpu_configs(), key=["MB", "NB", "KB"])(_pam_mm_kernel)
     _grad_kernel = triton.autotune(configs=_rename(_gpu_configs(), "BLOCK_N", "BLOCK_K"),
-                            key=["M", "N", "K"])(_pam_mm_exact_grad_a_kernel)
+                                   key=["MB", "NB", "KB"])(_pam_mm_exact_grad_a_kernel)
 
 
 def _interp_meta(*names):
@@ -304,6 +307,11 @@ def _check(name, t, ndim=2):
                          f"TRITON_INTERPRET=1 set before import), got device {t.device}")
 
 
+def _bucket(n: int) -> int:
+    """The autotuning key of a size: the next power of two, at least 16."""
+    return 1 << max(4, (int(n) - 1).bit_length())
+
+
 def _launch(kernel, names, rows, cols, tensors, sizes, strides, D):
     """Launch over batches (leading dim of every tensor in ``tensors``), in chunks of
     the grid's y limit. ``strides``: the per-matrix strides (batch stride is dim 0);
@@ -312,7 +320,7 @@ def _launch(kernel, names, rows, cols, tensors, sizes, strides, D):
     for b0 in range(0, nb, _MAX_GRID_Y):
         part = [t[b0:b0 + _MAX_GRID_Y] for t in tensors]
         bstrides = [t.stride(0) for t in part]
-        args = (*part, *sizes, *strides, *bstrides, D)
+        args = (*part, *sizes, *strides, *bstrides, D, *(_bucket(x) for x in sizes))
         n = part[0].shape[0]
         if INTERPRET:
             meta = _interp_meta(*names)
