@@ -82,6 +82,7 @@ __all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b", "pam_bmm", "p
 
 _SRC_DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = ["pam_matmul.cpp", "pa_elementwise.cpp", "pa_optim.cpp", "pa_norm.cpp", "pa_lowp.cpp"]
+_HEADERS = ["pa_bits.h"]  # included by the sources: part of the build's hash, so an edit rebuilds
 _LOCK = threading.Lock()
 _EXT = None
 _TRIED = False
@@ -146,7 +147,7 @@ def _cache_root() -> str:
 
 def _ext_name() -> str:
     h = hashlib.sha256()
-    for s in _SOURCES:
+    for s in _SOURCES + _HEADERS:
         with open(os.path.join(_SRC_DIR, s), "rb") as f:
             h.update(f.read())
     cflags, ldflags = _flags()

@@ -29,6 +29,8 @@
 #include <cstring>
 #include <limits>
 
+#include "pa_bits.h"
+
 namespace pa_ew {
 
 constexpr int64_t B32 = 0x3F800000, MN32 = 0x00800000, INF32 = 0x7F800000, NAN32 = 0x7FC00000;
@@ -38,16 +40,8 @@ constexpr uint32_t SIGN32 = 0x80000000u;
 constexpr uint64_t SIGN64 = 0x8000000000000000ULL;
 const double LOG2E = 1.4426950408889634;  // math.log2(math.e), as in arith.LOG2E
 
-inline uint32_t u32(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float f32(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using pa_bits::f32;
+using pa_bits::u32;
 inline uint64_t u64(double d) {
   uint64_t u;
   std::memcpy(&u, &d, 8);
@@ -63,41 +57,9 @@ inline double f64(uint64_t u) {
 inline int64_t range32(int64_t r) { return r < MN32 ? 0 : (r > INF32 ? INF32 : r); }
 inline int64_t range64(int64_t r) { return r < MN64 ? 0 : (r > INF64 ? INF64 : r); }
 
-// The float32 rules in 32-bit unsigned lanes, branch-free so that the contiguous loops below
-// vectorize. |a| + |b| < 2^32 cannot wrap; "s < B + MN" is the underflow test of
-// range(s - B) and covers the s < B case in which s - B would wrap.
-inline uint32_t pam_bits(uint32_t ux, uint32_t uy) {
-  const uint32_t ma = ux & 0x7FFFFFFFu, mb = uy & 0x7FFFFFFFu;
-  const uint32_t s = ma + mb;
-  uint32_t r = s - uint32_t(B32);
-  r = s < uint32_t(B32 + MN32) ? 0u : r;
-  r = r > uint32_t(INF32) ? uint32_t(INF32) : r;
-  const bool zero = (ma < uint32_t(MN32)) | (mb < uint32_t(MN32));
-  const bool inf = (ma == uint32_t(INF32)) | (mb == uint32_t(INF32));
-  const bool nan = (ma > uint32_t(INF32)) | (mb > uint32_t(INF32)) | (inf & zero);
-  r = zero ? 0u : r;
-  r = inf ? uint32_t(INF32) : r;
-  r = nan ? uint32_t(NAN32) : r | ((ux ^ uy) & SIGN32);
-  return r;
-}
-
-// pattern |a| - |b| + B: computed as (|a| + B) - |b| with |a| + B < 2^32; below MN (including
-// the would-be negative results) flushes to 0
-inline uint32_t pad_bits(uint32_t ux, uint32_t uy) {
-  const uint32_t ma = ux & 0x7FFFFFFFu, mb = uy & 0x7FFFFFFFu;
-  const uint32_t s = ma + uint32_t(B32);
-  uint32_t r = s - mb;
-  r = s < mb + uint32_t(MN32) ? 0u : r;
-  r = r > uint32_t(INF32) ? uint32_t(INF32) : r;
-  const bool za = ma < uint32_t(MN32), zb = mb < uint32_t(MN32);
-  const bool ia = ma == uint32_t(INF32), ib = mb == uint32_t(INF32);
-  const bool nan = (ma > uint32_t(INF32)) | (mb > uint32_t(INF32)) | (za & zb) | (ia & ib);
-  r = (za | ib) ? 0u : r;
-  r = (zb | ia) ? uint32_t(INF32) : r;
-  r = nan ? uint32_t(NAN32) : r | ((ux ^ uy) & SIGN32);
-  return r;
-}
-
+// the float32 rules (pa_bits.h), in 32-bit unsigned lanes
+using pa_bits::pad_bits;
+using pa_bits::pam_bits;
 
 // float64 PAM / PAD on patterns (arith.pam / arith.pad for float64, wrap-around included)
 inline double pam64(double x, double y) {

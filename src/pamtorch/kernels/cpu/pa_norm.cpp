@@ -41,24 +41,14 @@
 #include <utility>
 #include <vector>
 
+#include "pa_bits.h"
+
 namespace {
 
-constexpr uint32_t B32 = 0x3F800000u, MN32 = 0x00800000u, INF32 = 0x7F800000u, NAN32 = 0x7FC00000u,
-                   SIGN32 = 0x80000000u, ABS32 = 0x7FFFFFFFu;
+using namespace pa_bits;  // B32 ... ABS32, PA_INLINE, u32, f32, pam_bits, pad_bits (pa_bits.h)
+
 constexpr int64_t BLK = 512;  // elements per chunk
 
-#define PA_INLINE __attribute__((always_inline)) inline
-
-PA_INLINE uint32_t u32(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-PA_INLINE float f32(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 PA_INLINE int64_t i64(double d) {
   int64_t u;
   std::memcpy(&u, &d, 8);
@@ -68,38 +58,6 @@ PA_INLINE double f64(int64_t u) {
   double d;
   std::memcpy(&d, &u, 8);
   return d;
-}
-
-// arith.pam on float32 patterns (pa_elementwise.cpp's pam_bits): |a| + |b| - B, sign xor, flush
-// below the smallest normal, inf above; zero/inf/NaN operands by IEEE rules, NaN canonical.
-// Branch-free, so that the loops vectorize; |a| + |b| < 2^32 cannot wrap.
-PA_INLINE uint32_t pam_bits(uint32_t ux, uint32_t uy) {
-  const uint32_t ma = ux & ABS32, mb = uy & ABS32;
-  const uint32_t s = ma + mb;
-  uint32_t r = s - B32;
-  r = s < B32 + MN32 ? 0u : r;
-  r = r > INF32 ? INF32 : r;
-  const bool zero = (ma < MN32) | (mb < MN32);
-  const bool inf = (ma == INF32) | (mb == INF32);
-  const bool nan = (ma > INF32) | (mb > INF32) | (inf & zero);
-  r = zero ? 0u : r;
-  r = inf ? INF32 : r;
-  return nan ? NAN32 : r | ((ux ^ uy) & SIGN32);
-}
-
-// arith.pad (pad_bits there): |a| - |b| + B computed as (|a| + B) - |b|
-PA_INLINE uint32_t pad_bits(uint32_t ux, uint32_t uy) {
-  const uint32_t ma = ux & ABS32, mb = uy & ABS32;
-  const uint32_t s = ma + B32;
-  uint32_t r = s - mb;
-  r = s < mb + MN32 ? 0u : r;
-  r = r > INF32 ? INF32 : r;
-  const bool za = ma < MN32, zb = mb < MN32;
-  const bool ia = ma == INF32, ib = mb == INF32;
-  const bool nan = (ma > INF32) | (mb > INF32) | (za & zb) | (ia & ib);
-  r = (za | ib) ? 0u : r;
-  r = (zb | ia) ? INF32 : r;
-  return nan ? NAN32 : r | ((ux ^ uy) & SIGN32);
 }
 
 // arith.pa_rsqrt: pattern round((B - P) / 2) + B (ties to even); rsqrt(±0) = ±inf,
