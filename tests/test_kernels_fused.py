@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import pamtorch.nn.functional as P
-from pamtorch import arith
 from pamtorch.kernels import cpu
+
+from kernel_checks import composition, same_bits, spy
 
 EXT = cpu.load_extension()
 pytestmark = pytest.mark.skipif(EXT is None, reason="compiled CPU kernels unavailable")
@@ -26,31 +27,6 @@ def values(n, seed):
     bits = torch.randint(-2 ** 31, 2 ** 31, (n,), generator=g, dtype=torch.int64).to(torch.int32)
     return torch.cat([bits.view(torch.float32), torch.tensor(SPECIALS + [-100.0], dtype=torch.float32),
                       torch.linspace(-14, 14, 30001, dtype=torch.float32)])
-
-
-def composition(fn, *args, **kwargs):
-    """``fn`` with every compiled kernel off: the Python composition on pure-torch PA ops."""
-    old = arith._COMPILED
-    arith._COMPILED = False
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        arith._COMPILED = old
-
-
-def same_bits(x, y):
-    assert x.dtype == y.dtype == torch.float32 and x.shape == y.shape
-    bad = x.view(torch.int32) != y.view(torch.int32)
-    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} differ, e.g. {x[bad][:4].tolist()} "
-                           f"vs {y[bad][:4].tolist()}")
-
-
-def spy(monkeypatch, name):
-    """Count the calls of the extension's ``name`` (so a test knows the kernel ran)."""
-    calls = []
-    real = getattr(EXT, name)
-    monkeypatch.setattr(EXT, name, lambda *a: calls.append(1) or real(*a))
-    return calls
 
 
 # ---------------------------------------------------------------------------- GELU

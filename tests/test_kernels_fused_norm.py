@@ -3,6 +3,7 @@
 pamtorch.nn.functional they replace, bit for bit. The composition is run with the compiled
 kernels off (``arith._COMPILED = False``: every PA op on its pure-torch definition), which
 test_arith and test_nn check against the float64 reference."""
+import functools
 import math
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 
 import pamtorch
 import pamtorch.nn.functional as P
-from pamtorch import arith
 from pamtorch.kernels import cpu
+
+import kernel_checks
+from kernel_checks import composition, spy
 
 EXT = cpu.load_extension()
 pytestmark = pytest.mark.skipif(EXT is None, reason="compiled CPU kernels unavailable")
@@ -20,46 +23,8 @@ SPECIALS = [0.0, -0.0, 1e-40, -1e-40, 2.0 ** -149, -(2.0 ** -126), math.inf, -ma
             3.4028234663852886e38, -3.4028234663852886e38, 1.0, -1.0, 1e30, -1e30, 1e-30, 88.0, -88.0]
 
 
-def composition(fn, *args, **kwargs):
-    """``fn`` with every compiled kernel off: the Python composition on pure-torch PA ops."""
-    old = arith._COMPILED
-    arith._COMPILED = False
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        arith._COMPILED = old
-
-
-def same_bits(x, y):
-    if isinstance(x, (tuple, list)):
-        assert isinstance(y, (tuple, list)) and len(x) == len(y)
-        for a, b in zip(x, y):
-            same_bits(a, b)
-        return
-    if x is None or y is None:
-        assert x is None and y is None, (x, y)
-        return
-    assert x.dtype == y.dtype == torch.float32 and x.shape == y.shape
-    # the layout too: later reductions over a result sum in its memory order
-    assert [st for st, n in zip(x.stride(), x.shape) if n > 1] == [st for st, n in zip(y.stride(), y.shape) if n > 1]
-    bad = x.view(torch.int32) != y.view(torch.int32)
-    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} differ, e.g. {x[bad][:4].tolist()} "
-                           f"vs {y[bad][:4].tolist()}")
-
-
-def spy(monkeypatch, name):
-    """Count the calls of the extension's ``name`` that computed something (so a test knows the
-    kernel ran; it returns None, or only Nones, for layouts it does not take)."""
-    calls = []
-    real = getattr(EXT, name)
-
-    def call(*a):
-        out = real(*a)
-        if any(t is not None for t in (out if isinstance(out, tuple) else (out,))):
-            calls.append(1)
-        return out
-    monkeypatch.setattr(EXT, name, call)
-    return calls
+# the layout too: later reductions over a result sum in its memory order
+same_bits = functools.partial(kernel_checks.same_bits, layout=True)
 
 
 def rows(shape, seed, k=1):

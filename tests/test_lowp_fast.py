@@ -15,6 +15,8 @@ import pamtorch
 from pamtorch import arith
 from pamtorch.kernels import cpu
 
+from kernel_checks import same_bits, spy
+
 EXT = cpu.load_extension()
 pytestmark = pytest.mark.skipif(EXT is None, reason="compiled CPU kernels unavailable")
 
@@ -48,22 +50,6 @@ def boundaries(dtype):
     p = torch.tensor(sorted(mags), dtype=torch.int32)
     p = torch.cat([p, p - (1 << 16) + (1 << 15)])  # the same magnitudes with the sign bit
     return p.to(torch.int16).view(dtype)
-
-
-def same_bits(x, y):
-    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype, x.shape, y.shape)
-    bits = torch.int32 if x.dtype == torch.float32 else torch.int16
-    bad = x.view(bits) != y.view(bits)
-    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} differ, e.g. patterns "
-                           f"{x.view(bits)[bad][:4].tolist()} vs {y.view(bits)[bad][:4].tolist()}")
-
-
-def spy(monkeypatch, name):
-    """Count the calls of the extension's ``name`` (so a test knows the kernel ran)."""
-    calls = []
-    real = getattr(EXT, name)
-    monkeypatch.setattr(EXT, name, lambda *a: calls.append(1) or real(*a))
-    return calls
 
 
 # ---------------------------------------------------------------------------- PAM, PAD
