@@ -4,6 +4,7 @@
 # decodes), one thread per run, at most JOBS (default 1) at a time, in this order:
 #   1-4  fp32, pam-full, pam-matmul, paper-exact-loss, seed 0
 #   5-8  fp32 and pam-full, seeds 1 and 2
+#   9-12 pam-matmul and paper-exact-loss, seeds 1 and 2
 # Usage (from the repository root): benchmarks/results_translate.sh [FIRST [LAST]] | summary
 #   Skips a run whose metrics.json exists or that is running; each run's output goes to its --out
 #   folder's console.log. `summary` prints RESULTS.md's table from the runs' metrics.json.
@@ -18,6 +19,7 @@ common=(--data-dir ../shared/data/de-en --preset small --steps 3000 --eval-every
 runs=()  # "name|extra arguments"
 for arith in fp32 pam-full pam-matmul paper-exact-loss; do runs+=("tr-$arith-s0|--arith $arith --seed 0"); done
 for seed in 1 2; do for arith in fp32 pam-full; do runs+=("tr-$arith-s$seed|--arith $arith --seed $seed"); done; done
+for seed in 1 2; do for arith in pam-matmul paper-exact-loss; do runs+=("tr-$arith-s$seed|--arith $arith --seed $seed"); done; done
 
 if [[ ${1:-} == summary ]]; then
   exec "${PYTHON:-.venv/bin/python}" - "$OUT" <<'PY'
@@ -49,20 +51,7 @@ for v in ("fp32", "pam-matmul", "pam-full", "paper-exact-loss"):
 PY
 fi
 
-running() { pgrep -fc -- "train translate .*--out $OUT/${1:-}" || true; }
-
-first=${1:-1}; last=${2:-${#runs[@]}}
-for ((i = first - 1; i < last; i++)); do
-  name=${runs[i]%%|*}; args=${runs[i]#*|}
-  [[ -f $OUT/$name/metrics.json ]] && { echo "skip $name (done)"; continue; }
-  (( $(running "$name\$") > 0 )) && { echo "skip $name (running)"; continue; }
-  while (( $(running) >= JOBS )); do sleep 10; done
-  mkdir -p "$OUT/$name"
-  echo "$(date -u +%FT%TZ) start $name: pamtorch train translate ${common[*]} $args --out $OUT/$name"
-  # shellcheck disable=SC2086
-  ( start=$(date +%s)
-    "$PAMTORCH" train translate "${common[@]}" $args --out "$OUT/$name" > "$OUT/$name/console.log" 2>&1 && rc=0 || rc=$?
-    echo "$(date -u +%FT%TZ) done $name rc=$rc wall=$(( $(date +%s) - start ))s" ) &
-  sleep 2
-done
-wait
+RECIPE=translate
+# shellcheck source=benchmarks/results_runner.sh
+source "$(dirname "$0")/results_runner.sh"
+run_entries "${1:-1}" "${2:-${#runs[@]}}"

@@ -88,20 +88,7 @@ for k in (23, 7, 5, 3):
 PY
 fi
 
-running() { pgrep -fc -- "train vit .*--out $OUT/${1:-}" || true; }
-
-first=${1:-1}; last=${2:-${#runs[@]}}
-for ((i = first - 1; i < last; i++)); do
-  name=${runs[i]%%|*}; args=${runs[i]#*|}
-  [[ -f $OUT/$name/metrics.json ]] && { echo "skip $name (done)"; continue; }
-  (( $(running "$name\$") > 0 )) && { echo "skip $name (running)"; continue; }
-  while (( $(running) >= JOBS )); do sleep 10; done
-  mkdir -p "$OUT/$name"
-  echo "$(date -u +%FT%TZ) start $name: pamtorch train vit ${common[*]} $args --out $OUT/$name"
-  # shellcheck disable=SC2086
-  ( start=$(date +%s)
-    "$PAMTORCH" train vit "${common[@]}" $args --out "$OUT/$name" > "$OUT/$name/console.log" 2>&1 && rc=0 || rc=$?
-    echo "$(date -u +%FT%TZ) done $name rc=$rc wall=$(( $(date +%s) - start ))s" ) &
-  sleep 2  # the new run shows in the process list before the next slot check
-done
-wait
+RECIPE=vit
+# shellcheck source=benchmarks/results_runner.sh
+source "$(dirname "$0")/results_runner.sh"
+run_entries "${1:-1}" "${2:-${#runs[@]}}"
