@@ -309,6 +309,22 @@ def _copies(task, hp, n, device="cpu"):
     return out
 
 
+_STEP_DTYPES = ("bfloat16", "float16", "autocast")
+
+
+def _check_variant(variant: str):
+    """(arith, dtype) of a bench step variant ``ARITH[@DTYPE]``, or a :class:`UserError`
+    that names the bad part."""
+    from .recipes import train as T
+
+    arith, _, dtype = variant.partition("@")
+    T.arith_context(arith)  # an unknown arithmetic is one clear error
+    if dtype and dtype not in _STEP_DTYPES:
+        raise T.UserError(f"bench step: variant {variant!r}: the dtype after '@' must be bfloat16, "
+                          f"float16 or autocast, got {dtype!r}")
+    return arith, dtype
+
+
 def _step_variant(variant: str, model, device_type: str = "cpu"):
     """The context factory of a bench step variant ``ARITH[@DTYPE]``: ``pamtorch train --arith
     ARITH``'s; with ``@bfloat16`` or ``@float16`` the model is cast to that dtype (its floating
@@ -316,7 +332,7 @@ def _step_variant(variant: str, model, device_type: str = "cpu"):
     bfloat16 (on ``device_type``, CPU or CUDA)."""
     from .recipes import train as T
 
-    arith, _, dtype = variant.partition("@")
+    arith, dtype = _check_variant(variant)
     ctx = T.arith_context(arith)
     if not dtype:
         return ctx
@@ -326,9 +342,6 @@ def _step_variant(variant: str, model, device_type: str = "cpu"):
             with ctx(), torch.autocast(device_type, dtype=torch.bfloat16):
                 yield
         return autocast
-    if dtype not in ("bfloat16", "float16"):
-        raise T.UserError(f"bench step: variant {variant!r}: the dtype after '@' must be bfloat16, "
-                          f"float16 or autocast, got {dtype!r}")
     d = getattr(torch, dtype)
     model.to(d)  # in place: the optimizer keeps the same parameters
     model.register_forward_pre_hook(lambda m, args: tuple(
@@ -433,13 +446,11 @@ def _memory_child(recipe: str, variant: str, train_args, seed: int, steps: int, 
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    from .recipes import train as T
-
     if threads is not None:
         torch.set_num_threads(int(threads))
     task, hp = _step_setup(recipe, train_args, seed)
     ((model, opt),) = _copies(task, hp, 1)
-    ctx = T.arith_context(variant)
+    ctx = _step_variant(variant, model)
     batches = [task.batch(i, hp.batch_size, seed) for i in range(steps + 1)]
     libc = ctypes.CDLL(None)
 
@@ -544,7 +555,7 @@ def bench_step_memory(recipe: str = "translate", variants=("fp32", "pam-matmul",
     if not variants:
         raise T.UserError("--variants: name at least one arithmetic variant (e.g. fp32,pam-full)")
     for v in variants:
-        T.arith_context(v)  # an unknown variant is one clear error here, not a child's traceback
+        _check_variant(v)  # an unknown variant is one clear error here, not a child's traceback
     _step_hparams(recipe, train_args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
