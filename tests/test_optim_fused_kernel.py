@@ -232,7 +232,14 @@ def test_stock_paths_agree_and_the_default_reaches_the_kernel(calls, cls):
         assert calls == [2, 1] * 4
         for kw in ({"foreach": False}, {"foreach": True}, {"fused": True}):
             same_bits(train(cls, **kw, **extra), default, f"{cls.__name__} {kw} {extra}")
+        calls.clear()
+        # pamtorch.optim's class, stepped outside any mode, reaches the kernel too
         same_bits(train(pa_cls, mode=False, **extra), default, f"pamtorch.optim.{cls.__name__}")
+        assert calls == [2, 1] * 4
+        calls.clear()
+        # and inside the user's mode (its step hook switches first; the class's own switch is a no-op)
+        same_bits(train(pa_cls, **extra), default, f"pamtorch.optim.{cls.__name__} under the mode")
+        assert calls == [2, 1] * 4
         calls.clear()
 
 
@@ -278,3 +285,31 @@ def test_a_raising_step_leaves_the_users_setting(calls):
             opt.step()
     h.remove()
     assert opt.param_groups[0]["fused"] is None and calls == []
+
+
+def test_pamtorch_optim_alone_reaches_the_kernel():
+    """In a process that never built a stock Adam/AdamW, torch has wrapped only
+    ``pamtorch.optim``'s own ``step`` with the step hooks, which so fire before the class
+    enters its mode: the class switches to the fused path itself."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, pamtorch
+from pamtorch.kernels import cpu
+ext, seen = cpu.load_extension(), []
+real = ext.optim_adam_step
+ext.optim_adam_step = lambda *a: seen.append(len(a[0])) or real(*a)
+for cls in (pamtorch.optim.AdamW, pamtorch.optim.Adam):
+    ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = cls(ps, lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    assert [g["fused"] for g in opt.param_groups] == [None]
+print(seen)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[2, 2, 2, 2]"

@@ -23,6 +23,7 @@ import torch
 
 from ..config import Config
 from ..mode import mode
+from ..ops.optim import fused_adam_groups, restore_groups
 from ..ops.table import OPTIMIZER_STEP
 
 __all__ = ["AdamW", "Adam", "SGD", "clip_grad_norm_"]
@@ -44,7 +45,14 @@ def _pa_step(cls):
             OPTIMIZER_STEP[0] += 1
             try:
                 with mode(self.pa_config):
-                    return super().step(closure)
+                    # Adam/AdamW on torch's default path: the fused path for this step (the
+                    # compiled PA update, the same bits), as the mode's step hook does for a
+                    # stock instance; here, because those hooks fired before this mode was entered
+                    groups = fused_adam_groups(self, self.pa_config)
+                    try:
+                        return super().step(closure)
+                    finally:
+                        restore_groups(groups)
             finally:
                 OPTIMIZER_STEP[0] -= 1
 
