@@ -148,6 +148,11 @@ def _ext(*ts):
     for t in ts:
         if t.dtype is not torch.float32 or t.device.type != "cpu":
             return None
+    return _loaded()
+
+
+def _loaded():
+    """The compiled module (built or loaded on first use), or None where it is unavailable."""
     global _EXT
     if _EXT is None:
         from .kernels.cpu import load_extension  # lazy: the kernels package imports arith
@@ -173,12 +178,7 @@ def _lowp(*ts):
     for t in ts:
         if t.dtype is not d or t.device.type != "cpu":
             return None
-    global _EXT
-    if _EXT is None:
-        from .kernels.cpu import load_extension
-
-        _EXT = load_extension() or False
-    return _EXT or None
+    return _loaded()
 
 
 @functools.lru_cache(maxsize=64)
@@ -225,6 +225,18 @@ def offset_bits(offset: float, dtype: torch.dtype) -> int:
     return int(m) - f.bias
 
 
+def _compiled_binary(name: str, a: torch.Tensor, b: torch.Tensor):
+    """``name`` ("pam" or "pad") of a and b by a compiled kernel: the float32 one or the
+    16-bit one, whichever the operands take; None when neither does."""
+    ext = _ext(a, b)
+    if ext is not None:
+        return getattr(ext, "ew_" + name)(a, b)
+    ext = _lowp(a, b)
+    if ext is not None:
+        return getattr(ext, "lowp_" + name)(a, b)
+    return None
+
+
 @recorded("pam", "other")
 def pam(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.Tensor:
     """PAM: pattern P_a + P_b - B with sign S_a xor S_b (IEEE rules for the specials).
@@ -233,12 +245,9 @@ def pam(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.
     P_a + P_b - B + (P_α - B), range rules applied once: a ·̂ b ·̂ α in one integer add."""
     offset = check_offset(offset, "pamtorch.arith.pam")
     if offset is None:
-        ext = _ext(a, b)
-        if ext is not None:
-            return ext.ew_pam(a, b)
-        ext = _lowp(a, b)
-        if ext is not None:
-            return ext.lowp_pam(a, b)
+        out = _compiled_binary("pam", a, b)
+        if out is not None:
+            return out
     f = fmt(a.dtype)
     na, ma = _split(a, f)
     nb, mb = _split(b, f)
@@ -267,12 +276,9 @@ def pad(a: torch.Tensor, b: torch.Tensor, offset: float | None = None) -> torch.
     paper's released kernels define it."""
     offset = check_offset(offset, "pamtorch.arith.pad")
     if offset is None:
-        ext = _ext(a, b)
-        if ext is not None:
-            return ext.ew_pad(a, b)
-        ext = _lowp(a, b)
-        if ext is not None:
-            return ext.lowp_pad(a, b)
+        out = _compiled_binary("pad", a, b)
+        if out is not None:
+            return out
     f = fmt(a.dtype)
     na, ma = _split(a, f)
     nb, mb = _split(b, f)
