@@ -149,6 +149,28 @@ def test_converted_model_compiles_its_regions():
     assert found and all("aten.mul.Tensor" in f for f in found)
     with pytest.raises(ValueError, match="converted modules"):
         pamtorch.compile(model, Config.paper())
+    # calls from several threads at once: each waits for the one before to restore the classes
+    import threading
+
+    with torch.no_grad():
+        want = compiled(x)
+    start, outs, errors = threading.Barrier(4), [], []
+
+    def call():
+        start.wait()
+        try:
+            for _ in range(5):
+                with torch.no_grad():
+                    outs.append(compiled(x))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(outs) == 20 and all(torch.equal(o, want) for o in outs)
+    assert all(isinstance(m, ConvertedModule) for m in model if m is not model[1])
 
 
 def test_transformer_encoder_inference_and_converted_training():

@@ -632,8 +632,12 @@ def compile(model: torch.nn.Module, config: Optional[Config] = None, *, backend:
     compiled = torch.compile(model, backend=be, **compile_kwargs)
     compiled.pamtorch_graphs = be.graphs
     undo: list = []
+    # enter() changes global state (the fast-path flag) and the regions' classes until leave():
+    # one call at a time per compiled model; another thread's call waits
+    busy = threading.RLock()
 
     def enter(mod, args):
+        busy.acquire()
         # as under the mode: the fused fast paths of nn.MultiheadAttention and
         # nn.TransformerEncoderLayer (aten ops with no PA form) are off
         fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -653,8 +657,11 @@ def compile(model: torch.nn.Module, config: Optional[Config] = None, *, backend:
             m.__class__ = m._pa_base
 
     def leave(mod, args, out):
-        while undo:
-            undo.pop()()
+        try:
+            while undo:
+                undo.pop()()
+        finally:
+            busy.release()
 
     compiled.register_forward_pre_hook(enter)
     compiled.register_forward_hook(leave, always_call=True)
