@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # RESULTS.md, CNN rows: pre-activation ResNet-20 on Fashion-MNIST (../shared/data/fashion-mnist),
-# batch 64, seed 0: fp32, pam-conv (the paper's CNN variant: PA convolutions and linear layers,
-# BatchNorm and the rest exact) and pam-full, one after another, one thread each.
+# batch 64: fp32, pam-conv (the paper's CNN variant: PA convolutions and linear layers,
+# BatchNorm and the rest exact) and pam-full (or ARITHS), for SEEDS (default 0), one after
+# another, one thread each; EXTRA: more pamtorch train options, e.g. --derivative loss=exact
+# (then give NAME, a suffix for the run folders).
 # Usage (from the repository root):
 #   benchmarks/results_cnn.sh          # the 200-step smoke rows (all in the preset's warmup)
 #   STEPS=1000 WARMUP=100 benchmarks/results_cnn.sh   # the longer rows: 100 warmup steps, then cosine
+#   STEPS=1000 WARMUP=100 SEEDS="1 2" ARITHS="fp32 pam-conv" benchmarks/results_cnn.sh   # their seeds
+#   STEPS=1000 WARMUP=100 ARITHS="matmul+norm matmul+optimizer matmul+loss" benchmarks/results_cnn.sh
+#   STEPS=1000 WARMUP=100 ARITHS=matmul+loss EXTRA="--derivative loss=exact" NAME=-dloss benchmarks/results_cnn.sh
 # A finished run (its metrics.json exists) is skipped.
 set -euo pipefail
 PAMTORCH=${PAMTORCH:-.venv/bin/pamtorch}
@@ -13,14 +18,18 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 extra=(); suffix=""
 if [[ -n ${WARMUP:-} ]]; then extra=(--warmup "$WARMUP"); fi
 if [[ $STEPS != 200 ]]; then suffix="-${STEPS}"; fi
+# shellcheck disable=SC2206
+extra+=(${EXTRA:-})
+for seed in ${SEEDS:-0}; do
 for arith in ${ARITHS:-fp32 pam-conv pam-full}; do
-  out=runs/results/cnn-$arith$suffix-s0
+  out=runs/results/cnn-$arith${NAME:-}$suffix-s$seed
   [[ -f $out/metrics.json ]] && { echo "skip $out (done)"; continue; }
   mkdir -p "$out"
   echo "$(date -u +%FT%TZ) start $out"
   start=$(date +%s)
   "$PAMTORCH" train cnn --data-dir ../shared/data/fashion-mnist --preset resnet20 --batch-size 64 --steps "$STEPS" \
-    "${extra[@]}" --eval-every $((STEPS / 2)) --threads 1 --no-progress --arith "$arith" --seed 0 --out "$out" \
+    "${extra[@]}" --eval-every $((STEPS / 2)) --threads 1 --no-progress --arith "$arith" --seed "$seed" --out "$out" \
     > "$out/console.log" 2>&1
   echo "$(date -u +%FT%TZ) done $out wall=$(( $(date +%s) - start ))s"
+done
 done
