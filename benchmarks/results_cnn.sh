@@ -10,8 +10,44 @@
 #   STEPS=1000 WARMUP=100 SEEDS="1 2" ARITHS="fp32 pam-conv" benchmarks/results_cnn.sh   # their seeds
 #   STEPS=1000 WARMUP=100 ARITHS="matmul+norm matmul+optimizer matmul+loss" benchmarks/results_cnn.sh
 #   STEPS=1000 WARMUP=100 ARITHS=matmul+loss EXTRA="--derivative loss=exact" NAME=-dloss benchmarks/results_cnn.sh
+#   benchmarks/results_cnn.sh summary   # RESULTS.md's 1000-step table from the runs' metrics.json
 # A finished run (its metrics.json exists) is skipped.
 set -euo pipefail
+if [[ ${1:-} == summary ]]; then
+  exec "${PYTHON:-.venv/bin/python}" - <<'PY'
+import json, statistics as st
+from pathlib import Path
+
+out = Path("runs/results")
+
+
+def run(name):
+    p = out / name / "metrics.json"
+    m = json.loads(p.read_text()) if p.is_file() else {}
+    return m if m.get("completed") else None
+
+
+def train_loss(name, lo, hi):  # mean training loss over steps lo < step <= hi
+    rows = [json.loads(l) for l in (out / name / "train_log.jsonl").open()]
+    return st.mean(r["loss"] for r in rows if lo < r["step"] <= hi)
+
+
+print("| variant | seeds | test accuracy | mean ± std | train loss, steps 401-500 / 901-1000 | step time |")
+print("| --- | --- | ---: | ---: | ---: | ---: |")
+for v in ("fp32", "pam-conv", "pam-full", "matmul+norm", "matmul+optimizer", "matmul+loss", "matmul+loss-dloss"):
+    done = [(s, run(f"cnn-{v}-1000-s{s}")) for s in range(3)]
+    done = [(s, m) for s, m in done if m]
+    if not done:
+        print(f"| {v} | not run | | | | |")
+        continue
+    accs = [100 * m["accuracy"] for _, m in done]
+    names = [f"cnn-{v}-1000-s{s}" for s, _ in done]
+    spread = f"{st.mean(accs):.2f} ± {st.stdev(accs):.2f}%" if len(accs) > 1 else "—"
+    losses = ", ".join(f"{train_loss(n, 400, 500):.2f} / {train_loss(n, 900, 1000):.2f}" for n in names)
+    print(f"| {v} | {', '.join(str(s) for s, _ in done)} | {', '.join(f'{a:.2f}%' for a in accs)} | {spread} | "
+          f"{losses} | {st.median(m['step_time_s'] for _, m in done):.2f} s |")
+PY
+fi
 PAMTORCH=${PAMTORCH:-.venv/bin/pamtorch}
 STEPS=${STEPS:-200}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
