@@ -73,8 +73,8 @@ def test_memory_is_a_step_option(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["step", "--device", "tpu"], "bench step --device tpu: expected cpu, cuda or cuda:N"),
-    (["step", "--device", "cuda:99"], "bench step --device cuda:99: no such CUDA device here"),
+    (["step", "--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+    (["step", "--device", "cuda:99"], "--device cuda:99: no such CUDA device here"),
     (["matmul", "--device", "cuda"], "--device cuda: only bench step (without --memory) runs on another device"),
     (["step", "--memory", "--device", "cuda"], "--device cuda: only bench step (without --memory)"),
 ])

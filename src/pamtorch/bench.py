@@ -366,17 +366,9 @@ def bench_step(recipe: str = "translate", variants=("fp32", "pam-matmul", "pam-f
     (:func:`_step_variant`). On a ``device`` other than the CPU (``cuda``) the model and its
     batches live there and each timed step ends with a device synchronisation; the CPU-time
     columns then count the host's share only."""
-    from .recipes.train import UserError
+    from .recipes.train import resolve_device
 
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"bench step --device {device}: expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"bench step --device {device}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise UserError(f"bench step --device {device}: no such CUDA device here "
-                        f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} available)")
+    device = resolve_device(str(device))  # pamtorch train --device's rules and errors
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     old_threads = torch.get_num_threads()
     if threads is not None:

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=POSITIVE_INT, default=5)
     b.add_argument("--threads", type=POSITIVE_INT, default=None)
     b.add_argument("--device", default="cpu",
-                   help="step: the device the model trains on (cpu, cuda, cuda:N; default cpu)")
+                   help="step: the device the model trains on (cpu, cuda, cuda:N or auto; default cpu)")
     b.add_argument("--memory", action="store_true",
                    help="step: measure each variant's peak memory (a fresh process each, --reps steps) "
                         "instead of its time")
