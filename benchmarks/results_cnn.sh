@@ -10,6 +10,9 @@
 #   STEPS=1000 WARMUP=100 SEEDS="1 2" ARITHS="fp32 pam-conv" benchmarks/results_cnn.sh   # their seeds
 #   STEPS=1000 WARMUP=100 ARITHS="matmul+norm matmul+optimizer matmul+loss" benchmarks/results_cnn.sh
 #   STEPS=1000 WARMUP=100 ARITHS=matmul+loss EXTRA="--derivative loss=exact" NAME=-dloss benchmarks/results_cnn.sh
+#   STEPS=1000 WARMUP=100 ARITHS=matmul+loss NAME=-balanced \
+#     PAMTORCH=".venv/bin/python benchmarks/cnn_balanced_loss.py" benchmarks/results_cnn.sh
+#   (the loss derivative balanced to sum to zero per row: an experiment, see that script)
 #   benchmarks/results_cnn.sh summary   # RESULTS.md's 1000-step table from the runs' metrics.json
 # A finished run (its metrics.json exists) is skipped.
 set -euo pipefail
@@ -34,7 +37,8 @@ def train_loss(name, lo, hi):  # mean training loss over steps lo < step <= hi
 
 print("| variant | seeds | test accuracy | mean ± std | train loss, steps 401-500 / 901-1000 | step time |")
 print("| --- | --- | ---: | ---: | ---: | ---: |")
-for v in ("fp32", "pam-conv", "pam-full", "matmul+norm", "matmul+optimizer", "matmul+loss", "matmul+loss-dloss"):
+for v in ("fp32", "pam-conv", "pam-full", "matmul+norm", "matmul+optimizer", "matmul+loss", "matmul+loss-dloss",
+          "matmul+loss-balanced"):
     done = [(s, run(f"cnn-{v}-1000-s{s}")) for s in range(3)]
     done = [(s, m) for s, m in done if m]
     if not done:
@@ -63,7 +67,8 @@ for arith in ${ARITHS:-fp32 pam-conv pam-full}; do
   mkdir -p "$out"
   echo "$(date -u +%FT%TZ) start $out"
   start=$(date +%s)
-  "$PAMTORCH" train cnn --data-dir ../shared/data/fashion-mnist --preset resnet20 --batch-size 64 --steps "$STEPS" \
+  # shellcheck disable=SC2086  # PAMTORCH may be a command with arguments
+  $PAMTORCH train cnn --data-dir ../shared/data/fashion-mnist --preset resnet20 --batch-size 64 --steps "$STEPS" \
     "${extra[@]}" --eval-every $((STEPS / 2)) --threads 1 --no-progress --arith "$arith" --seed "$seed" --out "$out" \
     > "$out/console.log" 2>&1
   echo "$(date -u +%FT%TZ) done $out wall=$(( $(date +%s) - start ))s"
