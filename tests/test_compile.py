@@ -69,6 +69,17 @@ def _assert_bits(ref, got):
         assert torch.equal(a, b), f"tensor {i}: max |diff| {(a - b).abs().max().item()}"
 
 
+def _compiled_like_eager(model, cfg, *inputs):
+    """pamtorch.compile(model, cfg) with fullgraph: its gradients equal the eager mode's bit for
+    bit, in one forward and one backward graph without a float multiplication; the compiled model."""
+    ref = _eager(model, cfg, *inputs)
+    compiled = pamtorch.compile(model, cfg, fullgraph=True)
+    _assert_bits(ref, _grads(model, compiled(*inputs)))
+    assert len(compiled.pamtorch_graphs) == 2
+    assert all(float_multiplications(g) == [] for g in compiled.pamtorch_graphs)
+    return compiled
+
+
 def _targets(compiled):
     return {str(n.target) for g in compiled.pamtorch_graphs for n in g.graph.nodes if n.op == "call_function"}
 
@@ -77,13 +88,9 @@ def test_mlp_inductor_equals_eager_mode_bitwise():
     torch.manual_seed(0)
     model, x, y = _MLP(), torch.randn(6, 12), torch.randint(0, 5, (6,))
     cfg = Config.paper()
-    ref = _eager(model, cfg, x, y)
-    compiled = pamtorch.compile(model, cfg, fullgraph=True)
-    _assert_bits(ref, _grads(model, compiled(x, y)))
     # one forward and one backward graph, each PA: every multiply-like aten op is a node of
     # its PA implementation, the float sums are aten's own; no float multiplication is left
-    assert len(compiled.pamtorch_graphs) == 2
-    assert all(float_multiplications(g) == [] for g in compiled.pamtorch_graphs)
+    compiled = _compiled_like_eager(model, cfg, x, y)
     targets = _targets(compiled)
     assert {"pamtorch_pa.addmm.default", "pamtorch_pa.mm.default", "pamtorch_pa.gelu.default",
             "pamtorch_pa.gelu_backward.default", "pamtorch.sum.default"} <= targets
@@ -98,12 +105,7 @@ def test_transformer_block_one_graph_equals_eager_mode_bitwise():
     torch.manual_seed(1)
     model = _Block()
     x, y = torch.randn(2, 5, 16), torch.randint(0, 11, (10,))
-    cfg = Config.paper()
-    ref = _eager(model, cfg, x, y)
-    compiled = pamtorch.compile(model, cfg, fullgraph=True)
-    _assert_bits(ref, _grads(model, compiled(x, y)))
-    assert len(compiled.pamtorch_graphs) == 2
-    assert all(float_multiplications(g) == [] for g in compiled.pamtorch_graphs)
+    compiled = _compiled_like_eager(model, Config.paper(), x, y)
     # attention runs the mode's function-level route: PAM kernels and PA elementwise ops
     assert {"pamtorch.pam_bmm.default", "pamtorch.ew_pam.default", "pamtorch.ew_exp.default",
             "pamtorch_pa.native_layer_norm_backward.default"} <= _targets(compiled)

@@ -30,6 +30,7 @@
 #include <limits>
 
 #include "pa_bits.h"
+#include "pa_loops.h"
 
 namespace pa_ew {
 
@@ -173,69 +174,15 @@ void check_f32(const at::Tensor& t, const char* op, const char* name) {
               t.device());
 }
 
-// Contiguous (or scalar-broadcast) inner loops over bit patterns, compiled twice: for AVX2
-// and portable; the AVX2 copy is only called where the CPU has it.
-enum Bcast { BOTH, SCALAR_A, SCALAR_B };
-
-template <uint32_t (*OP)(uint32_t, uint32_t), Bcast K>
-inline void loop_body(uint32_t* __restrict o, const uint32_t* __restrict a, const uint32_t* __restrict b,
-                      int64_t n) {
-  if (K == BOTH) {
-    for (int64_t i = 0; i < n; ++i) o[i] = OP(a[i], b[i]);
-  } else if (K == SCALAR_A) {
-    const uint32_t x = a[0];
-    for (int64_t i = 0; i < n; ++i) o[i] = OP(x, b[i]);
-  } else {
-    const uint32_t y = b[0];
-    for (int64_t i = 0; i < n; ++i) o[i] = OP(a[i], y);
-  }
-}
-
 #if defined(__x86_64__) && !defined(PAM_NO_X86)
-template <uint32_t (*OP)(uint32_t, uint32_t), Bcast K>
-__attribute__((target("avx2"))) void loop_avx2(uint32_t* o, const uint32_t* a, const uint32_t* b, int64_t n) {
-  loop_body<OP, K>(o, a, b, n);
-}
-inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
+using pa_loops::has_avx2;
 #endif
-
-template <uint32_t (*OP)(uint32_t, uint32_t), Bcast K>
-void loop_fast(uint32_t* o, const uint32_t* a, const uint32_t* b, int64_t n) {
-#if defined(__x86_64__) && !defined(PAM_NO_X86)
-  if (has_avx2()) return loop_avx2<OP, K>(o, a, b, n);
-#endif
-  loop_body<OP, K>(o, a, b, n);
-}
 
 template <uint32_t (*OP)(uint32_t, uint32_t)>
 at::Tensor binary(const at::Tensor& a, const at::Tensor& b, const char* op) {
   check_f32(a, op, "a");
   check_f32(b, op, "b");
-  at::Tensor out;
-  auto iter = at::TensorIteratorConfig()
-                  .add_output(out)
-                  .add_const_input(a)
-                  .add_const_input(b)
-                  .build();
-  iter.for_each([](char** data, const int64_t* strides, int64_t n) {
-    auto* o = reinterpret_cast<uint32_t*>(data[0]);
-    const auto* x = reinterpret_cast<const uint32_t*>(data[1]);
-    const auto* y = reinterpret_cast<const uint32_t*>(data[2]);
-    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 4) return loop_fast<OP, BOTH>(o, x, y, n);
-    if (strides[0] == 4 && strides[1] == 0 && strides[2] == 4) return loop_fast<OP, SCALAR_A>(o, x, y, n);
-    if (strides[0] == 4 && strides[1] == 4 && strides[2] == 0) return loop_fast<OP, SCALAR_B>(o, x, y, n);
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t u, v;
-      std::memcpy(&u, data[1] + i * strides[1], 4);
-      std::memcpy(&v, data[2] + i * strides[2], 4);
-      const uint32_t r = OP(u, v);
-      std::memcpy(data[0] + i * strides[0], &r, 4);
-    }
-  });
-  return iter.output();
+  return pa_loops::binary_iter<uint32_t, OP>(a, b);
 }
 
 template <uint32_t (*OP)(uint32_t)>

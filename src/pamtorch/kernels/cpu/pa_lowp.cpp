@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "pa_loops.h"
+
 namespace pa_lowp {
 
 struct BF16 {  // bias 127, 7 mantissa bits
@@ -63,70 +65,12 @@ inline uint16_t pad_bits(uint16_t ux, uint16_t uy) {
   return nan ? F::NAN_ : static_cast<uint16_t>(r | ((ux ^ uy) & SIGN));
 }
 
-// Contiguous (or scalar-broadcast) loops, compiled for AVX2 and portably; the AVX2 copy is
-// only called where the CPU has it.
-enum Bcast { BOTH, SCALAR_A, SCALAR_B };
-
-template <uint16_t (*OP)(uint16_t, uint16_t), Bcast K>
-inline void loop_body(uint16_t* __restrict o, const uint16_t* __restrict a, const uint16_t* __restrict b,
-                      int64_t n) {
-  if (K == BOTH) {
-    for (int64_t i = 0; i < n; ++i) o[i] = OP(a[i], b[i]);
-  } else if (K == SCALAR_A) {
-    const uint16_t x = a[0];
-    for (int64_t i = 0; i < n; ++i) o[i] = OP(x, b[i]);
-  } else {
-    const uint16_t y = b[0];
-    for (int64_t i = 0; i < n; ++i) o[i] = OP(a[i], y);
-  }
-}
-
-#if defined(__x86_64__) && !defined(PAM_NO_X86)
-template <uint16_t (*OP)(uint16_t, uint16_t), Bcast K>
-__attribute__((target("avx2"))) void loop_avx2(uint16_t* o, const uint16_t* a, const uint16_t* b, int64_t n) {
-  loop_body<OP, K>(o, a, b, n);
-}
-inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
-#endif
-
-template <uint16_t (*OP)(uint16_t, uint16_t), Bcast K>
-void loop_fast(uint16_t* o, const uint16_t* a, const uint16_t* b, int64_t n) {
-#if defined(__x86_64__) && !defined(PAM_NO_X86)
-  if (has_avx2()) return loop_avx2<OP, K>(o, a, b, n);
-#endif
-  loop_body<OP, K>(o, a, b, n);
-}
-
 void check_lowp(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, "pamtorch ", op, ": '",
               name, "' must be bfloat16 or float16, got ", t.scalar_type());
   TORCH_CHECK(t.device().is_cpu(), "pamtorch ", op, ": '", name, "' must be a CPU tensor, got ", t.device());
 }
 
-template <uint16_t (*OP)(uint16_t, uint16_t)>
-at::Tensor binary_run(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor out;
-  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(a).add_const_input(b).build();
-  iter.for_each([](char** data, const int64_t* strides, int64_t n) {
-    auto* o = reinterpret_cast<uint16_t*>(data[0]);
-    const auto* x = reinterpret_cast<const uint16_t*>(data[1]);
-    const auto* y = reinterpret_cast<const uint16_t*>(data[2]);
-    if (strides[0] == 2 && strides[1] == 2 && strides[2] == 2) return loop_fast<OP, BOTH>(o, x, y, n);
-    if (strides[0] == 2 && strides[1] == 0 && strides[2] == 2) return loop_fast<OP, SCALAR_A>(o, x, y, n);
-    if (strides[0] == 2 && strides[1] == 2 && strides[2] == 0) return loop_fast<OP, SCALAR_B>(o, x, y, n);
-    for (int64_t i = 0; i < n; ++i) {
-      uint16_t u, v;
-      std::memcpy(&u, data[1] + i * strides[1], 2);
-      std::memcpy(&v, data[2] + i * strides[2], 2);
-      const uint16_t r = OP(u, v);
-      std::memcpy(data[0] + i * strides[0], &r, 2);
-    }
-  });
-  return iter.output();
-}
 
 template <template <class> class OP>
 at::Tensor binary(const at::Tensor& a, const at::Tensor& b, const char* op) {
@@ -134,7 +78,8 @@ at::Tensor binary(const at::Tensor& a, const at::Tensor& b, const char* op) {
   check_lowp(b, op, "b");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "pamtorch ", op, ": 'a' and 'b' must have one dtype, got ",
               a.scalar_type(), " and ", b.scalar_type());
-  return a.scalar_type() == at::kBFloat16 ? binary_run<OP<BF16>::f>(a, b) : binary_run<OP<F16>::f>(a, b);
+  return a.scalar_type() == at::kBFloat16 ? pa_loops::binary_iter<uint16_t, OP<BF16>::f>(a, b)
+                                             : pa_loops::binary_iter<uint16_t, OP<F16>::f>(a, b);
 }
 
 template <class F>

@@ -1,0 +1,75 @@
+// The elementwise binary loop shared by pa_elementwise.cpp (float32 patterns, uint32_t) and
+// pa_lowp.cpp (bfloat16/float16 patterns, uint16_t): a TensorIterator over out = OP(a, b) on
+// bit patterns, whose contiguous and scalar-broadcast inner loops are compiled twice, for
+// AVX2 and portably (the AVX2 copy only called where the CPU has it), and whose other
+// strides take a scalar loop.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/TensorIterator.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace pa_loops {
+
+enum Bcast { BOTH, SCALAR_A, SCALAR_B };
+
+template <class T, T (*OP)(T, T), Bcast K>
+inline void loop_body(T* __restrict o, const T* __restrict a, const T* __restrict b, int64_t n) {
+  if (K == BOTH) {
+    for (int64_t i = 0; i < n; ++i) o[i] = OP(a[i], b[i]);
+  } else if (K == SCALAR_A) {
+    const T x = a[0];
+    for (int64_t i = 0; i < n; ++i) o[i] = OP(x, b[i]);
+  } else {
+    const T y = b[0];
+    for (int64_t i = 0; i < n; ++i) o[i] = OP(a[i], y);
+  }
+}
+
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+template <class T, T (*OP)(T, T), Bcast K>
+__attribute__((target("avx2"))) void loop_avx2(T* o, const T* a, const T* b, int64_t n) {
+  loop_body<T, OP, K>(o, a, b, n);
+}
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#endif
+
+template <class T, T (*OP)(T, T), Bcast K>
+void loop_fast(T* o, const T* a, const T* b, int64_t n) {
+#if defined(__x86_64__) && !defined(PAM_NO_X86)
+  if (has_avx2()) return loop_avx2<T, OP, K>(o, a, b, n);
+#endif
+  loop_body<T, OP, K>(o, a, b, n);
+}
+
+// out = OP(a, b) elementwise with broadcasting, a new tensor of a's dtype (checked by the caller)
+template <class T, T (*OP)(T, T)>
+at::Tensor binary_iter(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out;
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(a).add_const_input(b).build();
+  iter.for_each([](char** data, const int64_t* strides, int64_t n) {
+    constexpr int64_t S = sizeof(T);
+    auto* o = reinterpret_cast<T*>(data[0]);
+    const auto* x = reinterpret_cast<const T*>(data[1]);
+    const auto* y = reinterpret_cast<const T*>(data[2]);
+    if (strides[0] == S && strides[1] == S && strides[2] == S) return loop_fast<T, OP, BOTH>(o, x, y, n);
+    if (strides[0] == S && strides[1] == 0 && strides[2] == S) return loop_fast<T, OP, SCALAR_A>(o, x, y, n);
+    if (strides[0] == S && strides[1] == S && strides[2] == 0) return loop_fast<T, OP, SCALAR_B>(o, x, y, n);
+    for (int64_t i = 0; i < n; ++i) {
+      T u, v;
+      std::memcpy(&u, data[1] + i * strides[1], S);
+      std::memcpy(&v, data[2] + i * strides[2], S);
+      const T r = OP(u, v);
+      std::memcpy(data[0] + i * strides[0], &r, S);
+    }
+  });
+  return iter.output();
+}
+
+}  // namespace pa_loops
