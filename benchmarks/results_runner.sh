@@ -4,7 +4,8 @@
 #   run_entries FIRST LAST
 # which starts entries FIRST..LAST (1-based) at most JOBS at a time. A run whose metrics.json
 # exists, or that is running now (from an earlier call), is skipped, and running ones count
-# against JOBS, so a script can be started again while runs are in flight. Each run's output
+# against JOBS, so a script can be started again while runs are in flight. Every run gets --resume:
+# one that was stopped continues from its last checkpoint (exactly), a new one starts from scratch. Each run's output
 # goes to its --out folder's console.log; start/done lines with wall times go to stdout.
 
 running() { pgrep -fc -- "train $RECIPE .*--out $OUT/${1:-}" || true; }
@@ -17,10 +18,10 @@ run_entries() {
     (( $(running "$name\$") > 0 )) && { echo "skip $name (running)"; continue; }
     while (( $(running) >= JOBS )); do sleep 10; done
     mkdir -p "$OUT/$name"
-    echo "$(date -u +%FT%TZ) start $name: pamtorch train $RECIPE ${common[*]} $args --out $OUT/$name"
+    echo "$(date -u +%FT%TZ) start $name: pamtorch train $RECIPE ${common[*]} $args --out $OUT/$name --resume"
     # shellcheck disable=SC2086
     ( start=$(date +%s)
-      "$PAMTORCH" train "$RECIPE" "${common[@]}" $args --out "$OUT/$name" > "$OUT/$name/console.log" 2>&1 && rc=0 || rc=$?
+      "$PAMTORCH" train "$RECIPE" "${common[@]}" $args --out "$OUT/$name" --resume >> "$OUT/$name/console.log" 2>&1 && rc=0 || rc=$?
       echo "$(date -u +%FT%TZ) done $name rc=$rc wall=$(( $(date +%s) - start ))s" ) &
     sleep 2  # the new run shows in the process list before the next slot check
   done

@@ -13,8 +13,8 @@ PAMTORCH=${PAMTORCH:-.venv/bin/pamtorch}
 JOBS=${JOBS:-1}
 OUT=runs/results
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-common=(--data-dir ../shared/data/de-en --preset small --steps 3000 --eval-every 1000 --eval-sentences 1000
-        --eval-arith exact --no-progress --threads 1)
+common=(--data-dir ../shared/data/de-en --preset small --steps 3000 --eval-every 1000 --ckpt-every 250
+        --eval-sentences 1000 --eval-arith exact --no-progress --threads 1)
 
 runs=()  # "name|extra arguments"
 for arith in fp32 pam-full pam-matmul paper-exact-loss; do runs+=("tr-$arith-s0|--arith $arith --seed 0"); done
