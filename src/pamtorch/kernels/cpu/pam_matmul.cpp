@@ -686,26 +686,33 @@ void fwd_run(const FwdArgs& g) {
 // always_inline templates instantiated in AVX2-targeted wrappers (auto-vectorized).
 // one packed row of a B strip from its 16 raw patterns v (zero patterns past the matrix)
 template <bool GEN, int BS>
-inline __attribute__((always_inline)) void pack_b_row(const uint32_t* v, int32_t D, int32_t* ok) {
-  // GEN: a non-normal b counts as |b| = 0, so that s stays below the clamps' HI and a
-  // zero a's x stays finite (its sB is 0)
-  const int32_t pad = GEN ? -(int32_t)INFP : 0;
-  int32_t pb[FNR];
-  float m[FNR];
-  for (int c = 0; c < FNR; ++c) {
-    const uint32_t u = v[c];
-    const uint32_t P = u & 0x7FFFFFFFu;
-    const bool norm = (P - MINNORM) < (INFP - MINNORM);
-    pb[c] = GEN ? (norm ? (int32_t)(P - INFP) : pad) : (norm ? (int32_t)(u - BIAS + (uint32_t)D) : 0);
-    const float one = GEN ? ((u >> 31) ? -1.f : 1.f) : 1.f;
-    m[c] = norm ? one : 0.f;
+__attribute__((target("avx2,fma"))) inline void pack_b_row(const uint32_t* v, int32_t D, int32_t* ok) {
+  // GEN: a non-normal b counts as |b| = 0 (pb = -INFP), so that s stays below the clamps'
+  // HI and a zero a's x stays finite (its sB is 0); else pb = bits(b) - 1.0 pattern + D.
+  // The plane m: +-1.0 (GEN: b's sign) or 1.0 for a normal b, +0.0 otherwise.
+  const __m256i ABS = _mm256_set1_epi32(0x7FFFFFFF), MN = _mm256_set1_epi32((int)MINNORM),
+                SPAN = _mm256_set1_epi32((int)(INFP - MINNORM)), NEG1 = _mm256_set1_epi32(-1),
+                ONE = _mm256_set1_epi32(0x3F800000);
+  for (int h = 0; h < FNR / 8; ++h) {
+    const __m256i u = _mm256_loadu_si256((const __m256i*)(v + 8 * h));
+    const __m256i P = _mm256_and_si256(u, ABS);
+    const __m256i x = _mm256_sub_epi32(P, MN);  // normal: 0 <= x < INFP - MINNORM (no wrap)
+    const __m256i norm = _mm256_and_si256(_mm256_cmpgt_epi32(x, NEG1), _mm256_cmpgt_epi32(SPAN, x));
+    __m256i pb, m;
+    if (GEN) {
+      pb = _mm256_sub_epi32(_mm256_and_si256(norm, P), _mm256_set1_epi32((int)INFP));
+      m = _mm256_and_si256(norm, _mm256_or_si256(ONE, _mm256_andnot_si256(ABS, u)));
+    } else {
+      pb = _mm256_and_si256(norm, _mm256_add_epi32(u, _mm256_set1_epi32(D - (int32_t)BIAS)));
+      m = _mm256_and_si256(norm, ONE);
+    }
+    _mm256_storeu_si256((__m256i*)(ok + 8 * h), pb);
+    if (BS == 2) _mm256_storeu_si256((__m256i*)(ok + FNR + 8 * h), m);
   }
-  std::memcpy(ok, pb, sizeof(pb));
-  if (BS == 2) std::memcpy(ok + FNR, m, sizeof(m));
 }
 
 template <bool GEN, int BS>
-inline __attribute__((always_inline)) void pack_b_strip_body(const float* B, int64_t K, int64_t j0,
+__attribute__((target("avx2,fma"))) inline void pack_b_strip_body(const float* B, int64_t K, int64_t j0,
                                                               int64_t nr, int64_t s0, int64_t s1,
                                                               int32_t D, int32_t* o) {
   uint32_t v[FNR];
@@ -727,10 +734,12 @@ inline __attribute__((always_inline)) void pack_b_strip_body(const float* B, int
   }
   for (int64_t k = 0; k < K; ++k) {
     const float* brow = B + k * s0 + j0 * s1;
-    if (nr == FNR && s1 == 1)
-      std::memcpy(v, brow, sizeof(v));
-    else  // strided, or a last strip padded with +0 (which packs like a missing column)
-      for (int c = 0; c < FNR; ++c) v[c] = c < nr ? fbits(brow[c * s1]) : 0u;
+    if (nr == FNR && s1 == 1) {
+      pack_b_row<GEN, BS>(reinterpret_cast<const uint32_t*>(brow), D, o + k * BS * FNR);
+      continue;
+    }
+    // strided, or a last strip padded with +0 (which packs like a missing column)
+    for (int c = 0; c < FNR; ++c) v[c] = c < nr ? fbits(brow[c * s1]) : 0u;
     pack_b_row<GEN, BS>(v, D, o + k * BS * FNR);
   }
 }
@@ -765,6 +774,38 @@ __attribute__((target("avx2,fma"))) void pack_a_strip_avx2(const float* A, int64
                                                             int64_t K, int64_t s0, int64_t s1,
                                                             int32_t D, int32_t* o) {
   constexpr int AS = MODE == FG ? 3 : 2;
+  static_assert(MR <= 8, "a strip's rows fit one vector");
+  if (s0 == 1 && i0 + MR <= M) {
+    // column-major A (a transposed view, like the gradient in a weight gradient's g^T x):
+    // the strip's MR values of each k are adjacent, so they are read and packed as one vector
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(MR), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i ABS = _mm256_set1_epi32(0x7FFFFFFF), MN = _mm256_set1_epi32((int)MINNORM),
+                  SPAN = _mm256_set1_epi32((int)(INFP - MINNORM)), NEG1 = _mm256_set1_epi32(-1);
+    const int* col = reinterpret_cast<const int*>(A + i0);
+    alignas(32) int32_t t[AS][8];
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256i u = _mm256_maskload_epi32(col + k * s1, lanes);
+      const __m256i P = _mm256_and_si256(u, ABS);
+      const __m256i x = _mm256_sub_epi32(P, MN);
+      const __m256i norm = _mm256_and_si256(_mm256_cmpgt_epi32(x, NEG1), _mm256_cmpgt_epi32(SPAN, x));
+      if (MODE == FA) {
+        _mm256_store_si256((__m256i*)t[0], _mm256_blendv_epi8(_mm256_set1_epi32((int32_t)BIAS - D), u, norm));
+        _mm256_store_si256((__m256i*)t[1], _mm256_and_si256(norm, _mm256_set1_epi32(0x3F800000)));
+      } else if (MODE == FAB) {
+        _mm256_store_si256((__m256i*)t[0], u);
+        _mm256_store_si256((__m256i*)t[1], norm);
+      } else {  // FG
+        _mm256_store_si256((__m256i*)t[0], _mm256_and_si256(norm, P));
+        _mm256_store_si256((__m256i*)t[1], _mm256_blendv_epi8(_mm256_set1_epi32(-0x40000000 - D),
+                                                             _mm256_set1_epi32(0x3F800000 - D), norm));
+        _mm256_store_si256((__m256i*)t[2], _mm256_or_si256(_mm256_set1_epi32(0x40000000 + D),
+                                                           _mm256_andnot_si256(ABS, u)));
+      }
+      int32_t* ok = o + k * AS * MR;
+      for (int p = 0; p < AS; ++p) std::memcpy(ok + p * MR, t[p], MR * sizeof(int32_t));
+    }
+    return;
+  }
   const float* rows[MR];
   bool valid[MR];
   for (int r = 0; r < MR; ++r) {
@@ -806,9 +847,55 @@ void pack_a_strips(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1,
     pack_a_strip_avx2<MODE, MR>(A, st * MR, M, K, s0, s1, D, out + st * K * AS * MR);
 }
 
+// out (8 rows of ldo) = the transpose of the 8x8 block at in (8 rows of ldi): bit patterns
+__attribute__((target("avx2,fma"))) inline void transpose8x8(const float* in, int64_t ldi, int32_t* out,
+                                                             int64_t ldo) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ldi);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(reinterpret_cast<float*>(out + i * ldo), _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(reinterpret_cast<float*>(out + (i + 4) * ldo), _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// rows [i0, i1) of the contiguous copy of a column-major A (s0 == 1): 8x8 block transposes,
+// so that each cache line of A is read whole instead of one value of it per row of the copy
+__attribute__((target("avx2,fma"))) void copy_a_colmajor(const float* A, int64_t i0, int64_t i1,
+                                                         int64_t K, int64_t s1, int32_t* out) {
+  const int64_t kv = K / 8 * 8;
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) {
+    for (int64_t k = 0; k < kv; k += 8) transpose8x8(A + i + k * s1, s1, out + i * K + k, K);
+    for (int64_t r = i; r < i + 8; ++r)
+      for (int64_t k = kv; k < K; ++k) out[r * K + k] = (int32_t)fbits(A[r + k * s1]);
+  }
+  for (; i < i1; ++i)
+    for (int64_t k = 0; k < K; ++k) out[i * K + k] = (int32_t)fbits(A[i + k * s1]);
+}
+
 // contiguous copy of A's bits (F0/FB when A's rows are strided)
 void copy_a(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1, int32_t* out) {
   const int nt = num_threads();
+  if (s0 == 1) {  // a transposed operand, like the gradient in a weight gradient's g^T x
+    const int64_t nb = (M + 63) / 64;  // blocks of 64 rows of the copy
+    if (nt <= 1) {
+      copy_a_colmajor(A, 0, M, K, s1, out);
+      return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < nb; ++b) copy_a_colmajor(A, b * 64, std::min(M, b * 64 + 64), K, s1, out);
+    return;
+  }
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t i = 0; i < M; ++i)
     for (int64_t k = 0; k < K; ++k) out[i * K + k] = (int32_t)fbits(A[i * s0 + k * s1]);
