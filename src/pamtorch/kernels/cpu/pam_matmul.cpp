@@ -84,6 +84,19 @@ struct ThreadCap {
   ~ThreadCap() { g_thread_cap = old; }
 };
 
+// fn(i) for i in [0, n) on nt threads (static schedule). With nt <= 1 a plain loop: an
+// OpenMP parallel region with if(false) still builds a team of one, which costs more than
+// packing one small matrix of a batched product.
+template <typename F>
+void parallel_for(int nt, int64_t n, F&& fn) {
+  if (nt <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
 // Per-thread packing buffers, reused across calls: a batched product of many small
 // matrices would otherwise allocate (and free) two tensors per matrix.
 struct Scratch {
@@ -754,9 +767,7 @@ __attribute__((target("avx2,fma"))) void pack_b_strip_avx2(const float* B, int64
 void pack_b_fwd(const float* B, int64_t K, int64_t N, int64_t s0, int64_t s1, int BS, bool general,
                 int32_t D, int32_t* out) {
   const int64_t ns = (N + FNR - 1) / FNR;
-  const int nt = num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t st = 0; st < ns; ++st) {
+  parallel_for(num_threads(), ns, [&](int64_t st) {
     int32_t* o = out + st * K * BS * FNR;
     const int64_t j0 = st * FNR, nr = std::min<int64_t>(FNR, N - j0);
     if (general)
@@ -765,7 +776,7 @@ void pack_b_fwd(const float* B, int64_t K, int64_t N, int64_t s0, int64_t s1, in
       pack_b_strip_avx2<false, 2>(B, K, j0, nr, s0, s1, D, o);
     else
       pack_b_strip_avx2<false, 1>(B, K, j0, nr, s0, s1, D, o);
-  }
+  });
 }
 
 // A for the packed modes: strips [ceil(M/MR)][K][AS][MR] (rows past M padded as zeros)
@@ -841,10 +852,9 @@ void pack_a_strips(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1,
                    int32_t* out) {
   constexpr int AS = MODE == FG ? 3 : 2;
   const int64_t ns = (M + MR - 1) / MR;
-  const int nt = num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t st = 0; st < ns; ++st)
+  parallel_for(num_threads(), ns, [&](int64_t st) {
     pack_a_strip_avx2<MODE, MR>(A, st * MR, M, K, s0, s1, D, out + st * K * AS * MR);
+  });
 }
 
 // out (8 rows of ldo) = the transpose of the 8x8 block at in (8 rows of ldi): bit patterns
@@ -887,18 +897,14 @@ __attribute__((target("avx2,fma"))) void copy_a_colmajor(const float* A, int64_t
 void copy_a(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1, int32_t* out) {
   const int nt = num_threads();
   if (s0 == 1) {  // a transposed operand, like the gradient in a weight gradient's g^T x
-    const int64_t nb = (M + 63) / 64;  // blocks of 64 rows of the copy
-    if (nt <= 1) {
-      copy_a_colmajor(A, 0, M, K, s1, out);
-      return;
-    }
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t b = 0; b < nb; ++b) copy_a_colmajor(A, b * 64, std::min(M, b * 64 + 64), K, s1, out);
+    parallel_for(nt, (M + 63) / 64, [&](int64_t b) {  // blocks of 64 rows of the copy
+      copy_a_colmajor(A, b * 64, std::min(M, b * 64 + 64), K, s1, out);
+    });
     return;
   }
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t i = 0; i < M; ++i)
+  parallel_for(nt, M, [&](int64_t i) {
     for (int64_t k = 0; k < K; ++k) out[i * K + k] = (int32_t)fbits(A[i * s0 + k * s1]);
+  });
 }
 
 #ifndef PAM_MR_FB
@@ -1085,10 +1091,9 @@ PAM_AVX2_FN void pack_q_strip(const float* Q, int64_t T, int64_t c0, int64_t nr,
 
 void pack_q(const float* Q, int64_t T, int64_t Cc, int64_t s0, int64_t s1, int32_t D, int32_t* out) {
   const int64_t ns = (Cc + 15) / 16;
-  const int nt = num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t st = 0; st < ns; ++st)
+  parallel_for(num_threads(), ns, [&](int64_t st) {
     pack_q_strip(Q, T, st * 16, std::min<int64_t>(16, Cc - st * 16), s0, s1, D, out + st * T * 16);
+  });
 }
 
 // mantissas of Mo (R, Cc) -> (Rpad, Cpad) row-major, zero padded
@@ -1108,16 +1113,14 @@ PAM_AVX2_FN void pack_mant_row(const float* row, int64_t Cc, int64_t s1, int64_t
 
 void pack_mant(const float* Mo, int64_t R, int64_t Cc, int64_t s0, int64_t s1, int64_t Rpad,
                int64_t Cpad, int32_t* out) {
-  const int nt = num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t r = 0; r < Rpad; ++r) {
+  parallel_for(num_threads(), Rpad, [&](int64_t r) {
     int32_t* o = out + r * Cpad;
     if (r >= R) {
       for (int64_t c = 0; c < Cpad; ++c) o[c] = 0;
-      continue;
+      return;
     }
     pack_mant_row(Mo + r * s0, Cc, s1, Cpad, o);
-  }
+  });
 }
 
 void check_offset(int64_t D) {
