@@ -218,6 +218,14 @@ def test_column_major_b_packs_by_columns():
         assert b.stride() == (1, 150)
         assert same_bits(EXT.pam_mm(a, b, -1), EXT.pam_mm(a, b, 0))
         assert same_bits(EXT.pam_mm(a, b, -1), EXT.pam_mm(a, b.contiguous(), -1))
+        # last strips of 1-15 columns are gathered row by row; full strips of short
+        # reductions (attention's head size) are transposed 8x8 with a scalar remainder
+        for N, K in ((1, 3), (7, 16), (9, 21), (17, 16), (31, 8)):
+            a = rand_vals((5, K), g, lo, hi, zeros)
+            b = with_specials(rand_vals((N, K), g, lo, hi, zeros), g).t()
+            assert b.stride() == (1, K)
+            assert same_bits(EXT.pam_mm(a, b, -1), EXT.pam_mm(a, b, 0)), (N, K)
+            assert same_bits(EXT.pam_mm(a, b, -1), EXT.pam_mm(a, b.contiguous(), -1)), (N, K)
 
 
 @needs_ext

@@ -371,6 +371,10 @@ Stats stats2d(const Mat& t) {
   }
   Stats total;
   if (rows == 0 || cols == 0) return total;
+  if (s1 == 1 && s0 == cols) {  // contiguous: one row of all the values (short rows cost a tail each)
+    cols *= rows;
+    rows = 1;
+  }
   const bool avx = cpu_has_avx2_fma();
   const int nt = num_threads();
   if (nt == 1) {  // no team and no per-thread parts for the small products
@@ -522,7 +526,9 @@ struct FwdA {
   static constexpr int AS = MODE == FG ? 3 : 2;
 };
 
-template <int MODE, int MR>
+// NV vectors of 8 columns: 2 (a full 16-column strip), or 1 for a last strip of at most 8
+// columns (the packed strip keeps its 16-column layout; only its first 8 lanes are read)
+template <int MODE, int MR, int NV = FNV>
 __attribute__((target("avx2,fma"))) inline void fwd_ukernel(int64_t kc, const int32_t* const* arow,
                                                             const int32_t* __restrict Ap,
                                                             const int32_t* __restrict Bp, float* C,
@@ -530,21 +536,21 @@ __attribute__((target("avx2,fma"))) inline void fwd_ukernel(int64_t kc, const in
   constexpr int BS = FwdTraits<MODE>::BS;
   constexpr int AS = FwdA<MODE>::AS;
   constexpr bool PACKED = FwdA<MODE>::PACKED;
-  __m256 acc[MR][FNV];
+  __m256 acc[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < FNV; ++v)
+    for (int v = 0; v < NV; ++v)
       acc[r][v] = load ? _mm256_loadu_ps(C + r * ldc + v * 8) : _mm256_setzero_ps();
   const int32_t* ap[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) ap[r] = PACKED ? nullptr : arow[r];
   const __m256i LO = _mm256_set1_epi32(lo);
   for (int64_t k = 0; k < kc; ++k) {
-    __m256i pb[FNV];
-    __m256 mb[FNV];
+    __m256i pb[NV];
+    __m256 mb[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < FNV; ++v) {
+    for (int v = 0; v < NV; ++v) {
       pb[v] = _mm256_loadu_si256((const __m256i*)(Bp + v * 8));
       if (BS == 2) mb[v] = _mm256_loadu_ps((const float*)(Bp + FNR + v * 8));
     }
@@ -553,23 +559,23 @@ __attribute__((target("avx2,fma"))) inline void fwd_ukernel(int64_t kc, const in
       const __m256i pa = bcast32(PACKED ? Ap + r : ap[r] + k);
       if (MODE == F0) {
 #pragma GCC unroll 4
-        for (int v = 0; v < FNV; ++v)
+        for (int v = 0; v < NV; ++v)
           acc[r][v] = _mm256_add_ps(acc[r][v], _mm256_castsi256_ps(_mm256_add_epi32(pa, pb[v])));
       } else if (MODE == FB) {
 #pragma GCC unroll 4
-        for (int v = 0; v < FNV; ++v)
+        for (int v = 0; v < NV; ++v)
           acc[r][v] =
               _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_add_epi32(pa, pb[v])), mb[v], acc[r][v]);
       } else if (MODE == FA) {
         const __m256 ma = _mm256_castsi256_ps(bcast32(Ap + MR + r));
 #pragma GCC unroll 4
-        for (int v = 0; v < FNV; ++v)
+        for (int v = 0; v < NV; ++v)
           acc[r][v] =
               _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_add_epi32(pa, pb[v])), ma, acc[r][v]);
       } else if (MODE == FAB) {
         const __m256i mk = bcast32(Ap + MR + r);
 #pragma GCC unroll 4
-        for (int v = 0; v < FNV; ++v)
+        for (int v = 0; v < NV; ++v)
           acc[r][v] = _mm256_fmadd_ps(
               _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(pa, pb[v]), mk)), mb[v],
               acc[r][v]);
@@ -577,7 +583,7 @@ __attribute__((target("avx2,fma"))) inline void fwd_ukernel(int64_t kc, const in
         const __m256i hi = bcast32(Ap + MR + r);
         const __m256i off = bcast32(Ap + 2 * MR + r);
 #pragma GCC unroll 4
-        for (int v = 0; v < FNV; ++v) {
+        for (int v = 0; v < NV; ++v) {
           __m256i s = _mm256_add_epi32(pa, pb[v]);
           s = _mm256_min_epi32(_mm256_max_epi32(s, LO), hi);
           s = _mm256_add_epi32(s, off);
@@ -591,7 +597,7 @@ __attribute__((target("avx2,fma"))) inline void fwd_ukernel(int64_t kc, const in
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < FNV; ++v) _mm256_storeu_ps(C + r * ldc + v * 8, acc[r][v]);
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + r * ldc + v * 8, acc[r][v]);
 }
 
 struct FwdArgs {
@@ -656,7 +662,10 @@ __attribute__((target("avx2,fma"))) void fwd_macro(const FwdArgs& g, int64_t ic,
           if (load)
             for (int64_t r = 0; r < mr; ++r)
               for (int64_t c = 0; c < nr; ++c) tmp[r * FNR + c] = cp[r * g.N + c];
-          fwd_ukernel<MODE, MR>(kc, ar, astrip, bstrip, tmp, FNR, load, g.lo);
+          if (nr <= 8)
+            fwd_ukernel<MODE, MR, 1>(kc, ar, astrip, bstrip, tmp, FNR, load, g.lo);
+          else
+            fwd_ukernel<MODE, MR>(kc, ar, astrip, bstrip, tmp, FNR, load, g.lo);
           for (int64_t r = 0; r < mr; ++r)
             for (int64_t c = 0; c < nr; ++c) cp[r * g.N + c] = tmp[r * FNR + c];
         }
@@ -695,33 +704,57 @@ void fwd_run(const FwdArgs& g) {
   }
 }
 
+// out (8 rows of ldo) = the transpose of the 8x8 block at in (8 rows of ldi): bit patterns
+__attribute__((target("avx2,fma"))) inline void transpose8x8(const float* in, int64_t ldi, int32_t* out,
+                                                             int64_t ldo) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ldi);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(reinterpret_cast<float*>(out + i * ldo), _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(reinterpret_cast<float*>(out + (i + 4) * ldo), _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
 // pack B (K, N) any strides -> [ceil(N/16)][K][BS][16]. The per-strip bodies are
 // always_inline templates instantiated in AVX2-targeted wrappers (auto-vectorized).
 // one packed row of a B strip from its 16 raw patterns v (zero patterns past the matrix)
+// 8 columns h of a packed B row from their raw patterns u.
+// GEN: a non-normal b counts as |b| = 0 (pb = -INFP), so that s stays below the clamps' HI
+// and a zero a's x stays finite (its sB is 0); else pb = bits(b) - 1.0 pattern + D.
+// The plane m: +-1.0 (GEN: b's sign) or 1.0 for a normal b, +0.0 otherwise.
+template <bool GEN, int BS>
+__attribute__((target("avx2,fma"))) inline void pack_b_half(__m256i u, int32_t D, int32_t* ok, int h) {
+  const __m256i ABS = _mm256_set1_epi32(0x7FFFFFFF), ONE = _mm256_set1_epi32(0x3F800000);
+  const __m256i P = _mm256_and_si256(u, ABS);
+  const __m256i x = _mm256_sub_epi32(P, _mm256_set1_epi32((int)MINNORM));  // normal: 0 <= x < INFP - MINNORM
+  const __m256i norm = _mm256_and_si256(_mm256_cmpgt_epi32(x, _mm256_set1_epi32(-1)),
+                                        _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(INFP - MINNORM)), x));
+  __m256i pb, m;
+  if (GEN) {
+    pb = _mm256_sub_epi32(_mm256_and_si256(norm, P), _mm256_set1_epi32((int)INFP));
+    m = _mm256_and_si256(norm, _mm256_or_si256(ONE, _mm256_andnot_si256(ABS, u)));
+  } else {
+    pb = _mm256_and_si256(norm, _mm256_add_epi32(u, _mm256_set1_epi32(D - (int32_t)BIAS)));
+    m = _mm256_and_si256(norm, ONE);
+  }
+  _mm256_storeu_si256((__m256i*)(ok + 8 * h), pb);
+  if (BS == 2) _mm256_storeu_si256((__m256i*)(ok + FNR + 8 * h), m);
+}
+
+// one packed row of a B strip from its 16 raw patterns v (zero patterns past the matrix)
 template <bool GEN, int BS>
 __attribute__((target("avx2,fma"))) inline void pack_b_row(const uint32_t* v, int32_t D, int32_t* ok) {
-  // GEN: a non-normal b counts as |b| = 0 (pb = -INFP), so that s stays below the clamps'
-  // HI and a zero a's x stays finite (its sB is 0); else pb = bits(b) - 1.0 pattern + D.
-  // The plane m: +-1.0 (GEN: b's sign) or 1.0 for a normal b, +0.0 otherwise.
-  const __m256i ABS = _mm256_set1_epi32(0x7FFFFFFF), MN = _mm256_set1_epi32((int)MINNORM),
-                SPAN = _mm256_set1_epi32((int)(INFP - MINNORM)), NEG1 = _mm256_set1_epi32(-1),
-                ONE = _mm256_set1_epi32(0x3F800000);
-  for (int h = 0; h < FNR / 8; ++h) {
-    const __m256i u = _mm256_loadu_si256((const __m256i*)(v + 8 * h));
-    const __m256i P = _mm256_and_si256(u, ABS);
-    const __m256i x = _mm256_sub_epi32(P, MN);  // normal: 0 <= x < INFP - MINNORM (no wrap)
-    const __m256i norm = _mm256_and_si256(_mm256_cmpgt_epi32(x, NEG1), _mm256_cmpgt_epi32(SPAN, x));
-    __m256i pb, m;
-    if (GEN) {
-      pb = _mm256_sub_epi32(_mm256_and_si256(norm, P), _mm256_set1_epi32((int)INFP));
-      m = _mm256_and_si256(norm, _mm256_or_si256(ONE, _mm256_andnot_si256(ABS, u)));
-    } else {
-      pb = _mm256_and_si256(norm, _mm256_add_epi32(u, _mm256_set1_epi32(D - (int32_t)BIAS)));
-      m = _mm256_and_si256(norm, ONE);
-    }
-    _mm256_storeu_si256((__m256i*)(ok + 8 * h), pb);
-    if (BS == 2) _mm256_storeu_si256((__m256i*)(ok + FNR + 8 * h), m);
-  }
+  for (int h = 0; h < FNR / 8; ++h) pack_b_half<GEN, BS>(_mm256_loadu_si256((const __m256i*)(v + 8 * h)), D, ok, h);
 }
 
 template <bool GEN, int BS>
@@ -733,13 +766,36 @@ __attribute__((target("avx2,fma"))) inline void pack_b_strip_body(const float* B
     // column-major B (a transposed view, like attention's k^T): read each column's run of
     // contiguous values into a block, instead of 16 far-apart values per row (whose lines
     // can all fall into one cache set)
+    if (nr < FNR && s1 <= (int64_t(1) << 26)) {
+      // a last strip of nr < 16 columns: each row gathered into registers (+0 past the
+      // matrix); written to a buffer column by column and read back as rows, its values
+      // would stall on store forwarding
+      const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)s1));
+      const __m256i lanes0 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const __m256i lanes1 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nr - 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const __m256i z = _mm256_setzero_si256();
+      for (int64_t k = 0; k < K; ++k) {
+        const int* base = reinterpret_cast<const int*>(B + j0 * s1 + k);
+        pack_b_half<GEN, BS>(_mm256_mask_i32gather_epi32(z, base, idx, lanes0, 4), D, o + k * BS * FNR, 0);
+        const __m256i hi = nr > 8 ? _mm256_mask_i32gather_epi32(z, base + 8 * s1, idx, lanes1, 4) : z;
+        pack_b_half<GEN, BS>(hi, D, o + k * BS * FNR, 1);
+      }
+      return;
+    }
     constexpr int64_t KB = 64;
     uint32_t blk[KB * FNR];
     for (int64_t k0 = 0; k0 < K; k0 += KB) {
       const int64_t kb = std::min<int64_t>(KB, K - k0);
+      const int64_t kv = nr == FNR ? kb / 8 * 8 : 0;  // a full strip: 8x8 transposes
+      for (int64_t k = 0; k < kv; k += 8)
+        for (int c = 0; c < FNR; c += 8)
+          transpose8x8(B + (j0 + c) * s1 + k0 + k, s1, reinterpret_cast<int32_t*>(blk) + k * FNR + c, FNR);
       for (int c = 0; c < FNR; ++c) {
         const float* col = B + (j0 + c) * s1 + k0;
-        for (int64_t k = 0; k < kb; ++k) blk[k * FNR + c] = c < nr ? fbits(col[k]) : 0u;
+        if (c < nr)
+          for (int64_t k = kv; k < kb; ++k) blk[k * FNR + c] = fbits(col[k]);
+        else
+          for (int64_t k = kv; k < kb; ++k) blk[k * FNR + c] = 0u;
       }
       for (int64_t k = 0; k < kb; ++k) pack_b_row<GEN, BS>(blk + k * FNR, D, o + (k0 + k) * BS * FNR);
     }
@@ -749,6 +805,16 @@ __attribute__((target("avx2,fma"))) inline void pack_b_strip_body(const float* B
     const float* brow = B + k * s0 + j0 * s1;
     if (nr == FNR && s1 == 1) {
       pack_b_row<GEN, BS>(reinterpret_cast<const uint32_t*>(brow), D, o + k * BS * FNR);
+      continue;
+    }
+    if (s1 == 1) {  // a last strip of nr < 16 columns: masked loads, +0 past the matrix
+      const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (int h = 0; h < FNR / 8; ++h) {
+        const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nr - 8 * h), idx);
+        _mm256_storeu_si256((__m256i*)(v + 8 * h),
+                            _mm256_maskload_epi32(reinterpret_cast<const int*>(brow) + 8 * h, lanes));
+      }
+      pack_b_row<GEN, BS>(v, D, o + k * BS * FNR);
       continue;
     }
     // strided, or a last strip padded with +0 (which packs like a missing column)
@@ -855,27 +921,6 @@ void pack_a_strips(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1,
   parallel_for(num_threads(), ns, [&](int64_t st) {
     pack_a_strip_avx2<MODE, MR>(A, st * MR, M, K, s0, s1, D, out + st * K * AS * MR);
   });
-}
-
-// out (8 rows of ldo) = the transpose of the 8x8 block at in (8 rows of ldi): bit patterns
-__attribute__((target("avx2,fma"))) inline void transpose8x8(const float* in, int64_t ldi, int32_t* out,
-                                                             int64_t ldo) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ldi);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(reinterpret_cast<float*>(out + i * ldo), _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(reinterpret_cast<float*>(out + (i + 4) * ldo), _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
 }
 
 // rows [i0, i1) of the contiguous copy of a column-major A (s0 == 1): 8x8 block transposes,
