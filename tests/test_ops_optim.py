@@ -375,3 +375,39 @@ def test_grad_scaler_under_mode_gives_the_unscaled_step(path):
     plain = train(None, 2)   # steps 0 and 2 of the scaled run
     assert torch.equal(scaled.weight, plain.weight) and torch.equal(scaled.bias, plain.bias)
     assert scaler.get_scale() == 1024.0 * 2 * 0.5 * 2   # grow, back off, grow
+
+
+FOREACH_SAME = ["SGD", "Adam", "AdamW", "Adamax", "Adagrad", "RMSprop"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in FOREACH_SAME], ids=lambda c: _id(c + ("",)))
+def test_exact_optimizer_steps_on_foreach_under_mode_with_the_default_paths_bits(case):
+    """A stock optimizer that the config leaves exact (pam-matmul) and that takes torch's
+    default path steps on the foreach path under the mode (a handful of aten ops per group
+    to cross into the mode, instead of several per parameter): the same bits as the for-loop
+    path it replaces, and the user's setting is back after each step. NAdam and RAdam, whose
+    two paths round differently, are not switched."""
+    name, kw = case
+    cfg = Config.matmul_only()
+    results, seen = [], []
+    for path in ("default", "single"):
+        ps, gs = _problem()
+        params = [torch.nn.Parameter(p.float().clone()) for p in ps]
+        opt = getattr(torch.optim, name)(params, **kw, **({} if path == "default" else {"foreach": False}))
+        opt.register_step_pre_hook(lambda o, a, k: seen.append((path, o.param_groups[0]["foreach"])))
+        for step in range(STEPS):
+            for p, g in zip(params, gs[step]):
+                p.grad = g.float()
+            with pamtorch.mode(cfg):
+                opt.step()
+            assert opt.param_groups[0]["foreach"] == (None if path == "default" else False)
+        results.append([p.detach().clone() for p in params])
+    assert seen == [("default", True)] * STEPS + [("single", False)] * STEPS
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(*results))
+    for name_ in ("NAdam", "RAdam"):  # not switched
+        opt = getattr(torch.optim, name_)([torch.nn.Parameter(torch.ones(2))], lr=0.01)
+        opt.param_groups[0]["params"][0].grad = torch.ones(2)
+        opt.register_step_pre_hook(lambda o, a, k: seen.append(o.param_groups[0]["foreach"]))
+        with pamtorch.mode(cfg):
+            opt.step()
+        assert seen[-1] is None

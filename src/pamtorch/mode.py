@@ -695,13 +695,16 @@ def _entered(dispatch: PAMode, leave_exact=()):
             stack.pop()
 
     # a stock Adam/AdamW steps on its fused path (one routed op, a compiled kernel; the same
-    # bits, ops/optim.py) when this mode routes its ops; the user's setting is back after it
+    # bits, ops/optim.py) when this mode routes its ops, and a stock optimizer that the config
+    # leaves exact on its foreach path (fewer ops to cross into the mode, the same bits); the
+    # user's setting is back after the step
     fused: dict = {}   # id(optimizer) -> stack of the param groups switched per running step
 
     def opt_pre(opt, args, kwargs):
         _opt_pre(opt, args, kwargs)
         if threading.get_ident() == thread and _get_current_dispatch_mode() is dispatch:
-            fused.setdefault(id(opt), []).append(_optim.fused_adam_groups(opt, dispatch.config, leave_exact))
+            fused.setdefault(id(opt), []).append(_optim.fused_adam_groups(opt, dispatch.config, leave_exact) or
+                                                 _optim.foreach_exact_groups(opt, dispatch.config, leave_exact))
 
     def opt_post(opt, args, kwargs):
         _opt_post(opt, args, kwargs)

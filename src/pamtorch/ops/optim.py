@@ -304,10 +304,46 @@ def fused_adam_groups(opt, config, leave_exact=()) -> list:
     return switched
 
 
+# stock optimizers whose foreach step gives the for-loop step's bits on CPU float32
+# (tests/test_mode.py checks each): NAdam and RAdam do not, and are not switched
+_FOREACH_SAME = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop,
+                 torch.optim.Adagrad, torch.optim.Adamax)
+
+
+def foreach_exact_groups(opt, config, leave_exact=()) -> list:
+    """Switch the param groups of a stock optimizer step that the mode leaves exact (the
+    config's optimizer kind not PA, as in ``pam-matmul``) from torch's CPU default, the
+    for-loop path, to ``foreach=True``, and return them for :func:`restore_groups`. Each
+    aten op of the step crosses into the Python dispatch mode (a few microseconds each);
+    the for-loop path runs about eight ops per parameter, the foreach path that many per
+    group, and on CPU float32 both compute the same bits (``_FOREACH_SAME``). Only exact
+    instances of those classes (not user subclasses), groups on the default path with
+    float32 CPU parameters, strided gradients and Python number hyperparameters are
+    switched; nothing while an audit recorder listens: it reports the user's path."""
+    if RECORDERS or type(opt) not in _FOREACH_SAME or config.optimizer.pa:
+        return []
+    switched = []
+    with torch._C.DisableTorchFunction():  # attribute reads, not for the function mode to route
+        for group in opt.param_groups:
+            if (group.get("foreach") is not None or group.get("fused") is not None
+                    or group.get("differentiable") or group.get("capturable")):
+                continue
+            if any(isinstance(v, torch.Tensor) or (isinstance(v, tuple) and any(isinstance(x, torch.Tensor) for x in v))
+                   for k, v in group.items() if k != "params"):
+                continue
+            if all(p.dtype is torch.float32 and p.device.type == "cpu" and
+                   (p.grad is None or p.grad.layout is torch.strided) for p in group["params"]):
+                group["foreach"] = True
+                switched.append((group, "foreach"))
+    return switched
+
+
 def restore_groups(groups):
-    """Undo :func:`fused_adam_groups`: the groups take torch's default path again."""
+    """Undo :func:`fused_adam_groups` or :func:`foreach_exact_groups`: the groups take
+    torch's default path again."""
     for group in groups:
-        group["fused"] = None
+        group, key = group if isinstance(group, tuple) else (group, "fused")
+        group[key] = None
 
 
 @implements([aten._fused_sgd_], "optimizer")
