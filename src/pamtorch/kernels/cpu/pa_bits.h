@@ -61,4 +61,46 @@ PA_INLINE uint32_t pad_bits(uint32_t ux, uint32_t uy) {
   return nan ? NAN32 : r | ((ux ^ uy) & SIGN32);
 }
 
+// arith.pa_exp of a float32 z (pa_elementwise.cpp's scalar exp32, vectorizable): paexp2(y) with y = z *^ log2 e the
+// float64 PAM, i.e. pattern round(y * 2^23) + B, y clamped to +-512. In three vectorizable steps:
+//  1. from the float64 pattern of z, the pattern of v = clamp(y) * 2^23: y's pattern is
+//     |z| + log2e - B (z finite and nonzero: a float32 in float64 lies far inside the float64
+//     range, so the PAM neither flushes nor overflows), times 2^23 by exponent-field addition,
+//     clamped to 2^32 (also for z = inf), 0 for z = 0, z's sign;
+//  2. round(v), ties to even, by the float64 add of 1.5 * 2^52 (|v| <= 2^32 < 2^51), read off
+//     the pattern of the sum;
+//  3. round(v) + B into the float32 range, NaN for NaN z.
+constexpr int64_t EXP_C = 0x3FF71547652B82FELL - 0x3FF0000000000000LL + (23LL << 52);  // log2e - B, * 2^23
+constexpr int64_t P2_32 = (1023LL + 32) << 52, MN64 = 1LL << 52, ABS64 = 0x7FFFFFFFFFFFFFFFLL;
+constexpr double ROUNDER = 6755399441055744.0;  // 1.5 * 2^52
+constexpr int64_t ROUNDER_BITS = 0x4338000000000000LL;
+PA_INLINE int64_t exp_v_bits(int64_t u) {
+  const int64_t ma = u & ABS64;
+  int64_t p = ma > P2_32 - EXP_C ? P2_32 : ma + EXP_C;  // compared first: inf + EXP_C would wrap
+  p = ma < MN64 ? 0 : p;
+  return p | (u & ~ABS64);
+}
+PA_INLINE int64_t round_bits(int64_t v) {
+  double d;
+  std::memcpy(&d, &v, 8);
+  d += ROUNDER;
+  int64_t r;
+  std::memcpy(&r, &d, 8);
+  return r - ROUNDER_BITS;
+}
+PA_INLINE uint32_t exp_out_bits(int64_t t, uint32_t uz) {
+  int64_t r = t + B32;
+  r = r < int64_t(MN32) ? 0 : r;
+  r = r > int64_t(INF32) ? int64_t(INF32) : r;
+  return (uz & ABS32) > INF32 ? NAN32 : static_cast<uint32_t>(r);
+}
+
+// step 0: the float64 pattern of a float32 z (exact)
+PA_INLINE int64_t exp_z_bits(float z) {
+  const double d = z;
+  int64_t u;
+  std::memcpy(&u, &d, 8);
+  return u;
+}
+
 }  // namespace pa_bits

@@ -23,6 +23,7 @@
 
 #include <ATen/TensorIterator.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -438,24 +439,40 @@ at::Tensor gelu_backward(const at::Tensor& dy, const at::Tensor& x, double ca, d
 // the composition; without NaNs every step is an IEEE operation with one result.
 // contiguous rows (the reduced value broadcast, stride 0), compiled twice like the loops above;
 // each returns whether a NaN arose
-inline bool lsm_fwd_body(float* __restrict e, const float* __restrict x, float m, int64_t n) {
-  bool any = false;
-  for (int64_t i = 0; i < n; ++i) {
-    e[i] = x[i] - m;
-    any |= e[i] != e[i];
-  }
-  for (int64_t i = 0; i < n; ++i) e[i] = exp32(e[i]);
-  return any;
+// pa_exp by the vectorizable steps of pa_bits.h (exp32's bits), in chunks of LSM_BLK
+constexpr int64_t LSM_BLK = 256;
+// (o may be z: each o[i] is written after the last read of z[i])
+PA_INLINE void exp_chunk(float* o, const float* z, int64_t k) {
+  alignas(32) int64_t p[LSM_BLK];
+  for (int64_t i = 0; i < k; ++i) p[i] = pa_bits::exp_z_bits(z[i]);
+  for (int64_t i = 0; i < k; ++i) p[i] = pa_bits::exp_v_bits(p[i]);
+  for (int64_t i = 0; i < k; ++i) p[i] = pa_bits::round_bits(p[i]);
+  for (int64_t i = 0; i < k; ++i) o[i] = f32(pa_bits::exp_out_bits(p[i], u32(z[i])));
 }
-inline bool lsm_bwd_body(float* __restrict o, const float* __restrict g, const float* __restrict y,
-                         uint32_t s, int64_t n) {
-  bool any = false;
-  for (int64_t i = 0; i < n; ++i) o[i] = exp32(y[i]);
-  for (int64_t i = 0; i < n; ++i) {
-    o[i] = g[i] - f32(pam_bits(u32(o[i]), s));
-    any |= o[i] != o[i];
+PA_INLINE bool lsm_fwd_body(float* __restrict e, const float* __restrict x, float m, int64_t n) {
+  uint32_t nan = 0;  // an integer OR reduction vectorizes; a bool one did not
+  for (int64_t c = 0; c < n; c += LSM_BLK) {
+    const int64_t k = std::min(LSM_BLK, n - c);
+    float* __restrict ec = e + c;
+    const float* __restrict xc = x + c;
+    for (int64_t i = 0; i < k; ++i) ec[i] = xc[i] - m;
+    for (int64_t i = 0; i < k; ++i) nan |= static_cast<uint32_t>((u32(ec[i]) & pa_bits::ABS32) > pa_bits::INF32);
+    exp_chunk(ec, ec, k);
   }
-  return any;
+  return nan != 0;
+}
+PA_INLINE bool lsm_bwd_body(float* __restrict o, const float* __restrict g, const float* __restrict y,
+                         uint32_t s, int64_t n) {
+  uint32_t nan = 0;
+  for (int64_t c = 0; c < n; c += LSM_BLK) {
+    const int64_t k = std::min(LSM_BLK, n - c);
+    float* __restrict oc = o + c;
+    const float* __restrict gc = g + c;
+    exp_chunk(oc, y + c, k);
+    for (int64_t i = 0; i < k; ++i) oc[i] = gc[i] - f32(pam_bits(u32(oc[i]), s));
+    for (int64_t i = 0; i < k; ++i) nan |= static_cast<uint32_t>((u32(oc[i]) & pa_bits::ABS32) > pa_bits::INF32);
+  }
+  return nan != 0;
 }
 #if defined(__x86_64__) && !defined(PAM_NO_X86)
 __attribute__((target("avx2"))) bool lsm_fwd_avx2(float* e, const float* x, float m, int64_t n) {

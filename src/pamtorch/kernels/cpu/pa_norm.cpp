@@ -74,32 +74,7 @@ inline uint32_t rsqrt_bits(uint32_t ux) {
   return static_cast<uint32_t>(r) | ((neg && m < MN32) ? SIGN32 : 0u);
 }
 
-// arith.pa_exp of a float32 z (pa_elementwise.cpp's exp32): paexp2(y) with y = z *^ log2 e the
-// float64 PAM, i.e. pattern round(y * 2^23) + B, y clamped to +-512. In three vectorizable steps:
-//  1. from the float64 pattern of z, the pattern of v = clamp(y) * 2^23: y's pattern is
-//     |z| + log2e - B (z finite and nonzero: a float32 in float64 lies far inside the float64
-//     range, so the PAM neither flushes nor overflows), times 2^23 by exponent-field addition,
-//     clamped to 2^32 (also for z = inf), 0 for z = 0, z's sign;
-//  2. round(v), ties to even, by the float64 add of 1.5 * 2^52 (|v| <= 2^32 < 2^51), read off
-//     the pattern of the sum;
-//  3. round(v) + B into the float32 range, NaN for NaN z.
-constexpr int64_t EXP_C = 0x3FF71547652B82FELL - 0x3FF0000000000000LL + (23LL << 52);  // log2e - B, * 2^23
-constexpr int64_t P2_32 = (1023LL + 32) << 52, MN64 = 1LL << 52, ABS64 = 0x7FFFFFFFFFFFFFFFLL;
-constexpr double ROUNDER = 6755399441055744.0;  // 1.5 * 2^52
-constexpr int64_t ROUNDER_BITS = 0x4338000000000000LL;
-PA_INLINE int64_t exp_v_bits(int64_t u) {
-  const int64_t ma = u & ABS64;
-  int64_t p = ma > P2_32 - EXP_C ? P2_32 : ma + EXP_C;  // compared first: inf + EXP_C would wrap
-  p = ma < MN64 ? 0 : p;
-  return p | (u & ~ABS64);
-}
-PA_INLINE int64_t round_bits(int64_t v) { return i64(f64(v) + ROUNDER) - ROUNDER_BITS; }
-PA_INLINE uint32_t exp_out_bits(int64_t t, uint32_t uz) {
-  int64_t r = t + B32;
-  r = r < int64_t(MN32) ? 0 : r;
-  r = r > int64_t(INF32) ? int64_t(INF32) : r;
-  return (uz & ABS32) > INF32 ? NAN32 : static_cast<uint32_t>(r);
-}
+// arith.pa_exp of a float32 z: exp_v_bits, round_bits, exp_out_bits (pa_bits.h)
 
 // float32 patterns as int32 keys in the order of the values (-0 below +0; NaN not ordered)
 PA_INLINE int32_t order_key(uint32_t u) { return static_cast<int32_t>(u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) >> 1)); }
