@@ -1,6 +1,8 @@
-"""An experiment, not a library feature: ``pamtorch train`` with the PA log-softmax's approx
-derivative made to sum to zero along each row, to test whether the rows' imbalance is what
-destabilises the CNN runs of RESULTS.md ("CNN").
+"""The experiment that preceded the loss kind's ``derivative="balanced"`` (``--derivative
+loss=balanced``, ``pamtorch.nn.functional.balance_rows``), which computes the same: ``pamtorch
+train`` with the PA log-softmax's approx derivative made to sum to zero along each row, to test
+whether the rows' imbalance is what destabilises the CNN runs of RESULTS.md ("CNN"). Kept
+because RESULTS.md's ``matmul+loss-balanced`` row was run with it.
 
     python benchmarks/cnn_balanced_loss.py train cnn ...   # pamtorch train's arguments
 

@@ -12,7 +12,9 @@
 #   STEPS=1000 WARMUP=100 ARITHS=matmul+loss EXTRA="--derivative loss=exact" NAME=-dloss benchmarks/results_cnn.sh
 #   STEPS=1000 WARMUP=100 ARITHS=matmul+loss NAME=-balanced \
 #     PAMTORCH=".venv/bin/python benchmarks/cnn_balanced_loss.py" benchmarks/results_cnn.sh
-#   (the loss derivative balanced to sum to zero per row: an experiment, see that script)
+#   (the loss derivative balanced to sum to zero per row, as the experiment that preceded the
+#   option; the option itself:)
+#   STEPS=1000 WARMUP=100 ARITHS=pam-full EXTRA="--derivative loss=balanced" NAME=-balanced benchmarks/results_cnn.sh
 #   benchmarks/results_cnn.sh summary   # RESULTS.md's 1000-step table from the runs' metrics.json
 # A finished run (its metrics.json exists) is skipped.
 set -euo pipefail
@@ -37,8 +39,8 @@ def train_loss(name, lo, hi):  # mean training loss over steps lo < step <= hi
 
 print("| variant | seeds | test accuracy | mean ± std | train loss, steps 401-500 / 901-1000 | step time |")
 print("| --- | --- | ---: | ---: | ---: | ---: |")
-for v in ("fp32", "pam-conv", "pam-full", "matmul+norm", "matmul+optimizer", "matmul+loss", "matmul+loss-dloss",
-          "matmul+loss-balanced"):
+for v in ("fp32", "pam-conv", "pam-full", "pam-full-balanced", "matmul+norm", "matmul+optimizer", "matmul+loss",
+          "matmul+loss-dloss", "matmul+loss-balanced"):
     done = [(s, run(f"cnn-{v}-1000-s{s}")) for s in range(3)]
     done = [(s, m) for s, m in done if m]
     if not done:

@@ -355,3 +355,66 @@ def test_forwards_share_one_code_path_across_derivative_kinds():
     assert set(x.grad[far].abs().unique().tolist()) <= {0.5, 1.0}
     assert torch.equal(L.huber_backward(torch.tensor(1.0), X, T, "sum", 0.7)[far].abs(),
                        torch.full((int(far.sum()),), 0.7))
+
+
+# ---------------------------------------------------------------- the balanced loss derivative
+
+BALANCED = FULL.replace(loss=OpConfig(derivative="balanced"))
+
+
+def _ce_grad(cfg, fn, x, t):
+    x = x.clone().requires_grad_(True)
+    with pamtorch.mode(cfg):
+        loss = fn(x, t)
+        loss.backward()
+    return loss.detach(), x.grad
+
+
+def test_balanced_is_a_loss_only_derivative():
+    assert BALANCED.loss.derivative == "balanced"
+    with pytest.raises(ValueError, match="loss kind's log-softmax only"):
+        FULL.replace(matmul=OpConfig(derivative="balanced"))
+    with pytest.raises(ValueError, match="loss kind's log-softmax only"):
+        FULL.with_derivative("balanced")
+    with pytest.raises(ValueError, match="must be one of"):
+        OpConfig(derivative="balance")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_balanced_loss_derivative_sums_to_zero_per_row(smoothing):
+    """The approx cross-entropy gradient with each row's sum taken off the row's largest
+    logit: the same loss value, the same gradient everywhere else bit for bit, rows that sum
+    to 0 up to float rounding where the approx rows do not; through F.cross_entropy, through
+    F.log_softmax + F.nll_loss and through a converted nn.CrossEntropyLoss alike; and the
+    step is multiplication-free."""
+    g = torch.Generator().manual_seed(3)
+    x = 3 * torch.randn(32, 10, generator=g)
+    t = torch.randint(0, 10, (32,), generator=g)
+    t[5] = -100  # an ignored row: its gradient row is 0 in both
+
+    def ce(x, t):
+        return F.cross_entropy(x, t, label_smoothing=smoothing)
+
+    la, ga = _ce_grad(FULL, ce, x, t)
+    lb, gb = _ce_grad(BALANCED, ce, x, t)
+    assert torch.equal(la, lb)
+    changed = ga != gb
+    assert changed.sum(1).le(1).all() and changed.any()
+    rows, cols = changed.nonzero(as_tuple=True)
+    assert torch.equal(cols, x.argmax(1)[rows])
+    pull = ga.abs().amax(1)
+    assert (ga.sum(1).abs() > 1e-3 * pull).sum() >= 16  # the approx rows are off
+    assert (gb.sum(1).abs() <= 1e-6 * pull + 1e-12).all()
+    assert torch.equal(gb[5], torch.zeros(10))
+    if smoothing == 0.0:  # the log_softmax + nll_loss model gets the same gradient
+        _, gn = _ce_grad(BALANCED, lambda x, t: F.nll_loss(F.log_softmax(x, 1), t), x, t)
+        assert torch.equal(gn, gb)
+    conv = pamtorch.convert(torch.nn.CrossEntropyLoss(label_smoothing=smoothing), BALANCED)
+    xc = x.clone().requires_grad_(True)
+    conv(xc, t).backward()
+    assert torch.equal(xc.grad, gb)
+
+    def step():
+        _ce_grad(BALANCED, ce, x, t)
+
+    audit(step).assert_multiplication_free()

@@ -459,3 +459,13 @@ def test_mantissa_bits_with_fp32_is_refused(tmp_path, capsys):
     assert T.main(TINY["vit"] + ["--mantissa-bits", "7", "--steps", "1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--arith fp32 has none" in err, err
+
+
+def test_balanced_loss_derivative_on_the_command_line():
+    """--derivative loss=balanced (only the loss kind takes it)."""
+    assert T.arith_config("pam-full", "loss=balanced").loss.derivative == "balanced"
+    assert T.arith_config("pam-full", "loss=balanced").matmul.derivative == "approx"
+    assert T.DERIVATIVE("matmul=exact,loss=balanced") == "matmul=exact,loss=balanced"
+    for bad in ("balanced", "matmul=balanced"):
+        with pytest.raises(argparse.ArgumentTypeError, match="approx|balanced"):
+            T.DERIVATIVE(bad)

@@ -22,6 +22,12 @@ __all__ = ["KINDS", "OFFSET_KINDS", "OpConfig", "Config"]
 KINDS = ("matmul", "softmax", "norm", "loss", "optimizer", "elementwise", "nonlinear")
 
 
+# derivative kinds only the loss kind takes. "balanced": the approx derivative of the PA
+# log-softmax, dy - pa_exp(y) ⊙̂ Σdy, with each row's residual sum (0 in exact arithmetic for a
+# loss's gradient, up to ±18% of the target's pull with PA exp) subtracted at the row's largest
+# y: additions only. docs/nn.md, "The loss's derivative"
+LOSS_ONLY_DERIVATIVES = ("balanced",)
+
 # the kinds whose PA ops take an offset: the matrix products (per product term), the
 # elementwise PAM, PAD, exp and log, and the optimizer's PAMs and PADs
 OFFSET_KINDS = ("matmul", "elementwise", "optimizer")
@@ -30,7 +36,7 @@ OFFSET_KINDS = ("matmul", "elementwise", "optimizer")
 @dataclass(frozen=True)
 class OpConfig:
     """One op kind: ``pa`` whether it is piecewise affine (else left exact), the
-    ``derivative`` kind ("approx", "exact" or "ste"), the PAM ``offset`` α (None: none;
+    ``derivative`` kind ("approx", "exact" or "ste"; the loss kind also "balanced"), the PAM ``offset`` α (None: none;
     0.5 <= α <= 2, applied per PAM/PAD as an integer added to the pattern, for the kinds in
     ``OFFSET_KINDS`` only) and ``mantissa_bits`` k (None: the dtype's own; 1 <= k <= 23:
     the operands and results of the kind's PA ops are rounded to k mantissa bits, ties to
@@ -42,8 +48,9 @@ class OpConfig:
     mantissa_bits: int | None = None
 
     def __post_init__(self):
-        if self.derivative not in DERIVATIVES:
-            raise ValueError(f"OpConfig.derivative must be one of {DERIVATIVES}, got {self.derivative!r}")
+        if self.derivative not in DERIVATIVES + LOSS_ONLY_DERIVATIVES:
+            raise ValueError(f"OpConfig.derivative must be one of {DERIVATIVES + LOSS_ONLY_DERIVATIVES}, "
+                             f"got {self.derivative!r}")
         object.__setattr__(self, "offset", check_offset(self.offset, "OpConfig"))
         check_mantissa_bits(self.mantissa_bits, "OpConfig")
         if not self.pa and (self.offset is not None or self.mantissa_bits is not None):
@@ -80,6 +87,9 @@ class Config:
             op = getattr(self, k)
             if not isinstance(op, OpConfig):
                 raise TypeError(f"Config.{k} must be an OpConfig, got {type(op).__name__}")
+            if op.derivative in LOSS_ONLY_DERIVATIVES and k != "loss":
+                raise ValueError(f"Config.{k}: derivative={op.derivative!r} is a derivative of the loss "
+                                 f"kind's log-softmax only; the {k!r} kind takes one of {DERIVATIVES}")
             if op.offset is not None and k not in OFFSET_KINDS:
                 raise ValueError(f"Config.{k}: the {k!r} kind cannot take a PAM offset (got "
                                  f"offset={op.offset}); kinds that take one: {', '.join(OFFSET_KINDS)}")

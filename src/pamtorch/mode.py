@@ -644,7 +644,9 @@ class _PAFunctionMode(TorchFunctionMode):
         kind = _FUNCTION_KINDS.get(func)
         if kind is not None:
             op = self.config.kind(kind)
-            if op.pa and op.derivative != "approx":
+            # "balanced" (loss kind) is the approx derivative made zero-sum per row: the
+            # dispatch level's log-softmax backward applies it (ops/losses.py)
+            if op.pa and op.derivative not in ("approx", "balanced"):
                 if op.mantissa_bits is not None:  # the route's operands and results, as at dispatch
                     return rounded_call(_FUNCTION_ROUTES[func], op.mantissa_bits, *args, **kwargs,
                                         derivative=op.derivative)

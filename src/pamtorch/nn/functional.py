@@ -76,7 +76,7 @@ _mm = _importlib.import_module("pamtorch.matmul")
 
 __all__ = [
     # raw functions
-    "softmax_forward", "softmax_backward", "log_softmax_forward", "log_softmax_backward",
+    "softmax_forward", "softmax_backward", "log_softmax_forward", "log_softmax_backward", "balance_rows",
     "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
     "gelu_forward", "gelu_backward", "nll_loss_forward", "nll_loss_backward",
     "mse_loss_forward", "mse_loss_backward", "dropout_forward", "dropout_backward",
@@ -246,6 +246,20 @@ def log_softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.T
         if dx is not None:
             return dx
     return dy - arith.pam(arith.pa_exp(y), dy.sum(dim, keepdim=True))
+
+
+def balance_rows(dx: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    """The "balanced" loss derivative (``Config`` loss kind, ``derivative="balanced"``): the
+    approx log-softmax derivative ``dx`` with each row's sum along ``dim`` subtracted from the
+    row's entry at the largest ``y`` (the first, on ties). In exact arithmetic the rows of a
+    cross entropy's gradient sum to 0; with ``pa_exp`` in place of exp they sum to up to ±18%
+    of the target's pull (docs/nn.md), a drift that a fully PA CNN trained with SGD did not
+    survive (RESULTS.md, "CNN"). A sum, a compare and a subtraction: no multiplication. NaN
+    rows stay NaN."""
+    if dx.numel() == 0:
+        return dx
+    residual = dx.sum(dim, keepdim=True)
+    return dx.scatter_add(dim, y.argmax(dim, keepdim=True), -residual)
 
 
 # ---------------------------------------------------------------------------

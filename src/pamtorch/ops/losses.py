@@ -35,7 +35,10 @@ def _pa_log_softmax(func, args, kwargs, cfg):
 @implements([aten._log_softmax_backward_data], "loss")
 def _pa_log_softmax_backward(func, args, kwargs, cfg):
     dy, y, dim, input_dtype = args[:4]
-    return PF.log_softmax_backward(y, dy, dim).to(input_dtype)
+    dx = PF.log_softmax_backward(y, dy, dim)
+    if cfg.derivative == "balanced":
+        dx = PF.balance_rows(dx, y, dim)
+    return dx.to(input_dtype)
 
 
 @implements([aten.nll_loss_forward, aten.nll_loss2d_forward], "loss")

@@ -153,7 +153,8 @@ _DERIVATIVES = ("approx", "exact")
 def DERIVATIVE(text):
     """An argparse ``type`` for ``--derivative``: ``approx``, ``exact`` or ``paper`` for every PA
     kind, or ``KIND=approx|exact`` pairs joined by commas for some kinds (the paper's derivative
-    ablations, e.g. ``matmul=exact`` or ``softmax=exact``); the text is kept as given."""
+    ablations, e.g. ``matmul=exact`` or ``softmax=exact``; the loss kind also takes
+    ``loss=balanced``); the text is kept as given."""
     from pamtorch.config import KINDS
 
     if text in _DERIVATIVES + ("paper",):
@@ -166,8 +167,9 @@ def DERIVATIVE(text):
         kind, _, d = part.partition("=")
         if kind not in KINDS:
             raise argparse.ArgumentTypeError(f"{part!r}: unknown op kind {kind!r}; kinds are {', '.join(KINDS)}")
-        if d not in _DERIVATIVES:
-            raise argparse.ArgumentTypeError(f"{part!r}: the derivative must be approx or exact, got {d!r}")
+        if d not in _DERIVATIVES and not (kind == "loss" and d == "balanced"):
+            also = " (or balanced for the loss kind)" if d == "balanced" else ""
+            raise argparse.ArgumentTypeError(f"{part!r}: the derivative must be approx or exact{also}, got {d!r}")
         if kind in seen:
             raise argparse.ArgumentTypeError(f"{text!r}: op kind {kind!r} is given twice")
         seen.add(kind)
@@ -373,7 +375,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--derivative", type=DERIVATIVE, default=None, metavar="{approx,exact,paper,KIND=D,...}",
                    help="derivative of the PA operations: approx or exact for every PA kind, paper (the "
                         "preset's own, the default), or per kind, e.g. matmul=exact or softmax=exact,loss=exact "
-                        "(the paper's derivative ablations)")
+                        "(the paper's derivative ablations); loss=balanced makes the loss's approx "
+                        "derivative sum to zero per row (docs/nn.md)")
     p.add_argument("--mantissa-bits", type=MANTISSA_BITS, default=None, metavar="K",
                    help="round the operands and results of every PA op to K mantissa bits, 1-23 "
                         "(Config.with_mantissa_bits; 7: bfloat16's width; default: float32's 23); "
