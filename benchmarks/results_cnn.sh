@@ -3,18 +3,15 @@
 # batch 64: fp32, pam-conv (the paper's CNN variant: PA convolutions and linear layers,
 # BatchNorm and the rest exact) and pam-full (or ARITHS), for SEEDS (default 0), one after
 # another, one thread each; EXTRA: more pamtorch train options, e.g. --derivative loss=exact
-# (then give NAME, a suffix for the run folders).
+# (then give NAME, a suffix for the run folders). PAMTORCH: the pamtorch command.
 # Usage (from the repository root):
 #   benchmarks/results_cnn.sh          # the 200-step smoke rows (all in the preset's warmup)
 #   STEPS=1000 WARMUP=100 benchmarks/results_cnn.sh   # the longer rows: 100 warmup steps, then cosine
 #   STEPS=1000 WARMUP=100 SEEDS="1 2" ARITHS="fp32 pam-conv" benchmarks/results_cnn.sh   # their seeds
 #   STEPS=1000 WARMUP=100 ARITHS="matmul+norm matmul+optimizer matmul+loss" benchmarks/results_cnn.sh
 #   STEPS=1000 WARMUP=100 ARITHS=matmul+loss EXTRA="--derivative loss=exact" NAME=-dloss benchmarks/results_cnn.sh
-#   STEPS=1000 WARMUP=100 ARITHS=matmul+loss NAME=-balanced \
-#     PAMTORCH=".venv/bin/python benchmarks/cnn_balanced_loss.py" benchmarks/results_cnn.sh
-#   (the loss derivative balanced to sum to zero per row, as the experiment that preceded the
-#   option; the option itself:)
-#   STEPS=1000 WARMUP=100 ARITHS=pam-full EXTRA="--derivative loss=balanced" NAME=-balanced benchmarks/results_cnn.sh
+#   STEPS=1000 WARMUP=100 ARITHS="matmul+loss pam-full" EXTRA="--derivative loss=balanced" NAME=-balanced \
+#     benchmarks/results_cnn.sh   # the loss derivative balanced to sum to zero per row
 #   benchmarks/results_cnn.sh summary   # RESULTS.md's 1000-step table from the runs' metrics.json
 # A finished run (its metrics.json exists) is skipped.
 set -euo pipefail
