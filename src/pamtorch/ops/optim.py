@@ -288,24 +288,11 @@ def fused_adam_groups(opt, config, leave_exact=()) -> list:
     if (leave_exact or not op.pa or op.offset is not None or op.mantissa_bits is not None
             or getattr(opt, "pa_config", config) != config or torch.get_default_dtype() is not torch.float32):
         return []
-    switched = []
-    with torch._C.DisableTorchFunction():  # attribute reads, not for the function mode to route
-        for group in opt.param_groups:
-            if (group.get("foreach") is not None or group.get("fused") is not None or group.get("amsgrad")
-                    or group.get("differentiable") or group.get("capturable")):
-                continue
-            if any(isinstance(group.get(k), torch.Tensor) for k in ("lr", "weight_decay", "eps")) or \
-                    any(isinstance(b, torch.Tensor) for b in group.get("betas", ())):
-                continue
-            if all(p.dtype is torch.float32 and p.device.type == "cpu" and
-                   (p.grad is None or p.grad.layout is torch.strided) for p in group["params"]):
-                group["fused"] = True
-                switched.append(group)
-    return switched
+    return _switch_default_groups(opt, "fused", lambda group: not group.get("amsgrad"))
 
 
 # stock optimizers whose foreach step gives the for-loop step's bits on CPU float32
-# (tests/test_mode.py checks each): NAdam and RAdam do not, and are not switched
+# (tests/test_ops_optim.py checks each): NAdam and RAdam do not, and are not switched
 _FOREACH_SAME = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop,
                  torch.optim.Adagrad, torch.optim.Adamax)
 
@@ -322,28 +309,40 @@ def foreach_exact_groups(opt, config, leave_exact=()) -> list:
     switched; nothing while an audit recorder listens: it reports the user's path."""
     if RECORDERS or type(opt) not in _FOREACH_SAME or config.optimizer.pa:
         return []
+    return _switch_default_groups(opt, "foreach")
+
+
+def _switch_default_groups(opt, key: str, also=lambda group: True) -> list:
+    """Set ``group[key] = True`` ("fused" or "foreach") in the param groups of ``opt`` that
+    take torch's default path (``foreach`` and ``fused`` None; not differentiable or
+    capturable), whose hyperparameters are Python numbers, whose parameters are float32 on
+    CPU with strided gradients, and for which ``also(group)`` holds; return them for
+    :func:`restore_groups`."""
+    def has_tensor(v):
+        return isinstance(v, torch.Tensor) or (isinstance(v, tuple) and any(isinstance(x, torch.Tensor) for x in v))
+
     switched = []
     with torch._C.DisableTorchFunction():  # attribute reads, not for the function mode to route
         for group in opt.param_groups:
             if (group.get("foreach") is not None or group.get("fused") is not None
-                    or group.get("differentiable") or group.get("capturable")):
+                    or group.get("differentiable") or group.get("capturable") or not also(group)):
                 continue
-            if any(isinstance(v, torch.Tensor) or (isinstance(v, tuple) and any(isinstance(x, torch.Tensor) for x in v))
-                   for k, v in group.items() if k != "params"):
+            if any(has_tensor(v) for k, v in group.items() if k != "params"):
                 continue
             if all(p.dtype is torch.float32 and p.device.type == "cpu" and
                    (p.grad is None or p.grad.layout is torch.strided) for p in group["params"]):
-                group["foreach"] = True
-                switched.append((group, "foreach"))
+                group[key] = True
+                switched.append(group)
     return switched
 
 
 def restore_groups(groups):
     """Undo :func:`fused_adam_groups` or :func:`foreach_exact_groups`: the groups take
-    torch's default path again."""
+    torch's default path again (both keys were None or absent when they were switched)."""
     for group in groups:
-        group, key = group if isinstance(group, tuple) else (group, "fused")
-        group[key] = None
+        for key in ("fused", "foreach"):
+            if key in group:
+                group[key] = None
 
 
 @implements([aten._fused_sgd_], "optimizer")

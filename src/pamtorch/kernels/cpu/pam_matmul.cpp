@@ -275,6 +275,19 @@ inline __attribute__((always_inline)) void stats_rows_body(const float* p, int64
 }
 
 #if PAM_X86
+// all ones in the lanes l < n of a vector of 8 (masked loads, stores and gathers of a tail)
+__attribute__((target("avx2,fma"))) inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::max<int64_t>(std::min<int64_t>(n, 8), -1)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// all ones in the lanes whose pattern u is a normal number (either sign); P = |u|
+__attribute__((target("avx2,fma"))) inline __m256i normal_lanes(__m256i P) {
+  const __m256i x = _mm256_sub_epi32(P, _mm256_set1_epi32((int)MINNORM));  // normal: 0 <= x < INFP - MINNORM
+  return _mm256_and_si256(_mm256_cmpgt_epi32(x, _mm256_set1_epi32(-1)),
+                          _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(INFP - MINNORM)), x));
+}
+
 // add the per-lane counts to the totals and clear them
 __attribute__((target("avx2,fma"))) inline void stats_flush(__m256i& cz, __m256i& cs, __m256i& ci,
                                                             int64_t& nz, int64_t& ns, int64_t& ni) {
@@ -325,8 +338,7 @@ __attribute__((target("avx2,fma"))) void stats_rows_avx2(const float* p, int64_t
     }
   }
   if (cv < cols) {  // tail columns: masked loads, the masked-off lanes count nowhere
-    const __m256i tmask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(cols - cv)),
-                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i tmask = first_lanes(cols - cv);
     const __m256i off = _mm256_andnot_si256(tmask, _mm256_set1_epi32(-1));
     for (int64_t i = r0; i < r1; ++i) {
       if (pending + 1 >= (int64_t(1) << 30)) {
@@ -727,9 +739,7 @@ __attribute__((target("avx2,fma"))) inline void transpose8x8(const float* in, in
   }
 }
 
-// pack B (K, N) any strides -> [ceil(N/16)][K][BS][16]. The per-strip bodies are
-// always_inline templates instantiated in AVX2-targeted wrappers (auto-vectorized).
-// one packed row of a B strip from its 16 raw patterns v (zero patterns past the matrix)
+// pack B (K, N) any strides -> [ceil(N/16)][K][BS][16], in AVX2-targeted functions.
 // 8 columns h of a packed B row from their raw patterns u.
 // GEN: a non-normal b counts as |b| = 0 (pb = -INFP), so that s stays below the clamps' HI
 // and a zero a's x stays finite (its sB is 0); else pb = bits(b) - 1.0 pattern + D.
@@ -738,9 +748,7 @@ template <bool GEN, int BS>
 __attribute__((target("avx2,fma"))) inline void pack_b_half(__m256i u, int32_t D, int32_t* ok, int h) {
   const __m256i ABS = _mm256_set1_epi32(0x7FFFFFFF), ONE = _mm256_set1_epi32(0x3F800000);
   const __m256i P = _mm256_and_si256(u, ABS);
-  const __m256i x = _mm256_sub_epi32(P, _mm256_set1_epi32((int)MINNORM));  // normal: 0 <= x < INFP - MINNORM
-  const __m256i norm = _mm256_and_si256(_mm256_cmpgt_epi32(x, _mm256_set1_epi32(-1)),
-                                        _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(INFP - MINNORM)), x));
+  const __m256i norm = normal_lanes(P);
   __m256i pb, m;
   if (GEN) {
     pb = _mm256_sub_epi32(_mm256_and_si256(norm, P), _mm256_set1_epi32((int)INFP));
@@ -773,8 +781,7 @@ __attribute__((target("avx2,fma"))) inline void pack_b_strip_body(const float* B
       // matrix); written to a buffer column by column and read back as rows, its values
       // would stall on store forwarding
       const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)s1));
-      const __m256i lanes0 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      const __m256i lanes1 = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nr - 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const __m256i lanes0 = first_lanes(nr), lanes1 = first_lanes(nr - 8);
       const __m256i z = _mm256_setzero_si256();
       for (int64_t k = 0; k < K; ++k) {
         const int* base = reinterpret_cast<const int*>(B + j0 * s1 + k);
@@ -810,12 +817,9 @@ __attribute__((target("avx2,fma"))) inline void pack_b_strip_body(const float* B
       continue;
     }
     if (s1 == 1) {  // a last strip of nr < 16 columns: masked loads, +0 past the matrix
-      const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-      for (int h = 0; h < FNR / 8; ++h) {
-        const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nr - 8 * h), idx);
-        _mm256_storeu_si256((__m256i*)(v + 8 * h),
-                            _mm256_maskload_epi32(reinterpret_cast<const int*>(brow) + 8 * h, lanes));
-      }
+      for (int h = 0; h < FNR / 8; ++h)
+        _mm256_storeu_si256((__m256i*)(v + 8 * h), _mm256_maskload_epi32(reinterpret_cast<const int*>(brow) + 8 * h,
+                                                                          first_lanes(nr - 8 * h)));
       pack_b_row<GEN, BS>(v, D, o + k * BS * FNR);
       continue;
     }
@@ -857,16 +861,13 @@ __attribute__((target("avx2,fma"))) void pack_a_strip_avx2(const float* A, int64
   if (s0 == 1 && i0 + MR <= M) {
     // column-major A (a transposed view, like the gradient in a weight gradient's g^T x):
     // the strip's MR values of each k are adjacent, so they are read and packed as one vector
-    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(MR), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256i ABS = _mm256_set1_epi32(0x7FFFFFFF), MN = _mm256_set1_epi32((int)MINNORM),
-                  SPAN = _mm256_set1_epi32((int)(INFP - MINNORM)), NEG1 = _mm256_set1_epi32(-1);
+    const __m256i lanes = first_lanes(MR), ABS = _mm256_set1_epi32(0x7FFFFFFF);
     const int* col = reinterpret_cast<const int*>(A + i0);
     alignas(32) int32_t t[AS][8];
     for (int64_t k = 0; k < K; ++k) {
       const __m256i u = _mm256_maskload_epi32(col + k * s1, lanes);
       const __m256i P = _mm256_and_si256(u, ABS);
-      const __m256i x = _mm256_sub_epi32(P, MN);
-      const __m256i norm = _mm256_and_si256(_mm256_cmpgt_epi32(x, NEG1), _mm256_cmpgt_epi32(SPAN, x));
+      const __m256i norm = normal_lanes(P);
       if (MODE == FA) {
         _mm256_store_si256((__m256i*)t[0], _mm256_blendv_epi8(_mm256_set1_epi32((int32_t)BIAS - D), u, norm));
         _mm256_store_si256((__m256i*)t[1], _mm256_and_si256(norm, _mm256_set1_epi32(0x3F800000)));
