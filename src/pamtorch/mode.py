@@ -38,13 +38,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+from torch.utils._python_dispatch import (TorchDispatchMode, _get_current_dispatch_mode,
+                                          _get_current_dispatch_mode_stack)
 
 from .autograd import rounded_call
 from .config import KINDS, Config, OpConfig
@@ -517,6 +519,153 @@ class PAMode(TorchDispatchMode):
         return func(*args, **kwargs) if impl is None else impl(func, args, kwargs, opcfg)
 
 
+# ---------------------------------------------------------------------------
+# the kernel route: a config that makes only the matrix products PA, without a Python
+# dispatch mode
+#
+# A TorchDispatchMode costs every aten call of a step a crossing into Python (about 3 us;
+# a mode that does nothing makes the vit recipe's step 1.27 x slower). When the config makes
+# only the "matmul" kind PA, the mode has two jobs: route the products, and refuse a float
+# op with no PA implementation (it may be a product). The kernel route does both with boxed
+# C++ kernels on the BackendSelect dispatch key (kernels/cpu/pa_route.cpp), which sits below
+# autograd like the Python key (forward and backward calls both reach it) and which every
+# call passes. They are registered once, for
+#   * the products (op-table ops of the matmul kind) and the ops that are neither in the op
+#     table nor always free: a call is handed to _kernel_call, which classifies it with
+#     _decide and routes it with PAMode._route, exactly as the dispatch mode would, or lets
+#     it pass on untouched;
+#   * the other op-table ops whose kernel is a composition of other ops
+#     (CompositeExplicitAutograd: _safe_softmax, the _foreach ops): they pass on with the
+#     route off, so the calls inside them are not caught, as inside a dispatch mode's call.
+# Other ops never leave C++. On a thread that runs no kernel route a registered op costs a
+# boxed redispatch. Differences from the dispatch route: calls that an op's own C++ kernel
+# makes (other than the compositions above) are caught too, a product among them routed and
+# an unknown op refused; factory functions (their own BackendSelect kernels) and composite
+# ops (they decompose above autograd, where no dispatch mode sees them either) are not.
+
+_KERNEL_ROUTE = threading.local()   # .dispatch: the PAMode whose kernel route this thread runs
+_KERNEL_LOCK = threading.Lock()
+_PASS, _OPAQUE, _RUN_AND_CHECK = object(), object(), object()
+
+
+def _kernel_call(name, args, kwargs):
+    """A call of a registered op on a thread whose kernel route is on: its result, or
+    ``_PASS`` (run it as it is), ``_OPAQUE`` (run it as it is, with the route off) or
+    ``_RUN_AND_CHECK`` (as opaque, then refuse a floating-point result). The C++ kernel
+    runs what passes on with the original arguments: a wrapped number reaches Python as
+    a Python number, which the op would not take."""
+    func = _KernelRoute.overloads[name]
+    dispatch = _KERNEL_ROUTE.dispatch
+    o = _facts(func)
+    d = _decide(o, func, args, kwargs)
+    if d is _FREE:
+        return _PASS
+    if d.cls == "after":
+        return _RUN_AND_CHECK
+    if d.cls == "routable" and not dispatch.kind_config(o.entry.kind)[1].pa:
+        return _OPAQUE   # its kind is exact here: it runs as it is, and what it calls with it
+    # as a dispatch mode is off while it handles a call, the ops the PA implementation
+    # runs are not caught
+    ext = _KernelRoute.ext
+    ext.route_set_active(False)
+    try:
+        return dispatch._route(o, func, d, args, kwargs)
+    finally:
+        ext.route_set_active(True)
+
+
+def _kernel_refuse(name, result):
+    """A ``_RUN_AND_CHECK`` call gave a floating-point result: refuse it, as PAMode does."""
+    func = _KernelRoute.overloads[name]
+    raise _KERNEL_ROUTE.dispatch.unsupported(func, f"its integer inputs gave a {result.dtype} result, computed with "
+                                                   "float arithmetic that has no PA implementation")
+
+
+class _KernelRoute:
+    """The registrations on BackendSelect, made once per op; found again at most once a
+    second (listing the dispatcher's ops takes milliseconds), at once when an op table
+    changed size."""
+
+    ext = None              # the compiled extension
+    tables = None           # the op-table sizes at the last listing
+    listed = -1.0           # time.monotonic() of the last listing
+    overloads: dict = {}    # "ns::name[.overload]" -> OpOverload, for the ops that call _kernel_call
+    registered: set = set()  # qualified names with a kernel
+    users = 0
+
+    @classmethod
+    def available(cls) -> bool:
+        if cls.ext is None:
+            from .kernels import cpu as _cpu
+            if not _cpu.available():
+                return False
+            cls.ext = _cpu.load_extension()
+            cls.ext.route_set_handler(_kernel_call, _kernel_refuse, _PASS, _OPAQUE, _RUN_AND_CHECK)
+        return True
+
+    @classmethod
+    def refresh(cls):
+        tables = (len(OP_TABLE), len(PASS_THROUGH), len(FREE_WHEN), len(COMPLEX_OK))
+        now = time.monotonic()
+        if tables == cls.tables and now - cls.listed < 1.0:
+            return
+        cls.tables, cls.listed = tables, now
+        has = torch._C._dispatch_has_kernel_for_dispatch_key
+        new: dict = {}   # (namespace, opaque) -> names
+        for qual in torch._C._dispatch_get_all_op_names():
+            if qual in cls.registered:
+                continue
+            ns, _, rest = qual.partition("::")
+            if not hasattr(torch.ops, ns) or has(qual, "BackendSelect") or has(qual, "CompositeImplicitAutograd"):
+                continue
+            name, _, overload = rest.partition(".")
+            try:
+                func = getattr(getattr(getattr(torch.ops, ns), name), overload or "default")
+            except (AttributeError, RuntimeError):
+                continue
+            o = _Overload(func)
+            if o.entry is None and o.free:
+                continue
+            if o.entry is not None and o.entry.kind != "matmul":
+                if not has(qual, "CompositeExplicitAutograd"):
+                    continue
+                new.setdefault((ns, True), []).append(rest)
+            else:
+                new.setdefault((ns, False), []).append(rest)
+                cls.overloads[qual] = func
+            cls.registered.add(qual)
+        for (ns, opaque), names in new.items():
+            cls.ext.route_register(ns, names, opaque)
+
+
+def kernel_route_applies(config: Config, leave_exact=()) -> bool:
+    """Whether :func:`mode` runs ``config`` by the kernel route: only the matmul kind is
+    PA, no op is left exact on request, no audit records (its recorder is a dispatch mode
+    that must see what a mode passes on), no accelerator (the autograd engine runs a
+    device's backward on its own threads, which the route's thread-local state does not
+    reach), no other PA dispatch mode active on this thread, and the compiled CPU kernels."""
+    return (config.matmul.pa and not any(config.kind(k).pa for k in KINDS if k != "matmul")
+            and not leave_exact and not RECORDERS
+            and not any(isinstance(m, PAMode) for m in _get_current_dispatch_mode_stack())
+            and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+            and _KernelRoute.available())
+
+
+@contextlib.contextmanager
+def _kernel_routed(dispatch: PAMode):
+    """Run the body with ``dispatch``'s routing done by the BackendSelect kernels."""
+    with _KERNEL_LOCK:
+        _KernelRoute.refresh()
+    prev = getattr(_KERNEL_ROUTE, "dispatch", None)
+    _KERNEL_ROUTE.dispatch = dispatch
+    was_on = _KernelRoute.ext.route_set_active(True)
+    try:
+        yield
+    finally:
+        _KernelRoute.ext.route_set_active(was_on)
+        _KERNEL_ROUTE.dispatch = prev
+
+
 def _softmax_route(input, dim=None, _stacklevel=3, dtype=None, *, derivative):
     return PF.softmax(input if dtype is None else input.to(dtype), dim, derivative=derivative)
 
@@ -664,7 +813,7 @@ class _PAFunctionMode(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def mode(config: Config | None = None, leave_exact=()):
+def mode(config: Config | None = None, leave_exact=(), route: str = "auto"):
     """Run everything inside multiplication-free (see the module docstring).
 
     ``config`` (default ``Config.paper()``) says which op kinds are PA and with which
@@ -673,17 +822,31 @@ def mode(config: Config | None = None, leave_exact=()):
     ``leave_exact``: aten ops (``torch.ops.aten.cumprod``), single overloads
     (``torch.ops.aten.round.decimals``) or op-kind names (``"optimizer"``) that run with
     torch's own float arithmetic, on request. ``pamtorch.audit`` lists them as "left
-    exact by request", and its verdict is then not multiplication-free."""
+    exact by request", and its verdict is then not multiplication-free.
+
+    ``route``: how aten calls reach the op table. ``"dispatch"``: a ``TorchDispatchMode``
+    sees every call. ``"kernel"``: for a config that makes only the matrix products PA
+    (``pam-matmul``), kernels on the BackendSelect dispatch key catch the products and the
+    ops that would be refused, and every other op runs with no Python crossing; the same
+    routing and the same bits (see ``kernel_route_applies`` for when it can run).
+    ``"auto"`` (default): the kernel route where it applies, else the dispatch mode."""
     config = config or Config.paper()
     if not isinstance(config, Config):
         raise TypeError(f"pamtorch.mode: config must be a pamtorch Config, got {type(config).__name__}")
+    if route not in ("auto", "dispatch", "kernel"):
+        raise ValueError(f"pamtorch.mode: route must be 'auto', 'dispatch' or 'kernel', got {route!r}")
     leave_exact = tuple(leave_exact)
-    with _entered(PAMode(config, leave_exact), leave_exact):
+    kernel = route != "dispatch" and kernel_route_applies(config, leave_exact)
+    if route == "kernel" and not kernel:
+        raise ValueError("pamtorch.mode: route='kernel' needs a config that makes only the matmul kind PA, no "
+                         "leave_exact, no audit recording, no other PA mode active on this thread and no "
+                         "CUDA or MPS device; use route='auto' or 'dispatch'")
+    with _entered(PAMode(config, leave_exact), leave_exact, kernel_route=kernel):
         yield
 
 
 @contextlib.contextmanager
-def _entered(dispatch: PAMode, leave_exact=()):
+def _entered(dispatch: PAMode, leave_exact=(), kernel_route: bool = False):
     """The body of :func:`mode` around a given dispatch mode (``pamtorch.bench``'s
     profile enters a timing subclass of :class:`PAMode` this way)."""
     stack, thread = dispatch.modules, dispatch.thread
@@ -704,7 +867,8 @@ def _entered(dispatch: PAMode, leave_exact=()):
 
     def opt_pre(opt, args, kwargs):
         _opt_pre(opt, args, kwargs)
-        if threading.get_ident() == thread and _get_current_dispatch_mode() is dispatch:
+        if threading.get_ident() == thread and (getattr(_KERNEL_ROUTE, "dispatch", None) if kernel_route
+                                                else _get_current_dispatch_mode()) is dispatch:
             fused.setdefault(id(opt), []).append(_optim.fused_adam_groups(opt, dispatch.config, leave_exact) or
                                                  _optim.foreach_exact_groups(opt, dispatch.config, leave_exact))
 
@@ -723,7 +887,8 @@ def _entered(dispatch: PAMode, leave_exact=()):
     # an optimizer step that raises never runs its post hook: restore the step depth on exit
     in_optimizer = _IN_OPTIMIZER[0]
     try:
-        with _PAFunctionMode(dispatch.config, leave_exact), dispatch:
+        with _PAFunctionMode(dispatch.config, leave_exact), \
+                (_kernel_routed(dispatch) if kernel_route else dispatch):
             yield
     finally:
         _IN_OPTIMIZER[0] = in_optimizer

@@ -1,0 +1,159 @@
+// pamtorch: the kernel route of pamtorch.mode (see mode.py, "the kernel route").
+//
+// Boxed kernels on the BackendSelect dispatch key, which sits below autograd (forward and
+// backward calls both reach it) and which every call passes. A thread that runs no kernel
+// route pays a boxed redispatch and nothing else: no Python. A thread that runs one (the
+// thread-local flag set by route_set_active) hands a call of a routed op to the Python
+// handler, which classifies it with the mode's own code and either returns its result or
+// says "pass it on": then the original stack, wrapped numbers and all, goes on to the
+// kernels below, unconverted (Python sees a wrapped number as a Python number, and cannot
+// run the op with it). "Run and check" (integer inputs, a result type known only after
+// running) passes it on with the route off and hands a floating-point result to the
+// refusal. An "opaque" op passes on with the route off, so the calls its
+// own kernel makes are not caught (as inside a dispatch mode's call).
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+thread_local bool g_active = false;
+// the handler, its answers and the refusal of a float result; never freed (the dispatcher
+// may call during teardown)
+py::object* g_handler = nullptr;
+py::object* g_refuse = nullptr;
+py::object* g_pass = nullptr;
+py::object* g_opaque = nullptr;
+py::object* g_after = nullptr;
+std::vector<std::unique_ptr<torch::Library>> g_libraries;
+
+const c10::DispatchKeySet kBelow(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
+
+struct Active {
+  bool prev;
+  explicit Active(bool on) : prev(g_active) { g_active = on; }
+  ~Active() { g_active = prev; }
+};
+
+void opaque_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  Active off(false);
+  op.redispatchBoxed(ks & kBelow, stack);
+}
+
+void route_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  if (!g_active || g_handler == nullptr) {
+    op.redispatchBoxed(ks & kBelow, stack);
+    return;
+  }
+  const auto& schema = op.schema();
+  const size_t n = schema.arguments().size();
+  const std::string& overload = schema.overload_name();
+  bool opaque = false, after = false;
+  {
+    py::gil_scoped_acquire gil;
+    py::list args;
+    py::dict kwargs;
+    auto values = torch::jit::last(*stack, n);
+    for (size_t i = 0; i < n; ++i) {
+      const auto& a = schema.arguments()[i];
+      py::object v = torch::jit::toPyObject(values[i]);
+      if (a.kwarg_only())
+        kwargs[py::str(a.name())] = v;
+      else
+        args.append(v);
+    }
+    py::str name(overload.empty() ? schema.name() : schema.name() + "." + overload);
+    py::object out = (*g_handler)(name, py::tuple(args), kwargs);
+    if (out.is(*g_opaque)) {
+      opaque = true;
+    } else if (out.is(*g_after)) {
+      after = true;
+    } else if (!out.is(*g_pass)) {
+      torch::jit::drop(*stack, n);
+      const auto& rets = schema.returns();
+      if (rets.size() == 1) {
+        stack->push_back(torch::jit::toIValue(out, rets[0].type()));
+      } else if (rets.size() > 1) {
+        py::sequence seq = out.cast<py::sequence>();
+        TORCH_CHECK(seq.size() == rets.size(), "pamtorch kernel route: ", schema.name(), " returned ",
+                    seq.size(), " values, its schema ", rets.size());
+        for (size_t i = 0; i < rets.size(); ++i) stack->push_back(torch::jit::toIValue(seq[i], rets[i].type()));
+      }
+      return;
+    }
+  }
+  if (opaque || after) {
+    Active off(false);
+    op.redispatchBoxed(ks & kBelow, stack);
+  } else {
+    op.redispatchBoxed(ks & kBelow, stack);
+  }
+  if (after) {
+    // integer inputs, a result type known only now: a floating-point result was computed
+    // with float arithmetic that has no PA implementation, and is refused
+    const size_t r = schema.returns().size();
+    for (const auto& v : torch::jit::last(*stack, r)) {
+      if (v.isTensor() && v.toTensor().defined() &&
+          (v.toTensor().is_floating_point() || v.toTensor().is_complex())) {
+        py::gil_scoped_acquire gil;
+        py::str name(overload.empty() ? schema.name() : schema.name() + "." + overload);
+        (*g_refuse)(name, py::cast(v.toTensor()));
+        break;
+      }
+    }
+  }
+}
+
+bool set_active(bool on) {
+  bool prev = g_active;
+  g_active = on;
+  return prev;
+}
+
+void set_handler(py::object handler, py::object refuse, py::object pass, py::object opaque,
+                 py::object after) {
+  if (g_handler == nullptr) {
+    g_handler = new py::object();
+    g_refuse = new py::object();
+    g_pass = new py::object();
+    g_opaque = new py::object();
+    g_after = new py::object();
+  }
+  *g_handler = std::move(handler);
+  *g_refuse = std::move(refuse);
+  *g_pass = std::move(pass);
+  *g_opaque = std::move(opaque);
+  *g_after = std::move(after);
+}
+
+// Register the route kernel (opaque: the opaque kernel) for ops "name.overload" of namespace
+// ns on BackendSelect. The registrations last as long as the process.
+void register_ops(const std::string& ns, const std::vector<std::string>& names, bool opaque) {
+  auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, ns,
+                                              std::optional<c10::DispatchKey>(c10::DispatchKey::BackendSelect),
+                                              __FILE__, __LINE__);
+  for (const auto& name : names) {
+    if (opaque)
+      lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&opaque_kernel>());
+    else
+      lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&route_kernel>());
+  }
+  g_libraries.push_back(std::move(lib));
+}
+
+}  // namespace
+
+void register_route(pybind11::module& m) {
+  m.def("route_set_active", &set_active, "turn this thread's kernel route on or off; returns the old state");
+  m.def("route_set_handler", &set_handler, "the Python handler of routed calls, the refusal of a float result, and the pass/opaque/after answers");
+  m.def("route_register", &register_ops, "route (or pass opaquely) these ops on BackendSelect");
+}
