@@ -591,7 +591,6 @@ class _KernelRoute:
     listed = -1.0           # time.monotonic() of the last listing
     overloads: dict = {}    # "ns::name[.overload]" -> OpOverload, for the ops that call _kernel_call
     registered: set = set()  # qualified names with a kernel
-    users = 0
 
     @classmethod
     def available(cls) -> bool:
