@@ -101,6 +101,20 @@ def test_an_op_with_no_pa_implementation_is_refused_as_on_the_dispatch_route():
     assert j.tolist() == [5, 4] and j.dtype == torch.int32
 
 
+def test_refusals_name_the_same_reason_a_dtype_argument_included():
+    """A dtype travels as an int in the boxed call; the route hands Python torch.float64,
+    so the classification (a meta run with dtype=) finds the same result type."""
+    i = torch.arange(1, 6)
+    msgs = {}
+    for route in ("dispatch", "kernel"):
+        with pytest.raises(UnsupportedOpError) as e:
+            with pamtorch.mode(PM, route=route):
+                torch.cumprod(i, 0, dtype=torch.float64)
+        msgs[route] = str(e.value)
+    assert "integer inputs give a torch.float64 result" in msgs["kernel"]
+    assert msgs["dispatch"] == msgs["kernel"]
+
+
 def test_the_route_is_off_outside_the_mode_and_on_other_threads():
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)

@@ -16,7 +16,9 @@
 #include <torch/library.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
+#include <torch/csrc/utils/tensor_memoryformats.h>
 
 #include <memory>
 #include <string>
@@ -44,6 +46,29 @@ struct Active {
   ~Active() { g_active = prev; }
 };
 
+// An argument as the dispatch mode would see it: a dtype, layout or memory format travels
+// as an int in the boxed stack, and becomes torch.float32 (not 6) again here.
+py::object to_python(const c10::IValue& v, const c10::Argument& a) {
+  if (v.isInt()) {
+    c10::TypePtr t = a.real_type();
+    if (auto opt = t->castRaw<c10::OptionalType>()) t = opt->getElementType();
+    switch (t->kind()) {
+      case c10::TypeKind::ScalarTypeType:
+        return py::reinterpret_borrow<py::object>(
+            reinterpret_cast<PyObject*>(torch::getTHPDtype(static_cast<at::ScalarType>(v.toInt()))));
+      case c10::TypeKind::LayoutType:
+        return py::reinterpret_borrow<py::object>(
+            reinterpret_cast<PyObject*>(torch::getTHPLayout(static_cast<at::Layout>(v.toInt()))));
+      case c10::TypeKind::MemoryFormatType:
+        return py::reinterpret_steal<py::object>(
+            torch::utils::getTHPMemoryFormat(static_cast<at::MemoryFormat>(v.toInt())));
+      default:
+        break;
+    }
+  }
+  return torch::jit::toPyObject(v);
+}
+
 void opaque_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   Active off(false);
   op.redispatchBoxed(ks & kBelow, stack);
@@ -65,7 +90,7 @@ void route_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::
     auto values = torch::jit::last(*stack, n);
     for (size_t i = 0; i < n; ++i) {
       const auto& a = schema.arguments()[i];
-      py::object v = torch::jit::toPyObject(values[i]);
+      py::object v = to_python(values[i], a);
       if (a.kwarg_only())
         kwargs[py::str(a.name())] = v;
       else
