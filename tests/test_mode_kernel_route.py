@@ -1,6 +1,6 @@
-"""pamtorch.mode's kernel route (a config that makes only the matrix products PA, run by
-boxed kernels on the BackendSelect key instead of a Python dispatch mode) gives the
-dispatch route's bits and refusals."""
+"""pamtorch.mode's kernel route (the mode's routing done by boxed kernels on the
+BackendSelect key instead of a Python dispatch mode) gives the dispatch route's bits and
+refusals."""
 import copy
 import importlib
 import threading
@@ -24,24 +24,26 @@ pytestmark = pytest.mark.skipif(not K.available() or torch.cuda.is_available(),
 PM = Config.matmul_only()
 
 
-def _steps(case, model, batch, opt, route, n=2):
+def _steps(case, model, batch, opt, route, cfg, n=2):
     losses = []
     for step in range(n):
         torch.manual_seed(step)   # the same dropout masks on both routes
-        with pamtorch.mode(PM, route=route):
+        with pamtorch.mode(cfg, route=route):
             losses.append(model_zoo.train_step(case, model, batch, opt))
     return losses
 
 
+@pytest.mark.parametrize("cfg_name", ["matmul_only", "full", "paper_exact_loss"])
 @pytest.mark.parametrize("case", model_zoo.CASES, ids=[c.name for c in model_zoo.CASES])
-def test_stock_models_train_bit_for_bit_as_on_the_dispatch_route(case):
+def test_stock_models_train_bit_for_bit_as_on_the_dispatch_route(case, cfg_name):
     if case.needs:
         pytest.importorskip(case.needs)
+    cfg = getattr(Config, cfg_name)()
     model, batch, opt = model_zoo.make(case)
-    model2, opt2 = copy.deepcopy(model), None
+    model2 = copy.deepcopy(model)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=case.lr)
-    a = _steps(case, model, batch, opt, "dispatch")
-    b = _steps(case, model2, batch, opt2, "kernel")
+    a = _steps(case, model, batch, opt, "dispatch", cfg)
+    b = _steps(case, model2, batch, opt2, "kernel", cfg)
     assert [x.item() for x in a] == [x.item() for x in b]
     for (name, p), q in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(p, q), name
@@ -161,13 +163,16 @@ def test_nesting():
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g)
     with pamtorch.mode(PM, route="kernel"):
-        with pamtorch.mode(Config.full()):   # a dispatch mode inside: its config applies
+        with pamtorch.mode(Config.full(), route="dispatch"):   # a dispatch mode inside: its config applies
             inner = a * b
+        with pamtorch.mode(Config.full(), route="kernel"):     # a kernel route inside: its config applies
+            inner2 = a * b
         with pamtorch.mode(PM, route="kernel"):
             nested = a @ b
         after = a @ b
         outer = a * b
     assert torch.equal(inner, pamtorch.mul(a, b)) and not torch.equal(inner, a * b)
+    assert torch.equal(inner2, inner)
     assert torch.equal(outer, a * b)
     assert torch.equal(nested, after) and torch.equal(after, pamtorch.matmul(a, b))
     assert torch.equal(a @ b, torch.mm(a, b)) and not torch.equal(a @ b, after)
@@ -175,12 +180,20 @@ def test_nesting():
 
 def test_which_route_runs():
     assert M.kernel_route_applies(PM)
-    assert not M.kernel_route_applies(Config.full())
+    assert not M.kernel_route_applies(Config.full())               # auto: pam-matmul only
+    assert M.kernel_route_applies(Config.full(), asked=True)       # route="kernel": any config
     assert not M.kernel_route_applies(PM, leave_exact=(torch.ops.aten.cumprod,))
-    with pamtorch.mode(Config.full()):
+    with pamtorch.mode(Config.full(), route="dispatch"):
         assert not M.kernel_route_applies(PM)   # inside a PA dispatch mode
-    with pytest.raises(ValueError, match="only the matmul kind"):
-        with pamtorch.mode(Config.full(), route="kernel"):
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        assert not M.kernel_route_applies(PM)   # a mode that must see what the PA mode passes on
+    with pytest.raises(ValueError, match="needs no leave_exact"):
+        with pamtorch.mode(Config.full(), route="kernel", leave_exact=["optimizer"]):
             pass
     with pytest.raises(ValueError, match="route must be"):
         with pamtorch.mode(PM, route="fast"):

@@ -185,10 +185,13 @@ def _lowp(*ts):
 def _table(definition, dtype: torch.dtype, *params) -> torch.Tensor:
     """definition(x, *params) for x = every pattern of the 16-bit ``dtype``, indexed by the
     pattern read as unsigned (what ``lowp_lookup`` reads). Computed outside any torch
-    function or dispatch mode (the table is used wherever the op runs next)."""
+    function or dispatch mode and kernel route (the table is used wherever the op runs
+    next)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    with torch._C.DisableTorchFunction(), _disable_current_modes(), torch.inference_mode(False):
+    from .kernels.cpu import route_paused  # lazy: the kernels package imports arith
+
+    with torch._C.DisableTorchFunction(), _disable_current_modes(), route_paused(), torch.inference_mode(False):
         p = torch.arange(1 << 16, dtype=torch.int32)
         x = torch.where(p >= 1 << 15, p - (1 << 16), p).to(torch.int16).view(dtype)
         return definition(x, *params).contiguous()

@@ -59,7 +59,7 @@ from . import arith, kernels
 from .nn import functional as PF
 from .config import Config
 from .convert import ConvertedModule
-from .mode import PAMode, _PAFunctionMode, classify
+from .mode import PAMode, _PAFunctionMode, classify, kernel_route_paused
 from .ops.table import ACTIVE as _ACTIVE, OP_TABLE
 
 __all__ = ["compile", "pa_backend", "float_multiplications", "pam_mm", "pam_bmm", "pam_mm_exact_grad_a",
@@ -278,7 +278,7 @@ def _no_modes():
     while torch._C._len_torch_function_stack():
         function_modes.append(torch._C._pop_torch_function_stack())
     try:
-        with _disable_current_modes():
+        with _disable_current_modes(), kernel_route_paused():
             yield
     finally:
         for m in reversed(function_modes):
@@ -518,16 +518,17 @@ def _pa_graph(gm: fx.GraphModule, example_inputs, scope: _Scope, inductor: bool,
 
 
 def _outside_modes(fn):
-    """A compiled PA graph (boxed calling convention) that runs outside any dispatch mode:
-    a backward run under ``pamtorch.mode`` is already PA, and the mode must not route the
-    graph's aten and custom-op calls a second time."""
+    """A compiled PA graph (boxed calling convention) that runs outside any dispatch mode
+    and kernel route: a backward run under ``pamtorch.mode`` is already PA, and the mode
+    must not route the graph's aten and custom-op calls a second time."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     def run(args):
-        if torch._C._len_torch_dispatch_stack():
-            with _disable_current_modes():
-                return fn(args)
-        return fn(args)
+        with kernel_route_paused():
+            if torch._C._len_torch_dispatch_stack():
+                with _disable_current_modes():
+                    return fn(args)
+            return fn(args)
     run._boxed_call = True
     return run
 

@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import (TorchDispatchMode, _get_current_dispat
 
 from .autograd import rounded_call
 from .config import KINDS, Config, OpConfig
+from .kernels.cpu import route_paused as kernel_route_paused
 from .matmul import bmm as _pa_bmm, linear as _pa_linear, matmul as _pa_matmul
 from .nn import functional as PF
 from .ops import OP_TABLE, PASS_THROUGH, UnsupportedOpError, implements, op_kind
@@ -520,32 +521,53 @@ class PAMode(TorchDispatchMode):
 
 
 # ---------------------------------------------------------------------------
-# the kernel route: a config that makes only the matrix products PA, without a Python
-# dispatch mode
+# the kernel route: the mode's routing without a Python dispatch mode
 #
 # A TorchDispatchMode costs every aten call of a step a crossing into Python (about 3 us;
-# a mode that does nothing makes the vit recipe's step 1.27 x slower). When the config makes
-# only the "matmul" kind PA, the mode has two jobs: route the products, and refuse a float
-# op with no PA implementation (it may be a product). The kernel route does both with boxed
-# C++ kernels on the BackendSelect dispatch key (kernels/cpu/pa_route.cpp), which sits below
-# autograd like the Python key (forward and backward calls both reach it) and which every
-# call passes. They are registered once, for
-#   * the products (op-table ops of the matmul kind) and the ops that are neither in the op
-#     table nor always free: a call is handed to _kernel_call, which classifies it with
-#     _decide and routes it with PAMode._route, exactly as the dispatch mode would, or lets
-#     it pass on untouched;
-#   * the other op-table ops whose kernel is a composition of other ops
-#     (CompositeExplicitAutograd: _safe_softmax, the _foreach ops): they pass on with the
-#     route off, so the calls inside them are not caught, as inside a dispatch mode's call.
-# Other ops never leave C++. On a thread that runs no kernel route a registered op costs a
-# boxed redispatch. Differences from the dispatch route: calls that an op's own C++ kernel
-# makes (other than the compositions above) are caught too, a product among them routed and
-# an unknown op refused; factory functions (their own BackendSelect kernels) and composite
-# ops (they decompose above autograd, where no dispatch mode sees them either) are not.
+# a mode that does nothing makes the vit recipe's step 1.27 x slower), and most calls of a
+# step (views, copies, additions) pass it untouched. The kernel route catches only the
+# calls the mode must look at, with boxed C++ kernels on the BackendSelect dispatch key
+# (kernels/cpu/pa_route.cpp), which sits below autograd like the Python key (forward and
+# backward calls both reach it) and which every call passes. They are registered once per
+# op, for the op-table ops (each with its kind's bit) and the ops that are neither in the
+# op table nor always free (the "ask" bit: they may be refused whatever the config). On a
+# thread that runs the route:
+#   * an op of a kind the config leaves exact passes on with the route off, so the calls
+#     inside it are not caught, as inside a dispatch mode's call;
+#   * the others are handed to _kernel_call, which classifies them with _decide and routes
+#     them with PAMode._route, exactly as the dispatch mode would, or lets them pass on
+#     untouched.
+# Ops that are always free never leave C++; on a thread that runs no kernel route a
+# registered op costs a boxed redispatch. Differences from the dispatch route: calls that a
+# free op's own C++ kernel makes are caught too (a dispatch mode does not see them);
+# factory functions (their own BackendSelect kernels) and composite ops (they decompose
+# above autograd, where no dispatch mode sees them either) are not; and torch's composite
+# code takes its branch for "no Python mode active" (isTensorSubclassLike), which for some
+# ops is another order of the same float sums. route="auto" takes the route only where
+# the op kinds it routes are the products (pam-matmul): the differences are then in exact
+# ops, and every stock model of tests/model_zoo.py trains to the dispatch route's bits.
 
 _KERNEL_ROUTE = threading.local()   # .dispatch: the PAMode whose kernel route this thread runs
 _KERNEL_LOCK = threading.Lock()
 _PASS, _OPAQUE, _RUN_AND_CHECK = object(), object(), object()
+_ASK = 1 << len(KINDS)   # the bit of the ops the mode classifies whatever the config
+
+
+def _kind_bit(kind: str) -> int:
+    return 1 << KINDS.index(kind)
+
+
+def _route_mask(config: Config) -> int:
+    """The bits of the ops a kernel route under ``config`` hands to Python: the PA kinds'
+    and ``_ASK``. An elementwise op is of the optimizer kind inside an optimizer step
+    (PAMode.kind_config), so either of the two sets both; Python then decides."""
+    mask = _ASK
+    for k in KINDS:
+        if config.kind(k).pa:
+            mask |= _kind_bit(k)
+    if mask & (_kind_bit("elementwise") | _kind_bit("optimizer")):
+        mask |= _kind_bit("elementwise") | _kind_bit("optimizer")
+    return mask
 
 
 def _kernel_call(name, args, kwargs):
@@ -554,24 +576,20 @@ def _kernel_call(name, args, kwargs):
     ``_RUN_AND_CHECK`` (as opaque, then refuse a floating-point result). The C++ kernel
     runs what passes on with the original arguments: a wrapped number reaches Python as
     a Python number, which the op would not take."""
-    func = _KernelRoute.overloads[name]
-    dispatch = _KERNEL_ROUTE.dispatch
-    o = _facts(func)
-    d = _decide(o, func, args, kwargs)
-    if d is _FREE:
-        return _PASS
-    if d.cls == "after":
-        return _RUN_AND_CHECK
-    if d.cls == "routable" and not dispatch.kind_config(o.entry.kind)[1].pa:
-        return _OPAQUE   # its kind is exact here: it runs as it is, and what it calls with it
-    # as a dispatch mode is off while it handles a call, the ops the PA implementation
-    # runs are not caught
-    ext = _KernelRoute.ext
-    ext.route_set_active(False)
-    try:
+    # as a dispatch mode is off while it handles a call, the calls made here (the
+    # classification's meta runs, the PA implementation) are not caught
+    with kernel_route_paused():
+        func = _KernelRoute.overloads[name]
+        dispatch = _KERNEL_ROUTE.dispatch
+        o = _facts(func)
+        d = _decide(o, func, args, kwargs)
+        if d is _FREE:
+            return _PASS
+        if d.cls == "after":
+            return _RUN_AND_CHECK
+        if d.cls == "routable" and not dispatch.kind_config(o.entry.kind)[1].pa:
+            return _OPAQUE   # its kind is exact here: it runs as it is, and what it calls with it
         return dispatch._route(o, func, d, args, kwargs)
-    finally:
-        ext.route_set_active(True)
 
 
 def _kernel_refuse(name, result):
@@ -610,13 +628,17 @@ class _KernelRoute:
             return
         cls.tables, cls.listed = tables, now
         has = torch._C._dispatch_has_kernel_for_dispatch_key
-        new: dict = {}   # (namespace, opaque) -> names
+        new: dict = {}   # (namespace, bit) -> names
         for qual in torch._C._dispatch_get_all_op_names():
             if qual in cls.registered:
                 continue
             ns, _, rest = qual.partition("::")
-            if not hasattr(torch.ops, ns) or has(qual, "BackendSelect") or has(qual, "CompositeImplicitAutograd"):
+            if not hasattr(torch.ops, ns) or has(qual, "BackendSelect"):
                 continue
+            if has(qual, "CompositeImplicitAutograd") and not (
+                    has(qual, "CPU") or has(qual, "CompositeExplicitAutograd") or
+                    has(qual, "CompositeExplicitAutogradNonFunctional")):
+                continue   # it decomposes above autograd
             name, _, overload = rest.partition(".")
             try:
                 func = getattr(getattr(getattr(torch.ops, ns), name), overload or "default")
@@ -625,27 +647,27 @@ class _KernelRoute:
             o = _Overload(func)
             if o.entry is None and o.free:
                 continue
-            if o.entry is not None and o.entry.kind != "matmul":
-                if not has(qual, "CompositeExplicitAutograd"):
-                    continue
-                new.setdefault((ns, True), []).append(rest)
-            else:
-                new.setdefault((ns, False), []).append(rest)
-                cls.overloads[qual] = func
+            bit = _ASK if o.entry is None else _kind_bit(o.entry.kind)
+            new.setdefault((ns, bit), []).append(rest)
+            cls.overloads[qual] = func
             cls.registered.add(qual)
-        for (ns, opaque), names in new.items():
-            cls.ext.route_register(ns, names, opaque)
+        for (ns, bit), names in new.items():
+            cls.ext.route_register(ns, names, bit)
 
 
-def kernel_route_applies(config: Config, leave_exact=()) -> bool:
-    """Whether :func:`mode` runs ``config`` by the kernel route: only the matmul kind is
-    PA, no op is left exact on request, no audit records (its recorder is a dispatch mode
-    that must see what a mode passes on), no accelerator (the autograd engine runs a
-    device's backward on its own threads, which the route's thread-local state does not
-    reach), no other PA dispatch mode active on this thread, and the compiled CPU kernels."""
-    return (config.matmul.pa and not any(config.kind(k).pa for k in KINDS if k != "matmul")
-            and not leave_exact and not RECORDERS
-            and not any(isinstance(m, PAMode) for m in _get_current_dispatch_mode_stack())
+def kernel_route_applies(config: Config, leave_exact=(), asked: bool = False) -> bool:
+    """Whether :func:`mode` runs ``config`` by the kernel route: by default (``route="auto"``)
+    only for a config that makes the matmul kind alone PA (``pam-matmul``; the route's
+    differences from the dispatch route, in the module's notes, are then calls of exact
+    ops), on request (``asked``, ``route="kernel"``) for any config; in both cases only with
+    no op left exact on request, no Python dispatch mode active on this thread (an audit's
+    recorder, or any mode that must see what a PA mode passes on rather than what it is
+    given), no accelerator (the autograd engine runs a device's backward on its own
+    threads, which the route's thread-local state does not reach), and the compiled CPU
+    kernels."""
+    matmul_only = config.matmul.pa and not any(config.kind(k).pa for k in KINDS if k != "matmul")
+    return ((asked or matmul_only) and not leave_exact and not RECORDERS
+            and not _get_current_dispatch_mode_stack()
             and not torch.cuda.is_available() and not torch.backends.mps.is_available()
             and _KernelRoute.available())
 
@@ -657,11 +679,11 @@ def _kernel_routed(dispatch: PAMode):
         _KernelRoute.refresh()
     prev = getattr(_KERNEL_ROUTE, "dispatch", None)
     _KERNEL_ROUTE.dispatch = dispatch
-    was_on = _KernelRoute.ext.route_set_active(True)
+    was = _KernelRoute.ext.route_set_mask(_route_mask(dispatch.config))
     try:
         yield
     finally:
-        _KernelRoute.ext.route_set_active(was_on)
+        _KernelRoute.ext.route_set_mask(was)
         _KERNEL_ROUTE.dispatch = prev
 
 
@@ -824,22 +846,24 @@ def mode(config: Config | None = None, leave_exact=(), route: str = "auto"):
     exact by request", and its verdict is then not multiplication-free.
 
     ``route``: how aten calls reach the op table. ``"dispatch"``: a ``TorchDispatchMode``
-    sees every call. ``"kernel"``: for a config that makes only the matrix products PA
-    (``pam-matmul``), kernels on the BackendSelect dispatch key catch the products and the
-    ops that would be refused, and every other op runs with no Python crossing; the same
-    routing and the same bits (see ``kernel_route_applies`` for when it can run).
-    ``"auto"`` (default): the kernel route where it applies, else the dispatch mode."""
+    sees every call. ``"kernel"``: kernels on the BackendSelect dispatch key catch the
+    calls of the op kinds the config makes PA and of the ops that may be refused, and every
+    other call runs with no Python crossing: the same routing, and the same bits except
+    where torch's own composite code branches on whether a Python mode is active (docs/
+    training.md, "The kernel route"). ``"auto"`` (default): the kernel route for a config
+    that makes only the matrix products PA (``pam-matmul``), where it can run
+    (``kernel_route_applies``), else the dispatch mode."""
     config = config or Config.paper()
     if not isinstance(config, Config):
         raise TypeError(f"pamtorch.mode: config must be a pamtorch Config, got {type(config).__name__}")
     if route not in ("auto", "dispatch", "kernel"):
         raise ValueError(f"pamtorch.mode: route must be 'auto', 'dispatch' or 'kernel', got {route!r}")
     leave_exact = tuple(leave_exact)
-    kernel = route != "dispatch" and kernel_route_applies(config, leave_exact)
+    kernel = route != "dispatch" and kernel_route_applies(config, leave_exact, asked=route == "kernel")
     if route == "kernel" and not kernel:
-        raise ValueError("pamtorch.mode: route='kernel' needs a config that makes only the matmul kind PA, no "
-                         "leave_exact, no audit recording, no other PA mode active on this thread and no "
-                         "CUDA or MPS device; use route='auto' or 'dispatch'")
+        raise ValueError("pamtorch.mode: route='kernel' needs no leave_exact, no audit recording, no Python "
+                         "dispatch mode active on this thread, no CUDA or MPS device and the compiled CPU "
+                         "kernels; use route='auto' or 'dispatch'")
     with _entered(PAMode(config, leave_exact), leave_exact, kernel_route=kernel):
         yield
 

@@ -39,14 +39,20 @@ __all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b",
 _cache: dict = {}
 
 
+def _route_paused():
+    from .cpu import route_paused   # lazy: .cpu builds its extension on first use
+    return route_paused()
+
+
 def _below_modes(fn):
-    """Run a kernel entry below Python dispatch: the aten calls a kernel makes inside (its
+    """Run a kernel entry below Python dispatch and with the mode's kernel route off: the
+    aten calls a kernel makes inside (its
     allocations, views and copies; tens of thousands a step for the batched C++ loop) are
     its own business, not ops for an active ``pamtorch.mode`` or audit to route or record.
     The entry itself is recorded by ``@recorded``, which wraps this."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        with torch._C._DisableTorchDispatch():
+        with torch._C._DisableTorchDispatch(), _route_paused():
             return fn(*args, **kwargs)
     return run
 

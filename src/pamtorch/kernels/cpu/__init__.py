@@ -59,6 +59,7 @@ contiguous float32 tensors; bf16/f16 callers upcast first. Thread count follows
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -489,6 +490,23 @@ def load_extension():
                 RuntimeWarning, stacklevel=3)
             _EXT = None
         return _EXT
+
+
+@contextlib.contextmanager
+def route_paused():
+    """This thread's kernel route (``pamtorch.mode``'s, pa_route.cpp) off in the body: for
+    work that must run as it is under an active mode, as ``_disable_current_modes`` takes
+    the dispatch modes off. Nothing to do while the extension is not loaded (then no route
+    can be on)."""
+    ext = _EXT
+    if ext is None:
+        yield
+        return
+    was = ext.route_set_mask(0)
+    try:
+        yield
+    finally:
+        ext.route_set_mask(was)
 
 
 def available() -> bool:

@@ -1,22 +1,25 @@
 // pamtorch: the kernel route of pamtorch.mode (see mode.py, "the kernel route").
 //
 // Boxed kernels on the BackendSelect dispatch key, which sits below autograd (forward and
-// backward calls both reach it) and which every call passes. A thread that runs no kernel
-// route pays a boxed redispatch and nothing else: no Python. A thread that runs one (the
-// thread-local flag set by route_set_active) hands a call of a routed op to the Python
-// handler, which classifies it with the mode's own code and either returns its result or
-// says "pass it on": then the original stack, wrapped numbers and all, goes on to the
-// kernels below, unconverted (Python sees a wrapped number as a Python number, and cannot
-// run the op with it). "Run and check" (integer inputs, a result type known only after
-// running) passes it on with the route off and hands a floating-point result to the
-// refusal. An "opaque" op passes on with the route off, so the calls its
-// own kernel makes are not caught (as inside a dispatch mode's call).
+// backward calls both reach it) and which every call passes. Each registered op carries a
+// bit: its op kind's, or the "ask" bit of the ops the mode must classify whatever the
+// config. A thread that runs no kernel route (mask 0) pays a boxed redispatch and nothing
+// else: no Python. On a thread that runs one, an op whose bit is off in the thread's mask
+// (a kind the config leaves exact) passes on with the route off, so the calls its own
+// kernel makes are not caught (as inside a dispatch mode's call); an op whose bit is on is
+// handed to the Python handler, which classifies it with the mode's own code and either
+// returns its result or says "pass it on": then the original stack, wrapped numbers and
+// all, goes on to the kernels below, unconverted (Python sees a wrapped number as a Python
+// number, and cannot run the op with it). "Run and check" (integer inputs, a result type
+// known only after running) passes it on with the route off and hands a floating-point
+// result to the refusal.
 
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/csrc/utils/tensor_memoryformats.h>
 
@@ -28,7 +31,7 @@ namespace py = pybind11;
 
 namespace {
 
-thread_local bool g_active = false;
+thread_local uint32_t g_mask = 0;   // 0: no kernel route on this thread
 // the handler, its answers and the refusal of a float result; never freed (the dispatcher
 // may call during teardown)
 py::object* g_handler = nullptr;
@@ -40,15 +43,18 @@ std::vector<std::unique_ptr<torch::Library>> g_libraries;
 
 const c10::DispatchKeySet kBelow(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
 
-struct Active {
-  bool prev;
-  explicit Active(bool on) : prev(g_active) { g_active = on; }
-  ~Active() { g_active = prev; }
+struct Mask {
+  uint32_t prev;
+  explicit Mask(uint32_t m) : prev(g_mask) { g_mask = m; }
+  ~Mask() { g_mask = prev; }
 };
 
-// An argument as the dispatch mode would see it: a dtype, layout or memory format travels
-// as an int in the boxed stack, and becomes torch.float32 (not 6) again here.
+// An argument as the dispatch mode would see it: a tensor stays a tensor (toPyObject would
+// turn a wrapped number, the 8.0 of x * 8.0, into a Python number, which the op's schema
+// does not take), and a dtype, layout or memory format, an int in the boxed stack, becomes
+// torch.float32 (not 6) again.
 py::object to_python(const c10::IValue& v, const c10::Argument& a) {
+  if (v.isTensor()) return py::reinterpret_steal<py::object>(THPVariable_Wrap(v.toTensor()));
   if (v.isInt()) {
     c10::TypePtr t = a.real_type();
     if (auto opt = t->castRaw<c10::OptionalType>()) t = opt->getElementType();
@@ -69,13 +75,13 @@ py::object to_python(const c10::IValue& v, const c10::Argument& a) {
   return torch::jit::toPyObject(v);
 }
 
-void opaque_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  Active off(false);
-  op.redispatchBoxed(ks & kBelow, stack);
-}
-
-void route_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  if (!g_active || g_handler == nullptr) {
+void route_call(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack, uint32_t bit) {
+  if (g_mask == 0 || g_handler == nullptr) {
+    op.redispatchBoxed(ks & kBelow, stack);
+    return;
+  }
+  if (!(g_mask & bit)) {
+    Mask off(0);
     op.redispatchBoxed(ks & kBelow, stack);
     return;
   }
@@ -117,7 +123,7 @@ void route_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::
     }
   }
   if (opaque || after) {
-    Active off(false);
+    Mask off(0);
     op.redispatchBoxed(ks & kBelow, stack);
   } else {
     op.redispatchBoxed(ks & kBelow, stack);
@@ -138,9 +144,17 @@ void route_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::
   }
 }
 
-bool set_active(bool on) {
-  bool prev = g_active;
-  g_active = on;
+struct RouteKernel final : c10::OperatorKernel {
+  uint32_t bit;
+  explicit RouteKernel(uint32_t b) : bit(b) {}
+  void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+    route_call(op, ks, stack, bit);
+  }
+};
+
+uint32_t set_mask(uint32_t mask) {
+  uint32_t prev = g_mask;
+  g_mask = mask;
   return prev;
 }
 
@@ -160,25 +174,21 @@ void set_handler(py::object handler, py::object refuse, py::object pass, py::obj
   *g_after = std::move(after);
 }
 
-// Register the route kernel (opaque: the opaque kernel) for ops "name.overload" of namespace
-// ns on BackendSelect. The registrations last as long as the process.
-void register_ops(const std::string& ns, const std::vector<std::string>& names, bool opaque) {
+// Register the route kernel, with its bit, for ops "name.overload" of namespace ns on
+// BackendSelect. The registrations last as long as the process.
+void register_ops(const std::string& ns, const std::vector<std::string>& names, uint32_t bit) {
   auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, ns,
                                               std::optional<c10::DispatchKey>(c10::DispatchKey::BackendSelect),
                                               __FILE__, __LINE__);
-  for (const auto& name : names) {
-    if (opaque)
-      lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&opaque_kernel>());
-    else
-      lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&route_kernel>());
-  }
+  for (const auto& name : names)
+    lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunctor(std::make_unique<RouteKernel>(bit)));
   g_libraries.push_back(std::move(lib));
 }
 
 }  // namespace
 
 void register_route(pybind11::module& m) {
-  m.def("route_set_active", &set_active, "turn this thread's kernel route on or off; returns the old state");
+  m.def("route_set_mask", &set_mask, "this thread's kernel route: the bits it hands to Python (0: off); returns the old mask");
   m.def("route_set_handler", &set_handler, "the Python handler of routed calls, the refusal of a float result, and the pass/opaque/after answers");
-  m.def("route_register", &register_ops, "route (or pass opaquely) these ops on BackendSelect");
+  m.def("route_register", &register_ops, "the route kernel, with this bit, for these ops on BackendSelect");
 }
