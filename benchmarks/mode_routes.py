@@ -18,8 +18,8 @@ registered kernel costs fp32.
         --train-args --data-dir ../shared/data/fashion-mnist
 
 ``--registration``: instead, the fp32 step alone, ``4 * reps`` steps before the kernel
-route's kernels are registered and ``4 * reps`` after, in one process (what a registered
-kernel off the route costs plain PyTorch).
+route's kernels for ``pam-matmul`` are registered and ``4 * reps`` after, in one process
+(what a registered kernel off the route costs plain PyTorch).
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def _registration(task, hp, args):
     before = steps(4 * args.reps)
     if not route.available():
         raise SystemExit("the compiled CPU kernels are not available")
-    route.refresh()
+    route.refresh(importlib.import_module("pamtorch.mode")._route_mask(Config.matmul_only()))
     after = steps(4 * args.reps)
     print(f"{B.machine()}, recipe {args.recipe}, fp32 step CPU ms (median of {4 * args.reps}): "
           f"{before * 1e3:.2f} before the registrations of {len(route.registered)} ops, "

@@ -1,12 +1,16 @@
 """The model matrix as a table: each stock model of tests/model_zoo.py trained N steps in
 fp32 and under ``pamtorch.mode(Config.full())``, same seed and batch.
 
-    python benchmarks/models.py [--steps 20] [--threads 1] [--out docs/models.md]
+    python benchmarks/models.py [--steps 20] [--threads 1] [--route auto|kernel|dispatch]
+                                [--out docs/models.md]
 
 Columns: whether the model runs fully PA (or which ops had to be left exact, or the error),
 the median PA step time as a ratio to the median fp32 step measured in the same run
 (steps interleaved), and the loss after N steps evaluated in exact fp32 (eval mode) for
-both runs, against the loss at step 0.
+both runs, against the loss at step 0. ``--route``: ``pamtorch.mode``'s route for the PA
+steps (default ``auto``, which is the dispatch mode for ``Config.full()``; ``kernel`` is the
+opt-in kernel route, docs/training.md). The audit runs the dispatch route whatever the
+route.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from pamtorch.mode import UnsupportedOpError  # noqa: E402
 import model_zoo as Z  # noqa: E402
 
 
-def run_case(case, steps: int) -> dict:
+def run_case(case, steps: int, route: str = "auto") -> dict:
     ref, ref_batch, ref_opt = Z.make(case)
     pa, batch, opt = Z.make(case)
     start = Z.exact_loss(case, ref, ref_batch)
@@ -45,7 +49,7 @@ def run_case(case, steps: int) -> dict:
             Z.train_step(case, ref, ref_batch, ref_opt)
             t_ref.append(time.perf_counter() - t)
             t = time.perf_counter()
-            with pamtorch.mode(cfg):
+            with pamtorch.mode(cfg, route=route):
                 Z.train_step(case, pa, batch, opt)
             t_pa.append(time.perf_counter() - t)
     except UnsupportedOpError as e:
@@ -79,6 +83,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", nargs="*", default=None, help="case names (default: all)")
+    p.add_argument("--route", default="auto", choices=("auto", "kernel", "dispatch"),
+                   help="pamtorch.mode's route for the PA steps")
     p.add_argument("--out", default=None, help="write the markdown table into this file "
                    "(between the MODELS-TABLE markers if present)")
     args = p.parse_args(argv)
@@ -87,7 +93,7 @@ def main(argv=None):
     for case in Z.CASES:
         if args.only and case.name not in args.only:
             continue
-        r = run_case(case, args.steps)
+        r = run_case(case, args.steps, args.route)
         print(case.name, r, flush=True)
         rows.append((case, r))
     cmd = "python benchmarks/models.py " + " ".join(argv if argv is not None else sys.argv[1:])
