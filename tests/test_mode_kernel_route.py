@@ -15,6 +15,7 @@ from pamtorch.kernels import cpu as K
 from pamtorch.ops import UnsupportedOpError
 
 import model_zoo
+from test_audit import _CumprodGrad   # identity forward, cumprod in backward
 
 M = importlib.import_module("pamtorch.mode")   # the module (pamtorch.mode is the function)
 
@@ -103,22 +104,12 @@ def test_an_op_with_no_pa_implementation_is_refused_as_on_the_dispatch_route():
     assert j.tolist() == [5, 4] and j.dtype == torch.int32
 
 
-class _CumprodBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.cumprod(g, 0)
-
-
 def test_a_refusal_in_backward_reaches_the_caller_through_the_autograd_engine():
     x = torch.randn(4, requires_grad=True)
     for route in ("dispatch", "kernel"):
         with pytest.raises(UnsupportedOpError, match="cumprod.*in backward"):
             with pamtorch.mode(PM, route=route):
-                _CumprodBackward.apply(x).sum().backward()
+                _CumprodGrad.apply(x).sum().backward()
 
 
 def test_refusals_name_the_same_reason_a_dtype_argument_included():
