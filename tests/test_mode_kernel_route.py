@@ -82,7 +82,9 @@ def test_out_variants_and_batched_products():
             torch.bmm(a, b, out=o)
             r = torch.baddbmm(o, a, b)
             e = torch.einsum("bij,bjk->bik", a, b)
-        outs[route] = (o, r, e)
+            c = torch.zeros(4, 2)
+            c.addmm_(a[0], b.transpose(1, 2)[0].t())   # in place, on a transposed view
+        outs[route] = (o, r, e, c)
     for x, y in zip(outs["dispatch"], outs["kernel"]):
         assert torch.equal(x, y)
     assert not torch.equal(outs["kernel"][0], torch.bmm(a, b))

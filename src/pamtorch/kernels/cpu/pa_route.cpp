@@ -8,9 +8,8 @@
 // (a kind the config leaves exact) passes on with the route off, so the calls its own
 // kernel makes are not caught (as inside a dispatch mode's call); an op whose bit is on is
 // handed to the Python handler, which classifies it with the mode's own code and either
-// returns its result or says "pass it on": then the original stack, wrapped numbers and
-// all, goes on to the kernels below, unconverted (Python sees a wrapped number as a Python
-// number, and cannot run the op with it). "Run and check" (integer inputs, a result type
+// returns its result or says "pass it on": then the original stack goes on to the kernels
+// below, unconverted and without re-entering the dispatcher from the top. "Run and check" (integer inputs, a result type
 // known only after running) passes it on with the route off and hands a floating-point
 // result to the refusal.
 
