@@ -55,6 +55,17 @@ def test_unary_matches_torch_implementation(name):
     same_bits(fn(x), torch_path(fn, x))
 
 
+@pytest.mark.parametrize("p", [2.0, 3.0, -1.0, -2.0, 0.5, -0.5, 1.0, 1.5, -2.5, 7.0, 1e-3, 1e10, -1e10, 2.0 ** 60,
+                               -(2.0 ** 60) - 2 ** 8, math.inf, -math.inf, math.nan])
+def test_pow_matches_torch_implementation(p):
+    """The compiled PA pow on random bit patterns across every exponent and the specials,
+    for integer (even, odd, huge), fractional, infinite and NaN exponents."""
+    x = patterns(100_000, 5)
+    same_bits(arith.pa_pow(x, p), torch_path(arith.pa_pow, x, p))
+    y = x[:120_000].view(100, -1).t()[::3]   # strided
+    same_bits(arith.pa_pow(y, p), torch_path(arith.pa_pow, y, p))
+
+
 def test_broadcast_strides_zero_dim_and_empty():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(6, 70, generator=g)

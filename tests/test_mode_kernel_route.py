@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pamtorch
-from pamtorch.config import Config
+from pamtorch.config import Config, OpConfig
 from pamtorch.kernels import cpu as K
 from pamtorch.ops import UnsupportedOpError
 
@@ -211,3 +211,144 @@ def test_the_audit_runs_the_dispatch_route_and_passes():
         assert report.mults_exact[phase]["matmul"] == 0
         assert not {"mm", "addmm", "bmm"} & set(report.outside[phase])
     assert "gelu" in report.outside["forward"]
+
+
+# ---------------------------------------------------------------------------
+# the calls the route answers in C++ (pa_route.cpp, "answers in C++")
+
+def _specials(shape, g):
+    x = torch.randn(shape, generator=g) * 10
+    flat = x.view(-1)
+    vals = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -1.0, 2.0 ** -130, 3e38, -2.5]
+    flat[:len(vals)] = torch.tensor(vals)
+    return x
+
+
+def _answer_cases():
+    g = torch.Generator().manual_seed(11)
+    x, y = _specials((6, 5), g), _specials((6, 5), g)
+    row, col = torch.randn(5, generator=g), torch.randn(6, 1, generator=g)
+    a, b = torch.randn(6, 7, generator=g), torch.randn(7, 5, generator=g)
+    bias = torch.randn(5, generator=g)
+    pos = x.abs()
+    ints = torch.arange(6)
+    return {
+        "mul": lambda: x * y, "mul broadcast": lambda: x * row, "mul transposed": lambda: x.t() * y.t(),
+        "mul wrapped float": lambda: x * 3.0, "mul wrapped int": lambda: x * 3, "mul 0-d": lambda: x * torch.tensor(0.7),
+        "mul_": lambda: x.clone().mul_(y), "mul_ broadcast": lambda: x.clone().mul_(col),
+        "mul_ that does not fit": lambda: col.clone().mul_(x),
+        "mul scalar near one": lambda: torch.ops.aten.mul.Scalar(x, 1.5),
+        "mul scalar": lambda: torch.ops.aten.mul.Scalar(x, 2.75), "mul_ scalar": lambda: x.clone().mul_(-3),
+        "div": lambda: x / y, "div wrapped": lambda: x / 7.0, "div_": lambda: x.clone().div_(row),
+        "div scalar": lambda: torch.ops.aten.div.Scalar(x, 10), "div_ scalar": lambda: x.clone().div_(0.25),
+        "div scalar near one": lambda: torch.ops.aten.div.Scalar(x, 1.25),
+        "mm": lambda: a @ b, "mm transposed": lambda: b.t() @ a.t(), "mm empty": lambda: a[:, :0] @ b[:0],
+        "addmm": lambda: torch.addmm(bias, a, b), "addmm scaled": lambda: torch.addmm(bias, a, b, beta=0.5, alpha=2),
+        "addmm 2-d bias": lambda: torch.addmm(x, a, b),
+        "bmm": lambda: torch.bmm(a.expand(3, 6, 7), b.expand(3, 7, 5)),
+        "pow 2": lambda: x ** 2, "pow 0": lambda: x ** 0, "pow -0.5": lambda: x.pow(-0.5), "pow 3": lambda: x.pow(3),
+        "sqrt": lambda: pos.sqrt(), "rsqrt": lambda: torch.rsqrt(x), "exp": lambda: x.exp(), "log": lambda: x.log(),
+        "mean": lambda: x.mean(), "mean dim": lambda: x.mean(1), "mean dims keepdim": lambda: x.mean((0, 1), keepdim=True),
+        "mean -1": lambda: x.mean(-1), "mean dtype": lambda: x.mean(1, dtype=torch.float64),
+        "add": lambda: x + y, "add alpha": lambda: torch.add(x, y, alpha=2), "sub_": lambda: x.clone().sub_(row),
+        "int add float": lambda: ints + 0.5, "int add": lambda: ints + ints,
+    }
+
+
+def _run(fn, cfg, fast):
+    was = M._KERNEL_FAST[0]
+    M._KERNEL_FAST[0] = fast
+    try:
+        with pamtorch.mode(cfg, route="kernel"):
+            return fn()
+    except Exception as e:   # noqa: BLE001 - the same error both ways is the expectation
+        return e
+    finally:
+        M._KERNEL_FAST[0] = was
+
+
+def _same(p, q):
+    if isinstance(p, Exception):
+        assert type(p) is type(q) and str(p) == str(q)
+        return
+    assert p.dtype == q.dtype and p.shape == q.shape and p.stride() == q.stride()
+    if p.is_floating_point():
+        assert torch.equal(p.view(torch.int32 if p.dtype == torch.float32 else torch.int64),
+                           q.view(torch.int32 if q.dtype == torch.float32 else torch.int64))
+    else:
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cfg_name", ["full", "matmul_only", "offset", "mantissa"])
+def test_answers_in_cpp_give_the_python_handlers_bits(cfg_name):
+    """Every call of the C++ answers' ops, with broadcasting, strides, wrapped numbers,
+    0-d operands, in-place forms, specials and the cases they leave to Python, gives
+    bit for bit (values, shape, strides, errors) what the Python handler gives."""
+    cfg = {"full": Config.full(), "matmul_only": PM,
+           "offset": Config.full().replace(matmul=OpConfig(offset=1.0552), elementwise=OpConfig(offset=1.0552)),
+           "mantissa": Config.full().with_mantissa_bits(7)}[cfg_name]
+    for name, fn in _answer_cases().items():
+        try:
+            _same(_run(fn, cfg, True), _run(fn, cfg, False))
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from e
+
+
+def test_answers_in_cpp_leave_python_out_and_in_place_forms_return_their_tensor():
+    calls = []
+
+    def spy(name, args, kwargs):
+        calls.append(name)
+        return M._kernel_call(name, args, kwargs)
+
+    ext = M._KernelRoute.ext
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    w = torch.randn(3, 2, generator=g)
+    with pamtorch.mode(Config.full(), route="kernel"):
+        pass   # registers the route's ops and its handler
+    ext.route_set_handler(spy, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
+    try:
+        with pamtorch.mode(Config.full(), route="kernel"):
+            x * y, x / y, x @ w, torch.addmm(w[0], x, w), x ** 2, (x * 3.0), x.exp(), x.mean(0), x + y
+            z = x.clone()
+            assert z.mul_(y) is z
+            assert z.div_(4.0) is z
+        assert calls == []
+        with pamtorch.mode(Config.full(), route="kernel"):
+            torch.ops.aten.mul.Scalar(x, 1.5), torch.add(x, y, alpha=2)   # a factor near 1, an alpha
+            x.mean(0, dtype=torch.float64)
+        assert calls == ["aten::mul.Scalar", "aten::add.Tensor", "aten::mean.dim"]
+    finally:
+        ext.route_set_handler(M._kernel_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam_single", "adamw_foreach"])
+def test_optimizer_steps_with_answers_in_cpp_match(opt_name):
+    """Inside an optimizer step mul/div by a number near 1 take the optimizer's form in
+    Python; the steps match bit for bit with the C++ answers on and off."""
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+        opt = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True),
+               "adam_single": lambda p: torch.optim.Adam(p, lr=1e-2, foreach=False, weight_decay=0.1),
+               "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, foreach=True)}[opt_name](model.parameters())
+        return model, opt
+
+    x, t = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    out = []
+    for fast in (True, False):
+        model, opt = make()
+        was = M._KERNEL_FAST[0]
+        M._KERNEL_FAST[0] = fast
+        try:
+            for _ in range(3):
+                with pamtorch.mode(Config.full(), route="kernel"):
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(model(x), t).backward()
+                    opt.step()
+        finally:
+            M._KERNEL_FAST[0] = was
+        out.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*out):
+        assert torch.equal(p, q)

@@ -558,6 +558,9 @@ def pa_pow(x: torch.Tensor, p: float) -> torch.Tensor:
     p = float(p)
     if p == 0.0:
         return torch.ones_like(x)
+    ext = _ext(x)
+    if ext is not None:
+        return ext.ew_pow(x, p)
     ext = _lowp(x)
     return _lookup(ext, x, _pa_pow, p) if ext is not None else _pa_pow(x, p)
 

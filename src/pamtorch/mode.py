@@ -142,6 +142,7 @@ def _alpha(name):
     def why(func, args, kwargs):
         s = _argument(func, args, kwargs, name, 1)
         return None if s is None or s == 1 else f"{name}={s!r} multiplies"
+    why.alpha = name   # the kernel route decides these calls in C++ (_fast_code)
     return why
 
 
@@ -592,6 +593,50 @@ def _kernel_call(name, args, kwargs):
         return dispatch._route(o, func, d, args, kwargs)
 
 
+# Calls the kernel route answers in C++ (pa_route.cpp, "answers in C++"): codes of its
+# Fast enum. An alpha-conditioned op (add, sub, ...) is free when alpha == 1 and a float
+# tensor is among its arguments. The other codes compute their op's PA result with the
+# same compiled kernels as the op table's implementation, where the config's kind has no
+# offset and no mantissa bits (_plain_families) and the op table still holds the built-in
+# implementation; anything outside those narrow cases goes to _kernel_call as before.
+_FAST_ALPHA = 1
+_FAST_OPS = {"aten::mul.Tensor": 2, "aten::mul_.Tensor": 3, "aten::div.Tensor": 4, "aten::div_.Tensor": 5,
+             "aten::mm": 6, "aten::addmm": 7, "aten::bmm": 8, "aten::mul.Scalar": 9, "aten::mul_.Scalar": 10,
+             "aten::div.Scalar": 11, "aten::div_.Scalar": 12, "aten::pow.Tensor_Scalar": 13, "aten::sqrt": 14,
+             "aten::rsqrt": 15, "aten::exp": 16, "aten::log": 17, "aten::mean.dim": 18, "aten::mean": 18}
+_PLAIN_ELEMENTWISE, _PLAIN_MATMUL, _PLAIN_ALPHA = 1, 2, 4
+_KERNEL_FAST = [True]     # tests turn the C++ answers off to compare them with _kernel_call's
+_BUILTIN_ENTRIES: dict = {}   # packet -> the op table's entry when the route first ran
+
+
+def _fast_code(qual: str, o: _Overload) -> int:
+    if o.cond is not None and getattr(o.cond, "alpha", None) == "alpha":
+        return _FAST_ALPHA
+    return _FAST_OPS.get(qual, 0)
+
+
+def _plain_families(config: Config) -> int:
+    """What the kernel route answers in C++ under ``config`` (bits of pa_route.cpp's
+    kPlain*): the free calls of the alpha-conditioned ops, and the families of _FAST_OPS
+    whose kinds are PA with no offset and no mantissa bits (mul and div are of the
+    optimizer kind inside a step, so both kinds must be), while the op table holds the
+    implementations those answers reproduce."""
+    if not _KERNEL_FAST[0]:
+        return 0
+    packets = (aten.mul, aten.mul_, aten.div, aten.div_, aten.mm, aten.addmm, aten.bmm, aten.pow, aten.sqrt,
+               aten.rsqrt, aten.exp, aten.log, aten.mean)
+    if not _BUILTIN_ENTRIES:
+        _BUILTIN_ENTRIES.update((p, OP_TABLE.get(p)) for p in packets)
+    if any(OP_TABLE.get(p) is not e for p, e in _BUILTIN_ENTRIES.items()):
+        return _PLAIN_ALPHA
+
+    def plain(*kinds):
+        return all(config.kind(k).pa and config.kind(k).offset is None and config.kind(k).mantissa_bits is None
+                   for k in kinds)
+    return _PLAIN_ALPHA | (_PLAIN_ELEMENTWISE if plain("elementwise", "optimizer") else 0) | \
+        (_PLAIN_MATMUL if plain("matmul") else 0)
+
+
 def _kernel_refuse(name, result):
     """A ``_RUN_AND_CHECK`` call gave a floating-point result: refuse it, as PAMode does."""
     func = _KernelRoute.overloads[name]
@@ -602,13 +647,15 @@ def _kernel_refuse(name, result):
 class _KernelRoute:
     """The registrations on BackendSelect, made once per op; found again at most once a
     second (listing the dispatcher's ops takes milliseconds), at once when an op table
-    changed size or a route needs the ops of another kind."""
+    changed size or a route needs the ops of another kind (then the ops left unregistered
+    are looked at again; otherwise only the ops new since the last listing are)."""
 
     ext = None              # the compiled extension
     tables = None           # the op-table sizes at the last listing
     listed = -1.0           # time.monotonic() of the last listing
     overloads: dict = {}    # "ns::name[.overload]" -> OpOverload, for the ops that call _kernel_call
     registered: set = set()  # qualified names with a kernel
+    skipped: set = set()     # qualified names looked at and left unregistered, for these tables and kinds
     kinds = 0               # the kind bits whose op-table ops are all registered
 
     @classmethod
@@ -635,12 +682,15 @@ class _KernelRoute:
         kinds = cls.kinds | (mask & ~_ASK)
         if tables == cls.tables and kinds == cls.kinds and now - cls.listed < 1.0:
             return
+        if tables != cls.tables or kinds != cls.kinds:
+            cls.skipped = set()   # looked at again: the tables or the kinds changed
         cls.tables, cls.kinds, cls.listed = tables, kinds, now
         has = torch._C._dispatch_has_kernel_for_dispatch_key
         new: dict = {}   # (namespace, bit) -> names
         for qual in torch._C._dispatch_get_all_op_names():
-            if qual in cls.registered:
+            if qual in cls.registered or qual in cls.skipped:
                 continue
+            cls.skipped.add(qual)   # until it is registered below
             ns, _, rest = qual.partition("::")
             if not hasattr(torch.ops, ns) or has(qual, "BackendSelect"):
                 continue
@@ -659,11 +709,12 @@ class _KernelRoute:
             bit = _ASK if o.entry is None else _kind_bit(o.entry.kind)
             if not bit & (kinds | _ASK) and not has(qual, "CompositeExplicitAutograd"):
                 continue
-            new.setdefault((ns, bit), []).append(rest)
+            cls.skipped.discard(qual)
+            new.setdefault((ns, bit), []).append((rest, _fast_code(qual, o)))
             cls.overloads[qual] = func
             cls.registered.add(qual)
-        for (ns, bit), names in new.items():
-            cls.ext.route_register(ns, names, bit)
+        for (ns, bit), named in new.items():
+            cls.ext.route_register(ns, [n for n, _ in named], bit, [f for _, f in named])
 
 
 def kernel_route_applies(config: Config, leave_exact=(), asked: bool = False) -> bool:
@@ -692,9 +743,11 @@ def _kernel_routed(dispatch: PAMode):
     prev = getattr(_KERNEL_ROUTE, "dispatch", None)
     _KERNEL_ROUTE.dispatch = dispatch
     was = _KernelRoute.ext.route_set_mask(mask)
+    was_plain = _KernelRoute.ext.route_set_plain(_plain_families(dispatch.config))
     try:
         yield
     finally:
+        _KernelRoute.ext.route_set_plain(was_plain)
         _KernelRoute.ext.route_set_mask(was)
         _KERNEL_ROUTE.dispatch = prev
 
@@ -804,8 +857,23 @@ class _PAFunctionMode(TorchFunctionMode):
         self.config = config
         packets, overloads, _ = _leave_exact(leave_exact)
         self.leave = {p.__name__ for p in packets} | {o.overloadpacket.__name__ for o in overloads}
+        self.handled = self._handled(config)
+
+    def _handled(self, config: Config) -> frozenset:
+        """The functions this mode may do something with under ``config``; every other
+        call runs as it is, with no further Python (a step makes thousands)."""
+        funcs = {F.scaled_dot_product_attention, F.multi_head_attention_forward, *_MATH_SDPA}
+        funcs.update(f for f, k in _FUNCTION_KINDS.items()
+                     if config.kind(k).pa and config.kind(k).derivative not in ("approx", "balanced"))
+        if config.matmul.pa and config.matmul.derivative != "approx":
+            funcs.update(_MATMULS + _BMMS + (F.linear,))
+        if self.leave:
+            funcs.update(f for f, ops in _FUNCTION_OPS.items() if self.leave.intersection(ops))
+        return frozenset(funcs)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in self.handled:
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         if kwargs.get("out") is not None:
             # out= has no autograd, so the derivative kind is moot: the dispatch level

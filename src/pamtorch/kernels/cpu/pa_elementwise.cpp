@@ -224,6 +224,47 @@ at::Tensor unary(const at::Tensor& x, const char* op) {
 at::Tensor pam(const at::Tensor& a, const at::Tensor& b) { return binary<pam_bits>(a, b, "pam"); }
 at::Tensor pad(const at::Tensor& a, const at::Tensor& b) { return binary<pad_bits>(a, b, "pad"); }
 inline uint32_t exp_bits(uint32_t u) { return u32(exp32(f32(u))); }
+
+// arith._pa_pow for float32 x and a Python-number exponent p != 0: paexp2(palog2(|x|) ·̂ p),
+// the PAM in float64, rounded once; then torch.pow's signs and special values, in the same
+// order as the torch implementation (its NaNs are the canonical 0x7FC00000)
+inline uint32_t pow_bits(uint32_t ux, double p) {
+  const bool neg = (ux & SIGN32) != 0;
+  const int64_t m = ux & 0x7FFFFFFF;
+  const bool zero = m < MN32, inf = m == INF32, nan = m > INF32;
+  double l = ldexp_bits(static_cast<double>(m - B32), -23);   // palog2, exact
+  if (zero) l = -std::numeric_limits<double>::infinity();
+  if (inf) l = std::numeric_limits<double>::infinity();
+  uint32_t out = u32(paexp2_32(pam64(l, p)));
+  const bool finite = std::isfinite(p);
+  if (!finite) {
+    const bool one = std::isinf(p) ? (l == 0.0) : (l == 0.0 && !neg);
+    if (one) out = u32(1.0f);
+  }
+  if (finite && p == std::floor(p)) {
+    if (neg && std::fmod(std::fabs(p), 2.0) == 1.0) out ^= SIGN32;
+  } else if (finite) {
+    if (neg && !zero) out = static_cast<uint32_t>(NAN32);
+    if (neg && zero) out &= ~SIGN32;
+  }
+  return nan ? static_cast<uint32_t>(NAN32) : out;
+}
+
+at::Tensor pow(const at::Tensor& x, double p) {
+  check_f32(x, "pow", "x");
+  TORCH_CHECK(p != 0.0, "pamtorch pow: the exponent 0 is pow(x, 0) = 1, handled by the caller");
+  at::Tensor out;
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(x).build();
+  iter.for_each([p](char** data, const int64_t* strides, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, data[1] + i * strides[1], 4);
+      const uint32_t r = pow_bits(u, p);
+      std::memcpy(data[0] + i * strides[0], &r, 4);
+    }
+  });
+  return iter.output();
+}
 inline uint32_t log_bits(uint32_t u) { return u32(log32(f32(u))); }
 
 at::Tensor exp_exact_grad(const at::Tensor& x, const at::Tensor& o, const at::Tensor& g) {
@@ -594,6 +635,7 @@ void register_elementwise(pybind11::module& m) {
   m.def("ew_pam", &pa_ew::pam, "PAM of two float32 tensors (broadcasting)");
   m.def("ew_pad", &pa_ew::pad, "PAD of two float32 tensors (broadcasting)");
   m.def("ew_exp", &pa_ew::exp, "PA exp of a float32 tensor");
+  m.def("ew_pow", &pa_ew::pow, "PA pow of a float32 tensor to a nonzero Python-number exponent");
   m.def("ew_log", &pa_ew::log, "PA log of a float32 tensor");
   m.def("ew_exp_exact_grad", &pa_ew::exp_exact_grad, "exact derivative of PA exp applied to g");
   m.def("ew_sqrt", &pa_ew::sqrt, "PA sqrt of a float32 tensor");

@@ -16,7 +16,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <ATen/ExpandUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
@@ -28,9 +30,24 @@
 
 namespace py = pybind11;
 
+namespace pa_ew {   // pa_elementwise.cpp
+at::Tensor pam(const at::Tensor& a, const at::Tensor& b);
+at::Tensor pad(const at::Tensor& a, const at::Tensor& b);
+at::Tensor exp(const at::Tensor& x);
+at::Tensor log(const at::Tensor& x);
+at::Tensor sqrt(const at::Tensor& x);
+at::Tensor rsqrt(const at::Tensor& x);
+at::Tensor pow(const at::Tensor& x, double p);
+}  // namespace pa_ew
+at::Tensor route_pam_mm(const at::Tensor& a, const at::Tensor& b);    // pam_matmul.cpp
+at::Tensor route_pam_bmm(const at::Tensor& a, const at::Tensor& b);   // pam_matmul.cpp
+
 namespace {
 
 thread_local uint32_t g_mask = 0;   // 0: no kernel route on this thread
+// the families whose calls this thread answers in C++ (the config's kind for them is PA with
+// no offset and no mantissa bits, and nothing else may see the call): kPlain* bits
+thread_local uint32_t g_plain = 0;
 // the handler, its answers and the refusal of a float result; never freed (the dispatcher
 // may call during teardown)
 py::object* g_handler = nullptr;
@@ -74,7 +91,202 @@ py::object to_python(const c10::IValue& v, const c10::Argument& a) {
   return torch::jit::toPyObject(v);
 }
 
-void route_call(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack, uint32_t bit) {
+// ---------------------------------------------------------------------------------------
+// Answers in C++: the calls of a step that the Python handler would answer the same way
+// every time, decided from the boxed arguments. Each returns false, before touching the
+// stack, for anything outside its narrow case (another dtype or device, a broadcast that
+// does not fit in place, an offset, ...), which then goes to Python as before.
+// tests/test_mode_kernel_route.py checks them bit for bit against the Python handler.
+
+enum Fast : int64_t {
+  kNone = 0,
+  kAlpha = 1,        // add/sub/rsub/index_add/_foreach_add/_foreach_sub: free when alpha == 1
+  kMul = 2,          // aten::mul.Tensor: PAM
+  kMulInplace = 3,   // aten::mul_.Tensor
+  kDiv = 4,          // aten::div.Tensor: PAD
+  kDivInplace = 5,   // aten::div_.Tensor
+  kMm = 6,           // aten::mm: PAM product
+  kAddmm = 7,        // aten::addmm with beta = alpha = 1: bias + PAM product
+  kBmm = 8,          // aten::bmm
+  kMulScalar = 9,    // aten::mul.Scalar / mul_.Scalar: PAM by a Python number, outside
+  kMulScalarInplace = 10,   //   the optimizer's factors near 1 (Python decides those)
+  kDivScalar = 11,   // aten::div.Scalar / div_.Scalar: PAD, likewise
+  kDivScalarInplace = 12,
+  kPow = 13,         // aten::pow.Tensor_Scalar: PA pow to a Python number
+  kSqrt = 14, kRsqrt = 15, kExp = 16, kLog = 17,   // the PA unary ops (no offset)
+  kMean = 18,        // aten::mean.dim / mean.default without dtype: sum ÷̂ n
+};
+constexpr uint32_t kPlainElementwise = 1;   // mul/div (the elementwise and optimizer kinds)
+constexpr uint32_t kPlainMatmul = 2;        // mm/addmm/bmm
+constexpr uint32_t kPlainAlpha = 4;         // the alpha-conditioned ops' free calls
+
+// a Python ``s == 1`` on the Scalar: 1, 1.0, True or 1+0j
+bool is_one(const c10::IValue& v) {
+  if (v.isInt()) return v.toInt() == 1;
+  if (v.isDouble()) return v.toDouble() == 1.0;
+  if (v.isBool()) return v.toBool();
+  if (v.isComplexDouble()) return v.toComplexDouble() == c10::complex<double>(1.0, 0.0);
+  return false;
+}
+
+bool is_float(const at::Tensor& t) { return t.defined() && (t.is_floating_point() || t.is_complex()); }
+
+// a float32 CPU tensor, dense, with no lazy negation or conjugation
+bool f32(const at::Tensor& t) {
+  return t.defined() && t.scalar_type() == at::kFloat && t.device().is_cpu() && t.layout() == at::kStrided &&
+         !t.is_neg() && !t.is_conj() && !t.unsafeGetTensorImpl()->is_wrapped_number();
+}
+
+// the second operand of a float32 mul/div as the Python handler's promote() makes it: a
+// float32 tensor as it is, a real wrapped number (the 2.0 of x * 2.0) converted to float32;
+// undefined when it is neither
+at::Tensor f32_operand(const c10::IValue& v) {
+  if (!v.isTensor()) return at::Tensor();
+  const at::Tensor& t = v.toTensor();
+  if (f32(t)) return t;
+  if (t.defined() && t.unsafeGetTensorImpl()->is_wrapped_number() && !t.is_complex() && t.device().is_cpu())
+    return t.to(at::kFloat);
+  return at::Tensor();
+}
+
+// a real Scalar (int or float, not bool or complex) as the Python handler's float(c)
+bool real_scalar(const c10::IValue& v, double* out) {
+  if (v.isInt()) {
+    *out = static_cast<double>(v.toInt());
+    return true;
+  }
+  if (v.isDouble()) {
+    *out = v.toDouble();
+    return true;
+  }
+  return false;
+}
+
+// elementwise.scalar_mul/scalar_div take the optimizer's form for 1/2 <= |c| <= 2, c != ±1,
+// inside a step: those calls are left to Python, which knows whether a step runs
+bool near_one(double c) {
+  const double a = std::fabs(c);
+  return a >= 0.5 && a <= 2.0 && a != 1.0;
+}
+
+// Runs the call in C++ and leaves its result on the stack, or returns false (stack
+// untouched). The calls made here run with this thread's route off and below Python
+// dispatch, as the Python handler's do.
+bool answer(int64_t fast, const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const size_t n = schema.arguments().size();
+  auto args = torch::jit::last(*stack, n);
+  if (fast == kAlpha) {
+    if (!(g_plain & kPlainAlpha)) return false;
+    bool floating = false;
+    for (size_t i = 0; i < n; ++i) {
+      const auto& v = args[i];
+      if (schema.arguments()[i].name() == "alpha" && !is_one(v)) return false;
+      if (v.isTensor()) {
+        floating = floating || is_float(v.toTensor());
+      } else if (v.isTensorList()) {
+        for (const at::Tensor& t : v.toTensorList()) floating = floating || is_float(t);
+      }
+    }
+    if (!floating) return false;   // integer inputs: Python decides from the result type
+    op.redispatchBoxed(ks & kBelow, stack);
+    return true;
+  }
+  const bool elementwise = !(fast == kMm || fast == kAddmm || fast == kBmm);
+  if (!(g_plain & (elementwise ? kPlainElementwise : kPlainMatmul))) return false;
+  at::Tensor out;
+  {
+    Mask off(0);
+    c10::impl::ExcludeDispatchKeyGuard no_python(
+        c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
+    if (fast >= kMulScalar && fast <= kDivScalarInplace) {
+      if (!args[0].isTensor() || !f32(args[0].toTensor())) return false;
+      double c;
+      if (!real_scalar(args[1], &c) || near_one(c)) return false;
+      const at::Tensor& a = args[0].toTensor();
+      // promote(): the number as a float32 0-d tensor (torch.tensor(float(c), dtype=float32))
+      at::Tensor b = at::scalar_tensor(static_cast<float>(c), a.options());
+      out = fast <= kMulScalarInplace ? pa_ew::pam(a, b) : pa_ew::pad(a, b);
+      if (fast == kMulScalarInplace || fast == kDivScalarInplace) out = a.copy_(out);
+    } else if (fast == kPow) {
+      if (!args[0].isTensor() || !f32(args[0].toTensor())) return false;
+      double p;
+      if (!real_scalar(args[1], &p)) return false;
+      const at::Tensor& x = args[0].toTensor();
+      out = p == 0.0 ? at::ones_like(x) : pa_ew::pow(x, p);
+    } else if (fast >= kSqrt && fast <= kLog) {
+      if (!args[0].isTensor() || !f32(args[0].toTensor())) return false;
+      const at::Tensor& x = args[0].toTensor();
+      out = fast == kSqrt ? pa_ew::sqrt(x) : fast == kRsqrt ? pa_ew::rsqrt(x) : fast == kExp ? pa_ew::exp(x)
+                                                                                              : pa_ew::log(x);
+    } else if (fast == kMean) {
+      if (!args[0].isTensor() || !f32(args[0].toTensor())) return false;
+      const at::Tensor& x = args[0].toTensor();
+      // mean.default(self, *, dtype) or mean.dim(self, dim, keepdim, *, dtype)
+      const bool by_dim = n == 4;
+      if (by_dim && !(args[1].isNone() || args[1].isIntList())) return false;
+      if (!args[n - 1].isNone()) return false;   // a dtype: Python casts first
+      at::Tensor sum;
+      double count;
+      std::vector<int64_t> dims;
+      if (by_dim && args[1].isIntList()) dims = args[1].toIntVector();
+      if (dims.empty()) {
+        sum = at::sum(x);
+        count = static_cast<double>(x.numel());
+      } else {
+        sum = at::sum(x, dims, args[2].toBool());
+        if (x.dim() == 0) return false;
+        int64_t prod = 1;
+        for (int64_t d : dims) prod *= x.size(d);
+        count = static_cast<double>(prod);
+      }
+      out = pa_ew::pad(sum, at::scalar_tensor(static_cast<float>(count), sum.options()));
+    } else if (elementwise) {
+      if (!args[0].isTensor()) return false;
+      const at::Tensor& a = args[0].toTensor();
+      if (!f32(a)) return false;
+      at::Tensor b = f32_operand(args[1]);
+      if (!b.defined()) return false;
+      const bool inplace = fast == kMulInplace || fast == kDivInplace;
+      if (inplace && at::infer_size(a.sizes(), b.sizes()) != a.sizes()) return false;   // Python raises
+      out = (fast == kMul || fast == kMulInplace) ? pa_ew::pam(a, b) : pa_ew::pad(a, b);
+      if (inplace) out = a.copy_(out);
+    } else if (fast == kMm || fast == kAddmm) {
+      const size_t m = fast == kMm ? 0 : 1;
+      if (!args[m].isTensor() || !args[m + 1].isTensor()) return false;
+      const at::Tensor& a = args[m].toTensor();
+      const at::Tensor& b = args[m + 1].toTensor();
+      if (!f32(a) || !f32(b) || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) || a.numel() == 0 ||
+          b.numel() == 0)
+        return false;
+      if (fast == kAddmm) {
+        if (!args[0].isTensor() || !is_one(args[3]) || !is_one(args[4])) return false;
+        const at::Tensor& bias = args[0].toTensor();
+        std::vector<int64_t> shape{a.size(0), b.size(1)};
+        if (!f32(bias) || !at::is_expandable_to(bias.sizes(), shape)) return false;
+        out = at::add(bias.expand(shape), route_pam_mm(a, b));
+      } else {
+        out = route_pam_mm(a, b);
+      }
+    } else if (fast == kBmm) {
+      if (!args[0].isTensor() || !args[1].isTensor()) return false;
+      const at::Tensor& a = args[0].toTensor();
+      const at::Tensor& b = args[1].toTensor();
+      if (!f32(a) || !f32(b) || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) ||
+          a.size(2) != b.size(1) || a.numel() == 0 || b.numel() == 0)
+        return false;
+      out = route_pam_bmm(a, b);
+    } else {
+      return false;
+    }
+  }
+  torch::jit::drop(*stack, n);
+  stack->push_back(std::move(out));
+  return true;
+}
+
+void route_call(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack, uint32_t bit,
+                int64_t fast) {
   if (g_mask == 0 || g_handler == nullptr) {
     op.redispatchBoxed(ks & kBelow, stack);
     return;
@@ -84,6 +296,7 @@ void route_call(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::ji
     op.redispatchBoxed(ks & kBelow, stack);
     return;
   }
+  if (fast != kNone && g_plain != 0 && answer(fast, op, ks, stack)) return;
   const auto& schema = op.schema();
   const size_t n = schema.arguments().size();
   const std::string& overload = schema.overload_name();
@@ -145,15 +358,22 @@ void route_call(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::ji
 
 struct RouteKernel final : c10::OperatorKernel {
   uint32_t bit;
-  explicit RouteKernel(uint32_t b) : bit(b) {}
+  int64_t fast;
+  RouteKernel(uint32_t b, int64_t f) : bit(b), fast(f) {}
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-    route_call(op, ks, stack, bit);
+    route_call(op, ks, stack, bit, fast);
   }
 };
 
 uint32_t set_mask(uint32_t mask) {
   uint32_t prev = g_mask;
   g_mask = mask;
+  return prev;
+}
+
+uint32_t set_plain(uint32_t plain) {
+  uint32_t prev = g_plain;
+  g_plain = plain;
   return prev;
 }
 
@@ -175,12 +395,17 @@ void set_handler(py::object handler, py::object refuse, py::object pass, py::obj
 
 // Register the route kernel, with its bit, for ops "name.overload" of namespace ns on
 // BackendSelect. The registrations last as long as the process.
-void register_ops(const std::string& ns, const std::vector<std::string>& names, uint32_t bit) {
+// fast: for each name, the Fast code of the calls it may answer in C++ (kNone: none)
+void register_ops(const std::string& ns, const std::vector<std::string>& names, uint32_t bit,
+                  const std::vector<int64_t>& fast) {
+  TORCH_CHECK(fast.empty() || fast.size() == names.size(), "route_register: ", names.size(), " names, ",
+              fast.size(), " fast codes");
   auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, ns,
                                               std::optional<c10::DispatchKey>(c10::DispatchKey::BackendSelect),
                                               __FILE__, __LINE__);
-  for (const auto& name : names)
-    lib->impl(name.c_str(), torch::CppFunction::makeFromBoxedFunctor(std::make_unique<RouteKernel>(bit)));
+  for (size_t i = 0; i < names.size(); ++i)
+    lib->impl(names[i].c_str(), torch::CppFunction::makeFromBoxedFunctor(
+                                    std::make_unique<RouteKernel>(bit, fast.empty() ? kNone : fast[i])));
   g_libraries.push_back(std::move(lib));
 }
 
@@ -189,5 +414,8 @@ void register_ops(const std::string& ns, const std::vector<std::string>& names, 
 void register_route(pybind11::module& m) {
   m.def("route_set_mask", &set_mask, "this thread's kernel route: the bits it hands to Python (0: off); returns the old mask");
   m.def("route_set_handler", &set_handler, "the Python handler of routed calls, the refusal of a float result, and the pass/opaque/after answers");
-  m.def("route_register", &register_ops, "the route kernel, with this bit, for these ops on BackendSelect");
+  m.def("route_set_plain", &set_plain,
+        "this thread's calls answered in C++ (1: the elementwise ops, 2: the products, 4: free alpha calls); returns the old value");
+  m.def("route_register", &register_ops, "the route kernel, with this bit, for these ops on BackendSelect",
+        py::arg("ns"), py::arg("names"), py::arg("bit"), py::arg("fast") = std::vector<int64_t>());
 }

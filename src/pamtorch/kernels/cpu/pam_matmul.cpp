@@ -1528,6 +1528,10 @@ int64_t last_mode() { return g_last_mode.load(); }
 
 }  // namespace
 
+// the kernel route's C++ answers (pa_route.cpp): the products without an offset
+at::Tensor route_pam_mm(const at::Tensor& a, const at::Tensor& b) { return pam_mm(a, b, -1, 0); }
+at::Tensor route_pam_bmm(const at::Tensor& a, const at::Tensor& b) { return pam_bmm(a, b, -1, 0); }
+
 void register_elementwise(pybind11::module& m);  // pa_elementwise.cpp
 void register_optim(pybind11::module& m);        // pa_optim.cpp
 void register_norm(pybind11::module& m);         // pa_norm.cpp
