@@ -132,3 +132,35 @@ def test_log_softmax_exact_derivative_and_other_dtypes_use_the_composition(monke
     assert len(calls) == 1
     assert P.log_softmax_forward(x.detach().bfloat16(), -1).dtype == torch.bfloat16
     assert P.log_softmax_forward(torch.empty(0, 4), -1).shape == (0, 4)
+
+
+# ---------------------------------------------------------------- sigmoid, tanh, SiLU
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "silu"])
+def test_activation_forward_and_backward_match_composition(monkeypatch, name):
+    """The fused PA sigmoid, tanh and SiLU (ops/activations.py) against their compositions on
+    pure-torch PA ops: random bit patterns over every exponent, NaN payloads, the specials and
+    a dense sweep, forward and the approx derivative (sigmoid and tanh from the output, SiLU
+    from the input, as the aten backward ops take them), strided and broadcast operands."""
+    from pamtorch.ops import activations as A
+    fwd, bwd = getattr(A, name + "_forward"), getattr(A, name + "_backward")
+    fcalls, bcalls = spy(monkeypatch, "fused_act_forward"), spy(monkeypatch, "fused_act_backward")
+    x = values(200_000, 21)
+    same_bits(fwd(x), composition(fwd, x))
+    dy = values(200_000, 22)
+    v = fwd(x) if name != "silu" else x
+    same_bits(bwd(dy, v), composition(bwd, dy, v))
+    same_bits(bwd(dy, x), composition(bwd, dy, x))   # any values, NaN payloads included
+    xs = x[:230_000].view(460, 500).t()[::3]
+    same_bits(fwd(xs), composition(fwd, xs), layout=True)
+    row = x[:500].view(1, 500)
+    same_bits(bwd(dy[:230_000].view(460, 500), row), composition(bwd, dy[:230_000].view(460, 500), row))
+    same_bits(fwd(x[:0]), composition(fwd, x[:0]))
+    assert len(fcalls) >= 2 and len(bcalls) >= 2
+
+
+def test_activation_kernels_refuse_other_dtypes_and_kinds():
+    with pytest.raises(RuntimeError, match="must be float32"):
+        EXT.fused_act_forward(torch.ones(2, dtype=torch.float64), 0)
+    with pytest.raises(RuntimeError, match="kind must be"):
+        EXT.fused_act_backward(torch.ones(2), torch.ones(2), 3)

@@ -251,7 +251,15 @@ def _answer_cases():
         "mean": lambda: x.mean(), "mean dim": lambda: x.mean(1), "mean dims keepdim": lambda: x.mean((0, 1), keepdim=True),
         "mean -1": lambda: x.mean(-1), "mean dtype": lambda: x.mean(1, dtype=torch.float64),
         "add": lambda: x + y, "add alpha": lambda: torch.add(x, y, alpha=2), "sub_": lambda: x.clone().sub_(row),
-        "int add float": lambda: ints + 0.5, "int add": lambda: ints + ints,
+        "int add float": lambda: ints + 0.5, "int add": lambda: ints + ints, "int add_": lambda: ints.clone().add_(1),
+        "int add alpha": lambda: torch.add(ints, ints, alpha=3), "foreach add alpha": lambda: torch._foreach_add(
+            [x, y], [y, x], alpha=0.5), "foreach add": lambda: torch._foreach_add([x, y], [y, x]),
+        "sigmoid": lambda: x.sigmoid(), "tanh": lambda: torch.tanh(x), "silu": lambda: nn.functional.silu(x),
+        "sigmoid_": lambda: x.clone().sigmoid_(), "tanh_": lambda: x.clone().tanh_(),
+        "silu_": lambda: nn.functional.silu(x.clone(), inplace=True),
+        "sigmoid_backward": lambda: torch.ops.aten.sigmoid_backward(y, x.sigmoid()),
+        "tanh_backward": lambda: torch.ops.aten.tanh_backward(y, x), "silu_backward": lambda: torch.ops.aten.silu_backward(y, x),
+        "sigmoid float64": lambda: x.double().sigmoid(),
     }
 
 
@@ -268,6 +276,11 @@ def _run(fn, cfg, fast):
 
 
 def _same(p, q):
+    if isinstance(p, (list, tuple)):
+        assert isinstance(q, (list, tuple)) and len(p) == len(q)
+        for a, b in zip(p, q):
+            _same(a, b)
+        return
     if isinstance(p, Exception):
         assert type(p) is type(q) and str(p) == str(q)
         return

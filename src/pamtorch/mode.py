@@ -594,8 +594,8 @@ def _kernel_call(name, args, kwargs):
 
 
 # Calls the kernel route answers in C++ (pa_route.cpp, "answers in C++"): codes of its
-# Fast enum. An alpha-conditioned op (add, sub, ...) is free when alpha == 1 and a float
-# tensor is among its arguments. The other codes compute their op's PA result with the
+# Fast enum. An alpha-conditioned op that passes through (add, sub, ...) is free when
+# alpha == 1 or no float tensor is among its arguments (_decide). The other codes compute their op's PA result with the
 # same compiled kernels as the op table's implementation, where the config's kind has no
 # offset and no mantissa bits (_plain_families) and the op table still holds the built-in
 # implementation; anything outside those narrow cases goes to _kernel_call as before.
@@ -603,14 +603,16 @@ _FAST_ALPHA = 1
 _FAST_OPS = {"aten::mul.Tensor": 2, "aten::mul_.Tensor": 3, "aten::div.Tensor": 4, "aten::div_.Tensor": 5,
              "aten::mm": 6, "aten::addmm": 7, "aten::bmm": 8, "aten::mul.Scalar": 9, "aten::mul_.Scalar": 10,
              "aten::div.Scalar": 11, "aten::div_.Scalar": 12, "aten::pow.Tensor_Scalar": 13, "aten::sqrt": 14,
-             "aten::rsqrt": 15, "aten::exp": 16, "aten::log": 17, "aten::mean.dim": 18, "aten::mean": 18}
-_PLAIN_ELEMENTWISE, _PLAIN_MATMUL, _PLAIN_ALPHA = 1, 2, 4
+             "aten::rsqrt": 15, "aten::exp": 16, "aten::log": 17, "aten::mean.dim": 18, "aten::mean": 18,
+             "aten::sigmoid": 19, "aten::tanh": 20, "aten::silu": 21, "aten::sigmoid_": 22, "aten::tanh_": 23,
+             "aten::silu_": 24, "aten::sigmoid_backward": 25, "aten::tanh_backward": 26, "aten::silu_backward": 27}
+_PLAIN_ELEMENTWISE, _PLAIN_MATMUL, _PLAIN_ALPHA, _PLAIN_NONLINEAR = 1, 2, 4, 8
 _KERNEL_FAST = [True]     # tests turn the C++ answers off to compare them with _kernel_call's
 _BUILTIN_ENTRIES: dict = {}   # packet -> the op table's entry when the route first ran
 
 
 def _fast_code(qual: str, o: _Overload) -> int:
-    if o.cond is not None and getattr(o.cond, "alpha", None) == "alpha":
+    if o.cond is not None and getattr(o.cond, "alpha", None) == "alpha" and o.pass_through:
         return _FAST_ALPHA
     return _FAST_OPS.get(qual, 0)
 
@@ -624,7 +626,8 @@ def _plain_families(config: Config) -> int:
     if not _KERNEL_FAST[0]:
         return 0
     packets = (aten.mul, aten.mul_, aten.div, aten.div_, aten.mm, aten.addmm, aten.bmm, aten.pow, aten.sqrt,
-               aten.rsqrt, aten.exp, aten.log, aten.mean)
+               aten.rsqrt, aten.exp, aten.log, aten.mean, aten.sigmoid, aten.sigmoid_, aten.tanh, aten.tanh_,
+               aten.silu, aten.silu_, aten.sigmoid_backward, aten.tanh_backward, aten.silu_backward)
     if not _BUILTIN_ENTRIES:
         _BUILTIN_ENTRIES.update((p, OP_TABLE.get(p)) for p in packets)
     if any(OP_TABLE.get(p) is not e for p, e in _BUILTIN_ENTRIES.items()):
@@ -634,7 +637,7 @@ def _plain_families(config: Config) -> int:
         return all(config.kind(k).pa and config.kind(k).offset is None and config.kind(k).mantissa_bits is None
                    for k in kinds)
     return _PLAIN_ALPHA | (_PLAIN_ELEMENTWISE if plain("elementwise", "optimizer") else 0) | \
-        (_PLAIN_MATMUL if plain("matmul") else 0)
+        (_PLAIN_MATMUL if plain("matmul") else 0) | (_PLAIN_NONLINEAR if plain("nonlinear") else 0)
 
 
 def _kernel_refuse(name, result):
@@ -717,6 +720,9 @@ class _KernelRoute:
             cls.ext.route_register(ns, [n for n, _ in named], bit, [f for _, f in named])
 
 
+_AUTO_ALL = [False]
+
+
 def kernel_route_applies(config: Config, leave_exact=(), asked: bool = False) -> bool:
     """Whether :func:`mode` runs ``config`` by the kernel route: by default (``route="auto"``)
     only for a config that makes the matmul kind alone PA (``pam-matmul``; the route's
@@ -728,7 +734,7 @@ def kernel_route_applies(config: Config, leave_exact=(), asked: bool = False) ->
     threads, which the route's thread-local state does not reach), and the compiled CPU
     kernels."""
     matmul_only = config.matmul.pa and not any(config.kind(k).pa for k in KINDS if k != "matmul")
-    return ((asked or matmul_only) and not leave_exact and not RECORDERS
+    return ((asked or matmul_only or _AUTO_ALL[0]) and not leave_exact and not RECORDERS
             and not _get_current_dispatch_mode_stack()
             and not torch.cuda.is_available() and not torch.backends.mps.is_available()
             and _KernelRoute.available())

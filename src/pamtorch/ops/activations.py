@@ -145,6 +145,7 @@ def cos_forward(x: torch.Tensor, *, _ops=_RAW) -> torch.Tensor:
 # the exponential family
 
 _TANH_CLAMP = 9.0   # tanh(9) rounds to 1 in float32; E(±9) are normal even in float16
+_SIGMOID, _TANH, _SILU = 0, 1, 2   # the kinds of the fused kernels (pa_elementwise.cpp)
 
 
 def _exp_limit(x: torch.Tensor) -> float:
@@ -166,6 +167,9 @@ def tanh_forward(x: torch.Tensor, *, _ops=_RAW) -> torch.Tensor:
     """PA tanh: ``(E(t) - E(-t)) ÷̂ (E(t) + E(-t))``, ``t = clamp(x, ±9)``. Odd and 0 at 0
     exactly; the PA exponential's slopes on either side of 0 (1/2 and 1 per unit of
     ``t log2 e``) average out, so the slope at 0 is within 12% of 1."""
+    ext = PF._fused(x) if _ops is _RAW else None
+    if ext is not None:   # kernels/cpu/pa_elementwise.cpp: these steps in one pass, bit for bit
+        return ext.fused_act_forward(x, _TANH)
     t = x.clamp(-_TANH_CLAMP, _TANH_CLAMP)
     a, b = _ops.exp(t), _ops.exp(-t)
     return _ops.div(a - b, a + b)
@@ -174,12 +178,18 @@ def tanh_forward(x: torch.Tensor, *, _ops=_RAW) -> torch.Tensor:
 def tanh_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Approx tanh derivative from the output (``aten.tanh_backward``): ``dy ⊙̂ (1 - y ⊙̂ y)``."""
     y = y.to(dy.dtype)
+    ext = PF._fused(dy, y)
+    if ext is not None:
+        return ext.fused_act_backward(dy, y, _TANH)
     return arith.pam(dy, 1 - arith.pam(y, y))
 
 
 def sigmoid_forward(x: torch.Tensor, *, _ops=_RAW) -> torch.Tensor:
     """PA sigmoid: ``E(h) ÷̂ (E(h) + E(-h))``, ``h = x ⊙̂ ½`` (an exponent shift) clamped so
     both stay finite; the symmetric form halves the error of ``1 ÷̂ (1 + E(-x))``."""
+    ext = PF._fused(x) if _ops is _RAW else None
+    if ext is not None:
+        return ext.fused_act_forward(x, _SIGMOID)
     lim = _exp_limit(x)
     h = _ops.mul(x, _c(0.5, x)).clamp(-lim, lim)
     a, b = _ops.exp(h), _ops.exp(-h)
@@ -189,6 +199,9 @@ def sigmoid_forward(x: torch.Tensor, *, _ops=_RAW) -> torch.Tensor:
 def sigmoid_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Approx sigmoid derivative from the output: ``dy ⊙̂ (y ⊙̂ (1 - y))``."""
     y = y.to(dy.dtype)
+    ext = PF._fused(dy, y)
+    if ext is not None:
+        return ext.fused_act_backward(dy, y, _SIGMOID)
     return arith.pam(dy, arith.pam(y, 1 - y))
 
 
@@ -207,12 +220,18 @@ def _gate_parts(z: torch.Tensor):
 
 def silu_forward(x: torch.Tensor, *, _ops=_RAW) -> torch.Tensor:
     """PA SiLU: ``x ÷̂ (1 + E(-x))``."""
+    ext = PF._fused(x) if _ops is _RAW else None
+    if ext is not None:
+        return ext.fused_act_forward(x, _SILU)
     return _gate(x, x, _ops)
 
 
 def silu_backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Approx SiLU derivative ``σ + (x σ) ⊙̂ (1 - σ)`` with ``σ = 1 ÷̂ d``,
     ``1 - σ = e ÷̂ d``, ``x σ = x ÷̂ d`` (``d = 1 + E(-x)``); ``dx = dy ⊙̂ f'``."""
+    ext = PF._fused(dy, x)
+    if ext is not None:
+        return ext.fused_act_backward(dy, x, _SILU)
     d, s, oms = _gate_parts(x)
     return arith.pam(dy, s + arith.pam(arith.pad(x, d), oms))
 

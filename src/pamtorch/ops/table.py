@@ -230,7 +230,7 @@ passes_through("""
     upsample_nearest2d to result_type lift_fresh_copy view_as type_as item select_backward
     slice_backward diagonal_backward as_strided_scatter _unsafe_view_copy repeat_interleave
     flatten unflatten
-    eye empty_permuted
+    eye empty_permuted is_same_size
 """)
 
 # routed ops whose implementation also takes complex operands (the classifier refuses a

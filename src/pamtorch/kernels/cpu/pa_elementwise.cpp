@@ -629,6 +629,81 @@ at::Tensor log_softmax_backward(const at::Tensor& y, const at::Tensor& dy, int64
   return iter.output();
 }
 
+// ---------------------------------------------------------------------------
+// The exponential-family activations of ops/activations.py (raw forms), one pass per
+// element, each step the float32 operation of the composition in its order: the clamps
+// keep NaN (as torch.clamp), the adds are IEEE adds, and every result leaves through a
+// PAM or PAD, whose NaN is the canonical one whatever NaN went in.
+// kind: 0 sigmoid, 1 tanh, 2 SiLU.
+
+inline float clamp_keep_nan(float v, float lo, float hi) { return v != v ? v : (v < lo ? lo : (v > hi ? hi : v)); }
+
+inline uint32_t act_fwd_bits(uint32_t ux, int kind) {
+  const float x = f32(ux);
+  if (kind == 0) {   // E(h) ÷̂ (E(h) + E(-h)), h = clamp(x ⊙̂ ½, ±80)
+    const float h = clamp_keep_nan(f32(pam_bits(ux, u32(0.5f))), -80.0f, 80.0f);
+    const float a = exp32(h), b = exp32(-h);
+    return pad_bits(u32(a), u32(a + b));
+  }
+  if (kind == 1) {   // (E(t) - E(-t)) ÷̂ (E(t) + E(-t)), t = clamp(x, ±9)
+    const float t = clamp_keep_nan(x, -9.0f, 9.0f);
+    const float a = exp32(t), b = exp32(-t);
+    return pad_bits(u32(a - b), u32(a + b));
+  }
+  // x ÷̂ (1 + E(min(-x, 80)))
+  const float e = exp32(clamp_keep_nan(-x, -std::numeric_limits<float>::infinity(), 80.0f));
+  return pad_bits(ux, u32(1.0f + e));
+}
+
+// kind 0: dy ⊙̂ (y ⊙̂ (1 - y)); 1: dy ⊙̂ (1 - y ⊙̂ y) (v: the output y); 2: SiLU from the
+// input v = x, dy ⊙̂ (σ + (x ÷̂ d) ⊙̂ (e ÷̂ d)), e = E(min(-x, 80)), d = 1 + e, σ = 1 ÷̂ d
+inline uint32_t act_bwd_bits(uint32_t ug, uint32_t uv, int kind) {
+  if (kind == 0) return pam_bits(ug, pam_bits(uv, u32(1.0f - f32(uv))));
+  if (kind == 1) return pam_bits(ug, u32(1.0f - f32(pam_bits(uv, uv))));
+  const float x = f32(uv);
+  const float e = exp32(clamp_keep_nan(-x, -std::numeric_limits<float>::infinity(), 80.0f));
+  const uint32_t d = u32(1.0f + e);
+  const float sg = f32(pad_bits(u32(1.0f), d));
+  const float oms = f32(pad_bits(u32(e), d));
+  return pam_bits(ug, u32(sg + f32(pam_bits(pad_bits(uv, d), u32(oms)))));
+}
+
+at::Tensor act_forward(const at::Tensor& x, int64_t kind) {
+  check_f32(x, "act_forward", "x");
+  TORCH_CHECK(kind >= 0 && kind <= 2, "pamtorch act_forward: kind must be 0 (sigmoid), 1 (tanh) or 2 (silu)");
+  at::Tensor out;
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(x).build();
+  const int k = static_cast<int>(kind);
+  iter.for_each([k](char** data, const int64_t* strides, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, data[1] + i * strides[1], 4);
+      const uint32_t r = act_fwd_bits(u, k);
+      std::memcpy(data[0] + i * strides[0], &r, 4);
+    }
+  });
+  return iter.output();
+}
+
+at::Tensor act_backward(const at::Tensor& dy, const at::Tensor& v, int64_t kind) {
+  check_f32(dy, "act_backward", "dy");
+  check_f32(v, "act_backward", "v");
+  TORCH_CHECK(kind >= 0 && kind <= 2, "pamtorch act_backward: kind must be 0 (sigmoid), 1 (tanh) or 2 (silu)");
+  at::Tensor out;
+  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(dy).add_const_input(v).build();
+  const int k = static_cast<int>(kind);
+  iter.for_each([k](char** data, const int64_t* strides, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t g, u;
+      std::memcpy(&g, data[1] + i * strides[1], 4);
+      std::memcpy(&u, data[2] + i * strides[2], 4);
+      const uint32_t r = act_bwd_bits(g, u, k);
+      std::memcpy(data[0] + i * strides[0], &r, 4);
+    }
+  });
+  return iter.output();
+}
+
 }  // namespace pa_ew
 
 void register_elementwise(pybind11::module& m) {
@@ -636,6 +711,9 @@ void register_elementwise(pybind11::module& m) {
   m.def("ew_pad", &pa_ew::pad, "PAD of two float32 tensors (broadcasting)");
   m.def("ew_exp", &pa_ew::exp, "PA exp of a float32 tensor");
   m.def("ew_pow", &pa_ew::pow, "PA pow of a float32 tensor to a nonzero Python-number exponent");
+  m.def("fused_act_forward", &pa_ew::act_forward, "PA sigmoid (0), tanh (1) or SiLU (2) in one pass");
+  m.def("fused_act_backward", &pa_ew::act_backward,
+        "approx PA sigmoid (0) / tanh (1) derivative from the output, SiLU (2) from the input, applied to dy");
   m.def("ew_log", &pa_ew::log, "PA log of a float32 tensor");
   m.def("ew_exp_exact_grad", &pa_ew::exp_exact_grad, "exact derivative of PA exp applied to g");
   m.def("ew_sqrt", &pa_ew::sqrt, "PA sqrt of a float32 tensor");

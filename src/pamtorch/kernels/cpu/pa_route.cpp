@@ -38,6 +38,8 @@ at::Tensor log(const at::Tensor& x);
 at::Tensor sqrt(const at::Tensor& x);
 at::Tensor rsqrt(const at::Tensor& x);
 at::Tensor pow(const at::Tensor& x, double p);
+at::Tensor act_forward(const at::Tensor& x, int64_t kind);
+at::Tensor act_backward(const at::Tensor& dy, const at::Tensor& v, int64_t kind);
 }  // namespace pa_ew
 at::Tensor route_pam_mm(const at::Tensor& a, const at::Tensor& b);    // pam_matmul.cpp
 at::Tensor route_pam_bmm(const at::Tensor& a, const at::Tensor& b);   // pam_matmul.cpp
@@ -100,7 +102,8 @@ py::object to_python(const c10::IValue& v, const c10::Argument& a) {
 
 enum Fast : int64_t {
   kNone = 0,
-  kAlpha = 1,        // add/sub/rsub/index_add/_foreach_add/_foreach_sub: free when alpha == 1
+  kAlpha = 1,        // add/sub/rsub/index_add/_foreach_add/_foreach_sub (which pass through):
+                     // free when alpha == 1 or no operand is a float tensor
   kMul = 2,          // aten::mul.Tensor: PAM
   kMulInplace = 3,   // aten::mul_.Tensor
   kDiv = 4,          // aten::div.Tensor: PAD
@@ -115,10 +118,15 @@ enum Fast : int64_t {
   kPow = 13,         // aten::pow.Tensor_Scalar: PA pow to a Python number
   kSqrt = 14, kRsqrt = 15, kExp = 16, kLog = 17,   // the PA unary ops (no offset)
   kMean = 18,        // aten::mean.dim / mean.default without dtype: sum ÷̂ n
+  kAct = 19,         // 19-21: aten::sigmoid, tanh, silu (the nonlinear kind)
+  kActInplace = 22,  // 22-24: sigmoid_, tanh_, silu_
+  kActBackward = 25,   // 25-27: sigmoid_backward, tanh_backward (from the output), silu_backward
+  kLast = 27,
 };
 constexpr uint32_t kPlainElementwise = 1;   // mul/div (the elementwise and optimizer kinds)
 constexpr uint32_t kPlainMatmul = 2;        // mm/addmm/bmm
 constexpr uint32_t kPlainAlpha = 4;         // the alpha-conditioned ops' free calls
+constexpr uint32_t kPlainNonlinear = 8;     // sigmoid/tanh/silu
 
 // a Python ``s == 1`` on the Scalar: 1, 1.0, True or 1+0j
 bool is_one(const c10::IValue& v) {
@@ -178,28 +186,44 @@ bool answer(int64_t fast, const c10::OperatorHandle& op, c10::DispatchKeySet ks,
   auto args = torch::jit::last(*stack, n);
   if (fast == kAlpha) {
     if (!(g_plain & kPlainAlpha)) return false;
-    bool floating = false;
+    bool floating = false, alpha_one = true;
     for (size_t i = 0; i < n; ++i) {
       const auto& v = args[i];
-      if (schema.arguments()[i].name() == "alpha" && !is_one(v)) return false;
+      if (schema.arguments()[i].name() == "alpha" && !is_one(v)) alpha_one = false;
       if (v.isTensor()) {
         floating = floating || is_float(v.toTensor());
       } else if (v.isTensorList()) {
         for (const at::Tensor& t : v.toTensorList()) floating = floating || is_float(t);
       }
     }
-    if (!floating) return false;   // integer inputs: Python decides from the result type
+    if (floating && !alpha_one) return false;   // alpha multiplies: Python routes it
+    // floating-point operands: free with alpha 1; integer ones: free (an addition)
     op.redispatchBoxed(ks & kBelow, stack);
     return true;
   }
-  const bool elementwise = !(fast == kMm || fast == kAddmm || fast == kBmm);
-  if (!(g_plain & (elementwise ? kPlainElementwise : kPlainMatmul))) return false;
+  const bool product = fast == kMm || fast == kAddmm || fast == kBmm;
+  const bool nonlinear = fast >= kAct && fast <= kLast;
+  if (!(g_plain & (product ? kPlainMatmul : nonlinear ? kPlainNonlinear : kPlainElementwise))) return false;
+  const bool elementwise = !product && !nonlinear;
   at::Tensor out;
   {
     Mask off(0);
     c10::impl::ExcludeDispatchKeyGuard no_python(
         c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
-    if (fast >= kMulScalar && fast <= kDivScalarInplace) {
+    if (nonlinear) {
+      // ops/activations.py: the raw forward (fused_act_forward), or the approx derivative
+      // from the output (sigmoid, tanh) or the input (silu), for float32 operands
+      if (!args[0].isTensor() || !f32(args[0].toTensor())) return false;
+      const at::Tensor& x = args[0].toTensor();
+      if (fast >= kActBackward) {
+        if (!args[1].isTensor() || !f32(args[1].toTensor())) return false;
+        out = pa_ew::act_backward(x, args[1].toTensor(), fast - kActBackward);
+      } else if (fast >= kActInplace) {
+        out = x.copy_(pa_ew::act_forward(x, fast - kActInplace));
+      } else {
+        out = pa_ew::act_forward(x, fast - kAct);
+      }
+    } else if (fast >= kMulScalar && fast <= kDivScalarInplace) {
       if (!args[0].isTensor() || !f32(args[0].toTensor())) return false;
       double c;
       if (!real_scalar(args[1], &c) || near_one(c)) return false;
@@ -415,7 +439,7 @@ void register_route(pybind11::module& m) {
   m.def("route_set_mask", &set_mask, "this thread's kernel route: the bits it hands to Python (0: off); returns the old mask");
   m.def("route_set_handler", &set_handler, "the Python handler of routed calls, the refusal of a float result, and the pass/opaque/after answers");
   m.def("route_set_plain", &set_plain,
-        "this thread's calls answered in C++ (1: the elementwise ops, 2: the products, 4: free alpha calls); returns the old value");
+        "this thread's calls answered in C++ (1: the elementwise ops, 2: the products, 4: free alpha calls, 8: sigmoid/tanh/silu); returns the old value");
   m.def("route_register", &register_ops, "the route kernel, with this bit, for these ops on BackendSelect",
         py::arg("ns"), py::arg("names"), py::arg("bit"), py::arg("fast") = std::vector<int64_t>());
 }
