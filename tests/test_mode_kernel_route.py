@@ -173,9 +173,12 @@ def test_nesting():
 
 def test_which_route_runs():
     assert M.kernel_route_applies(PM)
-    assert not M.kernel_route_applies(Config.full())               # auto: pam-matmul only
-    assert M.kernel_route_applies(Config.full(), asked=True)       # route="kernel": any config
+    assert M.kernel_route_applies(Config.full())                   # auto: any config
     assert not M.kernel_route_applies(PM, leave_exact=(torch.ops.aten.cumprod,))
+    with pamtorch.mode(Config.full()):
+        assert M._KERNEL_ROUTE.dispatch is not None                # auto took the kernel route
+    with pamtorch.mode(Config.full(), route="dispatch"):
+        assert getattr(M._KERNEL_ROUTE, "dispatch", None) is None
     with pamtorch.mode(Config.full(), route="dispatch"):
         assert not M.kernel_route_applies(PM)   # inside a PA dispatch mode
 

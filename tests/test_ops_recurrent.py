@@ -192,3 +192,46 @@ def test_recurrent_model_trains_a_step_multiplication_free_close_to_exact(name):
         assert _rel(p.grad, pe.grad) < 0.75, n
         assert nn.functional.cosine_similarity(p.grad.flatten(), pe.grad.flatten(), 0) > 0.85, n
         assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("name", sorted(LSTMS))
+def test_compiled_lstm_loop_equals_the_python_loop(name, monkeypatch):
+    """kernels/cpu/pa_rnn.cpp runs the LSTM layer's time loop (forward and backward) in C++:
+    outputs and every gradient bit for bit as ops/recurrent.py's Python loop, for every
+    variant above (directions, layers, no bias, given state, one step)."""
+    from pamtorch.kernels import cpu
+    from pamtorch.ops import recurrent as R
+    if not cpu.available():
+        pytest.skip("compiled CPU kernels unavailable")
+    kw, shape, with_state = LSTMS[name]
+    torch.manual_seed(3)
+    m = nn.LSTM(5, 4, **kw)
+    x = torch.randn(*shape)
+    layers = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
+    batch = (shape[0] if kw.get("batch_first") else shape[1]) if len(shape) == 3 else None
+    state = tuple(torch.randn(layers, *(() if batch is None else (batch,)), 4) for _ in range(2)) if with_state else None
+    calls = []
+    real = R._CellOps.compiled
+    monkeypatch.setattr(R._CellOps, "compiled", lambda self, *ts: calls.append(real(self, *ts)) or calls[-1])
+    compiled = _run_lstm(m, x, state, Config.full())
+    assert calls and all(c is not None for c in calls)   # every layer's loop ran in C++
+    monkeypatch.setattr(R._CellOps, "compiled", lambda self, *ts: None)
+    python = _run_lstm(m, x, state, Config.full())
+    for a, b in zip(compiled[0] + compiled[1], python[0] + python[1]):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_compiled_lstm_loop_is_used_only_for_plain_float32_configs():
+    from pamtorch.ops import recurrent as R
+    from pamtorch.ops.table import ACTIVE
+    t = torch.ones(2, 2)
+    for cfg, want in [(Config.full(), True), (Config.full().with_mantissa_bits(7), False),
+                      (Config.full().replace(elementwise=OpConfig(pa=False)), False),
+                      (Config.full().replace(matmul=OpConfig(offset=1.0552)), False)]:
+        ACTIVE.append(cfg)
+        try:
+            ops = R._CellOps()
+        finally:
+            ACTIVE.pop()
+        assert (ops.compiled(t, t) is not None) == (want and pamtorch.kernels.cpu.available())
+        assert ops.compiled(t, t.double()) is None

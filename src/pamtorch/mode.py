@@ -536,17 +536,20 @@ class PAMode(TorchDispatchMode):
 #   * an op of a kind the config leaves exact passes on with the route off, so the calls
 #     inside it are not caught, as inside a dispatch mode's call;
 #   * the others are handed to _kernel_call, which classifies them with _decide and routes
-#     them with PAMode._route, exactly as the dispatch mode would, or lets them pass on
-#     untouched.
+#     them with PAMode._route, exactly as the dispatch mode would (arguments as a dispatch
+#     mode sees them, wrapped numbers as Python numbers), or lets them pass on untouched,
+#     with the route off inside them (as inside a dispatch mode's call);
+#   * the most frequent calls are answered in C++ with the same kernels (_FAST_OPS below).
 # Ops that are always free never leave C++; on a thread that runs no kernel route a
-# registered op costs a boxed redispatch. Differences from the dispatch route: calls that a
-# free op's own C++ kernel makes are caught too (a dispatch mode does not see them);
-# factory functions (their own BackendSelect kernels) and composite ops (they decompose
-# above autograd, where no dispatch mode sees them either) are not; and torch's composite
+# registered op costs a boxed redispatch. Differences from the dispatch route: factory
+# functions (their own BackendSelect kernels) and composite ops (they decompose above
+# autograd, where no dispatch mode sees them either) are not caught; and torch's composite
 # code takes its branch for "no Python mode active" (isTensorSubclassLike), which for some
-# ops is another order of the same float sums. route="auto" takes the route only where
-# the op kinds it routes are the products (pam-matmul): the differences are then in exact
-# ops, and every stock model of tests/model_zoo.py trains to the dispatch route's bits.
+# ops is another order of the same float sums (the one found in a PA op, the weighted,
+# label-smoothed mean cross entropy, is routed at the function level instead:
+# _PAFunctionMode). Every stock model of tests/model_zoo.py trains to the dispatch route's
+# bits on it under pam-matmul, pam-full and paper-exact-loss, and route="auto" takes it
+# wherever it can run (kernel_route_applies).
 
 _KERNEL_ROUTE = threading.local()   # .dispatch: the PAMode whose kernel route this thread runs
 _KERNEL_LOCK = threading.Lock()
@@ -720,21 +723,14 @@ class _KernelRoute:
             cls.ext.route_register(ns, [n for n, _ in named], bit, [f for _, f in named])
 
 
-_AUTO_ALL = [False]
-
-
-def kernel_route_applies(config: Config, leave_exact=(), asked: bool = False) -> bool:
-    """Whether :func:`mode` runs ``config`` by the kernel route: by default (``route="auto"``)
-    only for a config that makes the matmul kind alone PA (``pam-matmul``; the route's
-    differences from the dispatch route, in the module's notes, are then calls of exact
-    ops), on request (``asked``, ``route="kernel"``) for any config; in both cases only with
-    no op left exact on request, no Python dispatch mode active on this thread (an audit's
-    recorder, or any mode that must see what a PA mode passes on rather than what it is
-    given), no accelerator (the autograd engine runs a device's backward on its own
-    threads, which the route's thread-local state does not reach), and the compiled CPU
-    kernels."""
-    matmul_only = config.matmul.pa and not any(config.kind(k).pa for k in KINDS if k != "matmul")
-    return ((asked or matmul_only or _AUTO_ALL[0]) and not leave_exact and not RECORDERS
+def kernel_route_applies(config: Config, leave_exact=()) -> bool:
+    """Whether :func:`mode` can run ``config`` by the kernel route (``route="auto"`` then
+    does, for any config): no op left exact on request, no Python dispatch mode active on
+    this thread (an audit's recorder, or any mode that must see what a PA mode passes on
+    rather than what it is given), no accelerator (the autograd engine runs a device's
+    backward on its own threads, which the route's thread-local state does not reach), and
+    the compiled CPU kernels."""
+    return (isinstance(config, Config) and not leave_exact and not RECORDERS
             and not _get_current_dispatch_mode_stack()
             and not torch.cuda.is_available() and not torch.backends.mps.is_available()
             and _KernelRoute.available())
@@ -854,13 +850,34 @@ _FUNCTION_OPS.update({F.batch_norm: _BN_OPS, F.instance_norm: _BN_OPS,
                       F.group_norm: ("native_group_norm", "native_group_norm_backward")})
 
 
+def _weighted_smoothed_mean(args, kwargs) -> bool:
+    """Whether an ``F.cross_entropy`` call takes class-index targets, a class weight, label
+    smoothing and the mean reduction (where torch's composition branches on
+    isTensorSubclassLike)."""
+    names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
+             "label_smoothing")
+    bound = dict(zip(names, args), **kwargs)
+    if bound.get("size_average") is not None or bound.get("reduce") is not None:
+        reduction = torch.nn._reduction.legacy_get_string(bound.get("size_average"), bound.get("reduce"))
+    else:
+        reduction = bound.get("reduction", "mean")
+    target = bound.get("target")
+    return (bound.get("weight") is not None and bound.get("label_smoothing", 0.0) > 0 and reduction == "mean"
+            and isinstance(target, torch.Tensor) and not target.is_floating_point())
+
+
 class _PAFunctionMode(TorchFunctionMode):
     """Above autograd: decompose fused ops, and give matrix products the exact or
     straight-through derivative where the config asks for it."""
 
-    def __init__(self, config: Config, leave_exact=()):
+    def __init__(self, config: Config, leave_exact=(), kernel_route: bool = False):
         super().__init__()
         self.config = config
+        # on the kernel route torch's cross entropy takes its branch for "no Python mode"
+        # (isTensorSubclassLike), whose mean of a weighted, label-smoothed loss sums the
+        # weights in another order than the dispatch route and pamtorch.nn: such calls run
+        # pamtorch.nn's function, which composes the loss as the other branch does
+        self.ce_by_function = kernel_route and config.loss.pa and config.loss.derivative == "approx"
         packets, overloads, _ = _leave_exact(leave_exact)
         self.leave = {p.__name__ for p in packets} | {o.overloadpacket.__name__ for o in overloads}
         self.handled = self._handled(config)
@@ -875,6 +892,8 @@ class _PAFunctionMode(TorchFunctionMode):
             funcs.update(_MATMULS + _BMMS + (F.linear,))
         if self.leave:
             funcs.update(f for f, ops in _FUNCTION_OPS.items() if self.leave.intersection(ops))
+        if self.ce_by_function:
+            funcs.add(F.cross_entropy)
         return frozenset(funcs)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -898,6 +917,11 @@ class _PAFunctionMode(TorchFunctionMode):
         if func in _MATH_SDPA:
             return PF.scaled_dot_product_attention_math(*args, **kwargs, config=self.config)
         kind = _FUNCTION_KINDS.get(func)
+        if func is F.cross_entropy and self.ce_by_function and _weighted_smoothed_mean(args, kwargs):
+            op = self.config.loss
+            if op.mantissa_bits is not None:
+                return rounded_call(_FUNCTION_ROUTES[func], op.mantissa_bits, *args, **kwargs, derivative="approx")
+            return _FUNCTION_ROUTES[func](*args, **kwargs, derivative="approx")
         if kind is not None:
             op = self.config.kind(kind)
             # "balanced" (loss kind) is the approx derivative made zero-sum per row: the
@@ -934,18 +958,19 @@ def mode(config: Config | None = None, leave_exact=(), route: str = "auto"):
     ``route``: how aten calls reach the op table. ``"dispatch"``: a ``TorchDispatchMode``
     sees every call. ``"kernel"``: kernels on the BackendSelect dispatch key catch the
     calls of the op kinds the config makes PA and of the ops that may be refused, and every
-    other call runs with no Python crossing: the same routing, and the same bits except
-    where torch's own composite code branches on whether a Python mode is active (docs/
-    training.md, "The kernel route"). ``"auto"`` (default): the kernel route for a config
-    that makes only the matrix products PA (``pam-matmul``), where it can run
-    (``kernel_route_applies``), else the dispatch mode."""
+    other call runs with no Python crossing, the most frequent ones answered in C++: the
+    same routing, and the same bits except where torch's own composite code branches on
+    whether a Python mode is active (docs/training.md, "The kernel route"). ``"auto"``
+    (default): the kernel route where it can run (``kernel_route_applies``: no
+    ``leave_exact``, no audit or other Python dispatch mode active, CPU only), else the
+    dispatch mode."""
     config = config or Config.paper()
     if not isinstance(config, Config):
         raise TypeError(f"pamtorch.mode: config must be a pamtorch Config, got {type(config).__name__}")
     if route not in ("auto", "dispatch", "kernel"):
         raise ValueError(f"pamtorch.mode: route must be 'auto', 'dispatch' or 'kernel', got {route!r}")
     leave_exact = tuple(leave_exact)
-    kernel = route != "dispatch" and kernel_route_applies(config, leave_exact, asked=route == "kernel")
+    kernel = route != "dispatch" and kernel_route_applies(config, leave_exact)
     if route == "kernel" and not kernel:
         raise ValueError("pamtorch.mode: route='kernel' needs no leave_exact, no audit recording, no Python "
                          "dispatch mode active on this thread, no CUDA or MPS device and the compiled CPU "
@@ -996,7 +1021,7 @@ def _entered(dispatch: PAMode, leave_exact=(), kernel_route: bool = False):
     # an optimizer step that raises never runs its post hook: restore the step depth on exit
     in_optimizer = _IN_OPTIMIZER[0]
     try:
-        with _PAFunctionMode(dispatch.config, leave_exact), \
+        with _PAFunctionMode(dispatch.config, leave_exact, kernel_route), \
                 (_kernel_routed(dispatch) if kernel_route else dispatch):
             yield
     finally:

@@ -93,6 +93,9 @@ passes_through("""
     _foreach_frac_ _coalesce _indices _values is_coalesced sparse_mask
     _sparse_coo_tensor_with_dims_and_tensors
 """)
+# the per-tensor calls of their CPU kernels, which the mode's kernel route sees (a dispatch
+# mode sees the _foreach call only)
+passes_through("sign_ floor_ ceil_ trunc_ frac frac_")
 
 for _names, _fn in [
     (("_foreach_rsqrt", "_foreach_rsqrt_"), arith.pa_rsqrt),   # Adafactor

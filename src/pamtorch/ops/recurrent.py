@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 
 from . import activations as act
+from .. import arith
+from ..recording import RECORDERS
 from .matmul import mm
 from .table import ACTIVE, UnsupportedOpError, aten, implements, pam
 
@@ -39,7 +41,7 @@ class _CellOps:
     def __init__(self):
         cfg = ACTIVE[-1]
         ew, nl = cfg.elementwise, cfg.nonlinear
-        self.mat = cfg.matmul
+        self.mat, self.ew, self.nl = cfg.matmul, ew, nl
         self.mul = (lambda a, b: pam(a, b, ew)) if ew.pa else torch.mul
         if nl.pa:
             self.sigmoid, self.tanh = act.sigmoid_forward, act.tanh_forward
@@ -50,6 +52,17 @@ class _CellOps:
 
     def mm(self, a, b):
         return mm(a, b, self.mat)
+
+    def compiled(self, *ts):
+        """The compiled module when the loop can run in C++ (kernels/cpu/pa_rnn.cpp, the
+        same steps on the same kernels): products, gate products and gate nonlinearities
+        PA with no offset or mantissa bits, every operand a float32 CPU tensor, no audit
+        recording; else None."""
+        plain = all(k.pa and k.offset is None and k.mantissa_bits is None for k in (self.mat, self.ew, self.nl))
+        if not plain or RECORDERS or not all(t is None or t.dtype == torch.float32 and t.device.type == "cpu"
+                                            for t in ts):
+            return None
+        return arith._ext(*[t for t in ts if t is not None])
 
 
 def _steps(n: int, reverse: bool):
@@ -62,6 +75,9 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse: bool = False,
     (``reverse``: time runs from T-1 down to 0; ``out[t]`` is still the state at step t).
     ``b_ih``/``b_hh`` may be None."""
     ops = ops or _CellOps()
+    ext = ops.compiled(x, w_ih, w_hh, b_ih, b_hh, h0, c0)
+    if ext is not None and x.dim() == 3 and x.numel():
+        return tuple(ext.lstm_layer_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse))
     T, B, I = x.shape
     H = h0.shape[-1]
     xg = ops.mm(x.reshape(T * B, I), w_ih.t()).reshape(T, B, 4 * H)
@@ -89,6 +105,9 @@ def lstm_layer_backward(x, w_ih, w_hh, h0, c0, out, gates, cs, d_out, d_hT, d_cT
     ``(dx, dW_ih, dW_hh, db, dh0, dc0)`` (``db`` is the gradient of both biases). The
     upstream ``d_out``, ``d_hT``, ``d_cT`` may be None (zero)."""
     ops = ops or _CellOps()
+    ext = ops.compiled(x, w_ih, w_hh, h0, c0, out, gates, cs, d_out, d_hT, d_cT)
+    if ext is not None and x.numel():
+        return tuple(ext.lstm_layer_backward(x, w_ih, w_hh, h0, c0, out, gates, cs, d_out, d_hT, d_cT, reverse))
     T, B, I = x.shape
     H = h0.shape[-1]
     # the state each step started from

@@ -9,9 +9,11 @@
 // kernel makes are not caught (as inside a dispatch mode's call); an op whose bit is on is
 // handed to the Python handler, which classifies it with the mode's own code and either
 // returns its result or says "pass it on": then the original stack goes on to the kernels
-// below, unconverted and without re-entering the dispatcher from the top. "Run and check" (integer inputs, a result type
-// known only after running) passes it on with the route off and hands a floating-point
-// result to the refusal.
+// below, unconverted, without re-entering the dispatcher from the top, and with the route
+// off (a dispatch mode does not see the calls inside the calls it passes on either). "Run
+// and check" (integer inputs, a result type known only after running) passes it on and
+// hands a floating-point result to the refusal. The most frequent calls of a step are
+// answered without Python ("answers in C++" below).
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -67,12 +69,18 @@ struct Mask {
   ~Mask() { g_mask = prev; }
 };
 
-// An argument as the dispatch mode would see it: a tensor stays a tensor (toPyObject would
-// turn a wrapped number, the 8.0 of x * 8.0, into a Python number, which the op's schema
-// does not take), and a dtype, layout or memory format, an int in the boxed stack, becomes
-// torch.float32 (not 6) again.
+// An argument as the dispatch mode would see it: a tensor stays a tensor, a wrapped number
+// becomes the Python number, and a dtype, layout or memory format, an int in the boxed
+// stack, becomes torch.float32 (not 6) again. (What passes on keeps its boxed stack.)
 py::object to_python(const c10::IValue& v, const c10::Argument& a) {
-  if (v.isTensor()) return py::reinterpret_steal<py::object>(THPVariable_Wrap(v.toTensor()));
+  if (v.isTensor()) {
+    const at::Tensor& t = v.toTensor();
+    // a wrapped number (the 8.0 of x * 8.0) reaches a dispatch mode as the Python number,
+    // and the op table's implementations tell the two apart (a number near 1 in an
+    // optimizer step): the same here
+    if (t.defined() && t.unsafeGetTensorImpl()->is_wrapped_number()) return torch::jit::toPyObject(c10::IValue(t.item()));
+    return py::reinterpret_steal<py::object>(THPVariable_Wrap(t));
+  }
   if (v.isInt()) {
     c10::TypePtr t = a.real_type();
     if (auto opt = t->castRaw<c10::OptionalType>()) t = opt->getElementType();
@@ -145,16 +153,27 @@ bool f32(const at::Tensor& t) {
          !t.is_neg() && !t.is_conj() && !t.unsafeGetTensorImpl()->is_wrapped_number();
 }
 
+bool near_one(double c);
+
 // the second operand of a float32 mul/div as the Python handler's promote() makes it: a
-// float32 tensor as it is, a real wrapped number (the 2.0 of x * 2.0) converted to float32;
-// undefined when it is neither
-at::Tensor f32_operand(const c10::IValue& v) {
+// float32 tensor as it is; a real wrapped number (the 2.0 of x * 2.0, a Python number to
+// the handler) as torch.tensor(float(c), dtype=float32), unless it is a factor near 1,
+// whose optimizer form Python decides; undefined when it is neither
+at::Tensor f32_operand(const c10::IValue& v, const at::Tensor& like) {
   if (!v.isTensor()) return at::Tensor();
   const at::Tensor& t = v.toTensor();
   if (f32(t)) return t;
-  if (t.defined() && t.unsafeGetTensorImpl()->is_wrapped_number() && !t.is_complex() && t.device().is_cpu())
-    return t.to(at::kFloat);
-  return at::Tensor();
+  if (!t.defined() || !t.unsafeGetTensorImpl()->is_wrapped_number()) return at::Tensor();
+  double c;
+  if (t.scalar_type() == at::kDouble) {
+    c = t.item<double>();
+  } else if (t.scalar_type() == at::kLong) {
+    c = static_cast<double>(t.item<int64_t>());
+  } else {
+    return at::Tensor();   // bool, complex: Python
+  }
+  if (near_one(c)) return at::Tensor();
+  return at::scalar_tensor(static_cast<float>(c), like.options());
 }
 
 // a real Scalar (int or float, not bool or complex) as the Python handler's float(c)
@@ -198,6 +217,7 @@ bool answer(int64_t fast, const c10::OperatorHandle& op, c10::DispatchKeySet ks,
     }
     if (floating && !alpha_one) return false;   // alpha multiplies: Python routes it
     // floating-point operands: free with alpha 1; integer ones: free (an addition)
+    Mask off(0);
     op.redispatchBoxed(ks & kBelow, stack);
     return true;
   }
@@ -269,7 +289,7 @@ bool answer(int64_t fast, const c10::OperatorHandle& op, c10::DispatchKeySet ks,
       if (!args[0].isTensor()) return false;
       const at::Tensor& a = args[0].toTensor();
       if (!f32(a)) return false;
-      at::Tensor b = f32_operand(args[1]);
+      at::Tensor b = f32_operand(args[1], a);
       if (!b.defined()) return false;
       const bool inplace = fast == kMulInplace || fast == kDivInplace;
       if (inplace && at::infer_size(a.sizes(), b.sizes()) != a.sizes()) return false;   // Python raises
@@ -358,10 +378,10 @@ void route_call(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::ji
       return;
     }
   }
-  if (opaque || after) {
+  {
+    // what passes on runs with the route off, as a dispatch mode's call of it: the calls its
+    // own kernel makes (a _foreach op's per-tensor calls) are its business
     Mask off(0);
-    op.redispatchBoxed(ks & kBelow, stack);
-  } else {
     op.redispatchBoxed(ks & kBelow, stack);
   }
   if (after) {

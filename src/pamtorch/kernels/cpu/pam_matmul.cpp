@@ -1537,6 +1537,7 @@ void register_optim(pybind11::module& m);        // pa_optim.cpp
 void register_norm(pybind11::module& m);         // pa_norm.cpp
 void register_lowp(pybind11::module& m);         // pa_lowp.cpp
 void register_route(pybind11::module& m);        // pa_route.cpp
+void register_rnn(pybind11::module& m);          // pa_rnn.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_elementwise(m);
@@ -1544,6 +1545,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_norm(m);
   register_lowp(m);
   register_route(m);
+  register_rnn(m);
   // path: -1 automatic, 0 portable scalar, 1 AVX2 general modes; D: the offset's bits(alpha) - bits(1.0)
   m.def("pam_mm", &pam_mm, "C = sum_k PAM(A[i,k], B[k,j])", py::arg("a"), py::arg("b"),
         py::arg("path") = -1, py::arg("D") = 0);
