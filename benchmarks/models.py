@@ -8,9 +8,8 @@ Columns: whether the model runs fully PA (or which ops had to be left exact, or 
 the median PA step time as a ratio to the median fp32 step measured in the same run
 (steps interleaved), and the loss after N steps evaluated in exact fp32 (eval mode) for
 both runs, against the loss at step 0. ``--route``: ``pamtorch.mode``'s route for the PA
-steps (default ``auto``, which is the dispatch mode for ``Config.full()``; ``kernel`` is the
-opt-in kernel route, docs/training.md). The audit runs the dispatch route whatever the
-route.
+steps (default ``auto``: the kernel route where it can run, docs/training.md; ``dispatch``
+forces the TorchDispatchMode). The audit runs the dispatch route whatever the route.
 """
 from __future__ import annotations
 
