@@ -250,20 +250,26 @@ inline uint32_t pow_bits(uint32_t ux, double p) {
   return nan ? static_cast<uint32_t>(NAN32) : out;
 }
 
-at::Tensor pow(const at::Tensor& x, double p) {
-  check_f32(x, "pow", "x");
-  TORCH_CHECK(p != 0.0, "pamtorch pow: the exponent 0 is pow(x, 0) = 1, handled by the caller");
+// out = f(x) on float32 patterns, element by element, any strides and layout (TensorIterator)
+template <typename F>
+at::Tensor map_bits(const at::Tensor& x, const F& f) {
   at::Tensor out;
   auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(x).build();
-  iter.for_each([p](char** data, const int64_t* strides, int64_t n) {
+  iter.for_each([&f](char** data, const int64_t* strides, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
       uint32_t u;
       std::memcpy(&u, data[1] + i * strides[1], 4);
-      const uint32_t r = pow_bits(u, p);
+      const uint32_t r = f(u);
       std::memcpy(data[0] + i * strides[0], &r, 4);
     }
   });
   return iter.output();
+}
+
+at::Tensor pow(const at::Tensor& x, double p) {
+  check_f32(x, "pow", "x");
+  TORCH_CHECK(p != 0.0, "pamtorch pow: the exponent 0 is pow(x, 0) = 1, handled by the caller");
+  return map_bits(x, [p](uint32_t u) { return pow_bits(u, p); });
 }
 inline uint32_t log_bits(uint32_t u) { return u32(log32(f32(u))); }
 
@@ -671,18 +677,8 @@ inline uint32_t act_bwd_bits(uint32_t ug, uint32_t uv, int kind) {
 at::Tensor act_forward(const at::Tensor& x, int64_t kind) {
   check_f32(x, "act_forward", "x");
   TORCH_CHECK(kind >= 0 && kind <= 2, "pamtorch act_forward: kind must be 0 (sigmoid), 1 (tanh) or 2 (silu)");
-  at::Tensor out;
-  auto iter = at::TensorIteratorConfig().add_output(out).add_const_input(x).build();
   const int k = static_cast<int>(kind);
-  iter.for_each([k](char** data, const int64_t* strides, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t u;
-      std::memcpy(&u, data[1] + i * strides[1], 4);
-      const uint32_t r = act_fwd_bits(u, k);
-      std::memcpy(data[0] + i * strides[0], &r, 4);
-    }
-  });
-  return iter.output();
+  return map_bits(x, [k](uint32_t u) { return act_fwd_bits(u, k); });
 }
 
 at::Tensor act_backward(const at::Tensor& dy, const at::Tensor& v, int64_t kind) {
