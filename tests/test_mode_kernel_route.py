@@ -368,3 +368,29 @@ def test_optimizer_steps_with_answers_in_cpp_match(opt_name):
         out.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*out):
         assert torch.equal(p, q)
+
+
+def test_a_replaced_op_table_entry_turns_the_answers_off(monkeypatch):
+    """A user's own implementation in the op table is what runs, never the C++ answer of
+    the built-in one."""
+    from pamtorch.ops import OP_TABLE
+    from pamtorch.ops.table import _Entry
+
+    calls = []
+    builtin = OP_TABLE[torch.ops.aten.mul]
+
+    def mine(func, args, kwargs, cfg):
+        calls.append(func)
+        return builtin.impl(func, args, kwargs, cfg)
+    x = torch.randn(3, 4)
+    try:
+        # the mode's per-overload cache is keyed on the tables' sizes; a same-size change
+        # is found once it is cleared
+        M._OVERLOADS.clear()
+        monkeypatch.setitem(OP_TABLE, torch.ops.aten.mul, _Entry(builtin.kind, mine))
+        with pamtorch.mode(Config.full(), route="kernel"):
+            y = x * x
+    finally:
+        monkeypatch.undo()
+        M._OVERLOADS.clear()
+    assert calls and torch.equal(y, pamtorch.arith.pam(x, x))

@@ -598,10 +598,11 @@ def _kernel_call(name, args, kwargs):
 
 # Calls the kernel route answers in C++ (pa_route.cpp, "answers in C++"): codes of its
 # Fast enum. An alpha-conditioned op that passes through (add, sub, ...) is free when
-# alpha == 1 or no float tensor is among its arguments (_decide). The other codes compute their op's PA result with the
-# same compiled kernels as the op table's implementation, where the config's kind has no
-# offset and no mantissa bits (_plain_families) and the op table still holds the built-in
-# implementation; anything outside those narrow cases goes to _kernel_call as before.
+# alpha == 1 or no float tensor is among its arguments (_decide). The other codes compute
+# their op's PA result with the same compiled kernels as the op table's implementation,
+# where the config's kind has no offset and no mantissa bits (_plain_families) and the op
+# table still holds the built-in implementation; anything outside those narrow cases goes
+# to _kernel_call as before.
 _FAST_ALPHA = 1
 _FAST_OPS = {"aten::mul.Tensor": 2, "aten::mul_.Tensor": 3, "aten::div.Tensor": 4, "aten::div_.Tensor": 5,
              "aten::mm": 6, "aten::addmm": 7, "aten::bmm": 8, "aten::mul.Scalar": 9, "aten::mul_.Scalar": 10,
@@ -611,7 +612,12 @@ _FAST_OPS = {"aten::mul.Tensor": 2, "aten::mul_.Tensor": 3, "aten::div.Tensor": 
              "aten::silu_": 24, "aten::sigmoid_backward": 25, "aten::tanh_backward": 26, "aten::silu_backward": 27}
 _PLAIN_ELEMENTWISE, _PLAIN_MATMUL, _PLAIN_ALPHA, _PLAIN_NONLINEAR = 1, 2, 4, 8
 _KERNEL_FAST = [True]     # tests turn the C++ answers off to compare them with _kernel_call's
-_BUILTIN_ENTRIES: dict = {}   # packet -> the op table's entry when the route first ran
+# the op table's built-in entries for the answered ops (importing pamtorch.ops filled it):
+# an entry replaced later turns the answers off
+_BUILTIN_ENTRIES = {p: OP_TABLE.get(p) for p in (
+    aten.mul, aten.mul_, aten.div, aten.div_, aten.mm, aten.addmm, aten.bmm, aten.pow, aten.sqrt, aten.rsqrt,
+    aten.exp, aten.log, aten.mean, aten.sigmoid, aten.sigmoid_, aten.tanh, aten.tanh_, aten.silu, aten.silu_,
+    aten.sigmoid_backward, aten.tanh_backward, aten.silu_backward)}
 
 
 def _fast_code(qual: str, o: _Overload) -> int:
@@ -628,11 +634,6 @@ def _plain_families(config: Config) -> int:
     implementations those answers reproduce."""
     if not _KERNEL_FAST[0]:
         return 0
-    packets = (aten.mul, aten.mul_, aten.div, aten.div_, aten.mm, aten.addmm, aten.bmm, aten.pow, aten.sqrt,
-               aten.rsqrt, aten.exp, aten.log, aten.mean, aten.sigmoid, aten.sigmoid_, aten.tanh, aten.tanh_,
-               aten.silu, aten.silu_, aten.sigmoid_backward, aten.tanh_backward, aten.silu_backward)
-    if not _BUILTIN_ENTRIES:
-        _BUILTIN_ENTRIES.update((p, OP_TABLE.get(p)) for p in packets)
     if any(OP_TABLE.get(p) is not e for p, e in _BUILTIN_ENTRIES.items()):
         return _PLAIN_ALPHA
 
