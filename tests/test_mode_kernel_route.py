@@ -394,3 +394,50 @@ def test_a_replaced_op_table_entry_turns_the_answers_off(monkeypatch):
         monkeypatch.undo()
         M._OVERLOADS.clear()
     assert calls and torch.equal(y, pamtorch.arith.pam(x, x))
+
+
+@pytest.mark.parametrize("route", ["dispatch", "kernel"])
+def test_ops_added_to_pass_through_run_as_torch_in_place_out_and_aliased(route):
+    """is_same_size and the in-place rounding/sign forms a _foreach kernel calls per tensor
+    (sign_ floor_ ceil_ trunc_ frac frac_) are free: classified so whatever their float
+    arguments, and under the mode their in-place forms return self, out= writes out, and
+    views alias, with torch's values."""
+    g = torch.Generator().manual_seed(5)
+    x = _specials((4, 5), g)
+    for name in ("sign_", "floor_", "ceil_", "trunc_", "frac_"):
+        op = getattr(torch.ops.aten, name).default
+        assert M.classify(op, (x.clone(),), {}) == "free"
+        want = getattr(x.clone(), name)()
+        with pamtorch.mode(Config.full(), route=route):
+            y = x.clone()
+            v = y.t()                      # a view: written through
+            r = getattr(y, name)()
+        assert r is y and torch.equal(v.t().view(torch.int32), y.view(torch.int32))
+        assert torch.equal(y.view(torch.int32), want.view(torch.int32))
+    assert M.classify(torch.ops.aten.frac.default, (x,), {}) == "free"
+    assert M.classify(torch.ops.aten.is_same_size.default, (x, x), {}) == "free"
+    out = torch.empty(4, 5)
+    with pamtorch.mode(Config.full(), route=route):
+        got = torch.frac(x, out=out)
+        same = x.is_same_size(x.t())
+        lst = [x.clone(), x.clone()]
+        torch._foreach_sign_(lst)
+    assert got is out and torch.equal(out.view(torch.int32), torch.frac(x).view(torch.int32))
+    assert same is False
+    assert all(torch.equal(t.view(torch.int32), x.sign().view(torch.int32)) for t in lst)
+
+
+@pytest.mark.parametrize("cfg_name", ["full", "matmul_only"])
+def test_out_forms_of_the_answered_ops_take_python_and_write_out(cfg_name):
+    """The out= overloads are not answered in C++: Python writes them, with the functional
+    answer's bits."""
+    cfg = Config.full() if cfg_name == "full" else PM
+    g = torch.Generator().manual_seed(6)
+    x, y, w = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(4, 2, generator=g)
+    for fn, args in [(torch.mul, (x, y)), (torch.div, (x, y)), (torch.mm, (x, w)), (torch.exp, (x,)),
+                     (torch.sigmoid, (x,)), (torch.pow, (x, 2.0))]:
+        out = torch.empty(0)
+        with pamtorch.mode(cfg, route="kernel"):
+            want = fn(*args)
+            got = fn(*args, out=out)
+        assert got is out and torch.equal(out, want), fn
