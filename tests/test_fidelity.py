@@ -166,6 +166,48 @@ def test_fairseq_smoothing_is_fairseq_label_smoothed_nll_loss():
     assert not torch.equal(got, torch_style)
 
 
+@pytest.mark.parametrize("C", [2, 7, 1000])
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.3])
+@pytest.mark.parametrize("cfg", [FULL, Config.paper(), EXACT_LOSS], ids=["full", "paper", "exact-loss"])
+def test_fairseq_smoothing_through_stock_cross_entropy(C, eps, cfg):
+    """fairseq's smoothing for a stock model: ``F.cross_entropy`` with
+    ``label_smoothing=torch_label_smoothing(ε, C)`` under the mode gives ``PF.cross_entropy(...,
+    smoothing="fairseq")``'s value and input gradient bit for bit (both derivative kinds), and
+    in float64 it is fairseq's formula."""
+    g = torch.Generator().manual_seed(C + int(eps * 100))
+    x = torch.randn(40, C, generator=g, requires_grad=True)
+    t = torch.randint(0, C, (40,), generator=g)
+    t[::6] = -100
+    e2 = PF.torch_label_smoothing(eps, C)
+    assert e2 == pytest.approx(eps * C / (C - 1), rel=1e-15) and e2 != eps
+    for reduction in ("mean", "sum", "none"):
+        with pamtorch.mode(cfg):
+            got = F.cross_entropy(x, t, label_smoothing=e2, reduction=reduction)
+            g_got, = torch.autograd.grad(got.sum(), x)
+        want = PF.cross_entropy(x, t, label_smoothing=eps, reduction=reduction, smoothing="fairseq",
+                                derivative=cfg.loss.derivative)
+        g_want, = torch.autograd.grad(want.sum(), x)
+        assert torch.equal(got, want) and torch.equal(g_got, g_want), reduction
+    xd, keep = x.detach().double(), t != -100
+    lp = xd.log_softmax(1)[keep]
+    ei = eps / (C - 1)
+    fairseq = ((1 - eps - ei) * -lp.gather(1, t[keep, None])[:, 0] + ei * -lp.sum(1)).mean()
+    assert F.cross_entropy(xd, t, label_smoothing=e2).item() == pytest.approx(fairseq.item(), rel=1e-12)
+
+
+def test_torch_label_smoothing_errors_and_identities():
+    assert PF.torch_label_smoothing(0.1, 10, "torch") == 0.1 and PF.torch_label_smoothing(0.0, 10) == 0.0
+    assert PF.torch_label_smoothing(0.5, 2) == 1.0  # the target's weight 1-ε-ε/(C-1) is 0
+    with pytest.raises(ValueError, match="weight 1-ε-ε/\\(C-1\\) = -0.5 < 0; use label_smoothing <= \\(C-1\\)/C = 0.5"):
+        PF.torch_label_smoothing(0.75, 2)
+    with pytest.raises(ValueError, match="needs C >= 2"):
+        PF.torch_label_smoothing(0.1, 1)
+    with pytest.raises(ValueError, match="smoothing must be one of"):
+        PF.torch_label_smoothing(0.1, 10, "uniform")
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        PF.torch_label_smoothing(1.5, 10)
+
+
 def test_smoothing_option_errors():
     x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="smoothing must be one of"):

@@ -146,6 +146,19 @@ def test_translate_task_on_toy_data(tmp_path):
     assert {"valid_loss", "accuracy", "bleu", "test_loss", "test_bleu"} <= set(m)
 
 
+@pytest.mark.parametrize("smoothing", [None, "torch", "fairseq"])
+def test_translate_smoothing_option(tmp_path, smoothing):
+    """--smoothing fairseq spreads ε over the V-1 other tokens: the task passes
+    F.cross_entropy the torch label smoothing with that loss (ε·V/(V-1)); torch is the default."""
+    args = args_for("translate", data="toy", smoothing=smoothing)
+    hp = resolve_hparams(args, translate)
+    assert hp.smoothing == (smoothing or "torch")
+    task = translate.Task(args, hp, tmp_path, torch.device("cpu"))
+    V = task.cfg.vocab_size
+    want = 0.1 * V / (V - 1) if smoothing == "fairseq" else 0.1
+    assert task.label_smoothing == pytest.approx(want, rel=1e-15)
+
+
 # ----------------------------------------------------------------------------- lm
 
 
@@ -282,8 +295,8 @@ def test_beam_search_incremental_and_per_sentence_limits():
 
 def test_iwslt_preset_carries_the_papers_training_setup():
     hp = resolve_hparams(args_for("translate", preset="iwslt"), translate)
-    assert (hp.lr, hp.warmup, hp.max_tokens, hp.clip, hp.weight_decay, hp.betas, hp.label_smoothing) == \
-        (5e-4, 4000, 4096, 0.0, 1e-4, (0.9, 0.98), 0.1)
+    assert (hp.lr, hp.warmup, hp.max_tokens, hp.clip, hp.weight_decay, hp.betas, hp.label_smoothing,
+            hp.smoothing) == (5e-4, 4000, 4096, 0.0, 1e-4, (0.9, 0.98), 0.1, "fairseq")
     assert (hp.extra["steps"], hp.extra["max_len_a"], hp.extra["max_len_b"]) == (22021, 1.2, 10)
     c = hp.model_config
     assert (c.dropout, c.attn_dropout, c.act_dropout) == (0.3, 0.0, 0.0)

@@ -469,3 +469,19 @@ def test_balanced_loss_derivative_on_the_command_line():
     for bad in ("balanced", "matmul=balanced"):
         with pytest.raises(argparse.ArgumentTypeError, match="approx|balanced"):
             T.DERIVATIVE(bad)
+
+
+def test_smoothing_fairseq_runs_is_recorded_and_a_change_is_refused(tmp_path, capsys):
+    """--smoothing fairseq trains another loss than torch's spread (other losses, same seed);
+    the run records it, and resuming with the other spread is refused in one line."""
+    base = TINY["vit"] + ["--steps", "3", "--eval-every", "3", "--batch-size", "8", "--label-smoothing", "0.2"]
+    train(base + ["--out", str(tmp_path / "torch")])
+    train(base + ["--out", str(tmp_path / "fairseq"), "--smoothing", "fairseq", "--stop-at", "2"])
+    first = losses(tmp_path / "fairseq")
+    assert first[0] != losses(tmp_path / "torch")[0]
+    train(base + ["--out", str(tmp_path / "fairseq"), "--smoothing", "fairseq", "--resume"])
+    assert losses(tmp_path / "fairseq")[:2] == first and len(losses(tmp_path / "fairseq")) == 3
+    capsys.readouterr()
+    assert T.main(base + ["--out", str(tmp_path / "fairseq"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "smoothing" in err and "--allow-changes" in err

@@ -86,6 +86,8 @@ __all__ = [
     "mse_loss", "dropout", "scaled_dot_product_attention",
     "scaled_dot_product_attention_math", "multi_head_attention_forward",
     "linear", "conv2d",
+    # helpers
+    "torch_label_smoothing",
 ]
 
 
@@ -797,6 +799,34 @@ def _smoothing_weights(eps: float, C: int, smoothing: str) -> tuple[float, float
                          f"classes and needs C >= 2 classes, got C={C}")
     ei = eps / (C - 1)
     return 1.0 - eps - ei, ei
+
+
+def torch_label_smoothing(eps: float, num_classes: int, smoothing: str = "fairseq") -> float:
+    """The ``label_smoothing`` that makes torch's ``F.cross_entropy`` compute the loss of
+    ``smoothing`` with ε = ``eps``: ``eps`` itself for ``"torch"``, and ``ε' = ε·C/(C-1)`` for
+    ``"fairseq"``, since torch's weights ``(1-ε', ε'/C)`` are then fairseq's
+    ``(1-ε-ε/(C-1), ε/(C-1))``. This is how a stock model (or a recipe's ``--smoothing
+    fairseq``) gets fairseq's smoothing under ``pamtorch.mode`` and in fp32 alike; the
+    float32 weights it leads to are :func:`cross_entropy`'s ``smoothing="fairseq"`` ones.
+    fairseq's weight on the target class, ``1-ε-ε/(C-1)``, is negative for ε > (C-1)/C,
+    which torch cannot express: that is an error."""
+    if smoothing not in _SMOOTHINGS:
+        raise ValueError(f"pamtorch: smoothing must be one of {_SMOOTHINGS}, got {smoothing!r}")
+    eps = float(eps)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"pamtorch: label_smoothing must be in [0, 1], got {eps}")
+    if smoothing == "torch" or eps == 0.0:
+        return eps
+    C = int(num_classes)
+    if C < 2:
+        raise ValueError(f"pamtorch: smoothing='fairseq' spreads ε over the C-1 other classes and needs "
+                         f"C >= 2 classes, got C={C}")
+    out = eps * C / (C - 1)
+    if out > 1.0:
+        raise ValueError(f"pamtorch: smoothing='fairseq' with label_smoothing={eps} and {C} classes gives the "
+                         f"target class the weight 1-ε-ε/(C-1) = {1.0 - eps - eps / (C - 1):.4g} < 0; "
+                         f"use label_smoothing <= (C-1)/C = {(C - 1) / C:.4g}")
+    return out
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,

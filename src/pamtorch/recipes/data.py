@@ -442,7 +442,9 @@ class ImageTask:
 
     def __init__(self, data: ImageData, hp, device):
         self.data, self.device = data, device
-        self.label_smoothing = hp.label_smoothing
+        from ..nn.functional import torch_label_smoothing
+
+        self.label_smoothing = torch_label_smoothing(hp.label_smoothing, data.num_classes, hp.smoothing)
         augment = getattr(hp, "augment", None)  # None: augment the data sets the recipe names (cnn: cifar10)
         self.augment = bool(augment) if augment is not None else data.name in hp.extra.get("augment_data", ())
         self.train_size = len(data.train_y)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..nn import functional as PF
 from .data import DataError, UserError, at_least
 
 
@@ -124,7 +125,7 @@ class Task:
                             f"{len(self.valid_ids)} validation tokens, too few for --set block_size={cfg.block_size} "
                             f"(expected more than block_size + 1 of each)")
         self.cfg, self.device = cfg, device
-        self.label_smoothing = hp.label_smoothing
+        self.label_smoothing = PF.torch_label_smoothing(hp.label_smoothing, cfg.vocab_size, hp.smoothing)
         self.train_size = len(self.train_ids) // cfg.block_size  # windows per "epoch"
         self.model = GPT(cfg)
 

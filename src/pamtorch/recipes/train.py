@@ -410,6 +410,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="warmup steps (< 1: fraction of the steps; default: the recipe's or preset's)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=None)
     p.add_argument("--label-smoothing", type=PROBABILITY, default=None)
+    p.add_argument("--smoothing", choices=["torch", "fairseq"], default=None,
+                   help="how --label-smoothing ε is spread: torch's ε/C over all C classes, or fairseq's "
+                        "ε/(C-1) over the other classes (the paper's IWSLT runs); default: the preset's, else torch")
     p.add_argument("--clip", type=NON_NEGATIVE, default=None, help="max gradient norm (0: no clipping)")
     p.add_argument("--dropout", type=PROBABILITY, default=None, help="override the preset's dropout")
     p.add_argument("--seed", type=SEED, default=0)
@@ -519,7 +522,8 @@ def resolve_hparams(args, recipe):
                            weight_decay=pick("weight_decay"), warmup=pick("warmup"),
                            # a warmup in epochs (the preset's) unless --warmup gives it in steps
                            warmup_epochs=d.get("warmup_epochs") if getattr(args, "warmup", None) is None else None,
-                           min_lr=pick("min_lr", 0.0), label_smoothing=pick("label_smoothing"), clip=pick("clip"),
+                           min_lr=pick("min_lr", 0.0), label_smoothing=pick("label_smoothing"),
+                           smoothing=pick("smoothing", "torch"), clip=pick("clip"),
                            betas=tuple(d.get("betas", (0.9, 0.999))), optimizer=pick("optimizer", "adamw"),
                            momentum=d.get("momentum", 0.9), accum=getattr(args, "accum", None) or 1,
                            max_tokens=max_tokens, augment=augment if augment is not None else d.get("augment"),
@@ -742,6 +746,7 @@ def _settings(args, arith, hp, task, total, warmup) -> dict:
          "optimizer": hp.optimizer, **({"momentum": hp.momentum} if hp.optimizer == "sgd" else {"betas": list(hp.betas)}),
          "accum": hp.accum, "eval_arith": args.eval_arith,
          "mantissa_bits": None if arith == "fp32" else args.mantissa_bits}
+    s.update(smoothing=hp.smoothing)
     if args.recipe in IMAGE_RECIPES:
         s.update(augment=task.augment)
     if args.recipe == "translate":
@@ -751,6 +756,8 @@ def _settings(args, arith, hp, task, total, warmup) -> dict:
     return s
 
 
+# settings added to the record later, with the value every earlier run had
+SETTINGS_BEFORE_RECORDED = {"smoothing": "torch"}
 # settings the checkpoint itself fixes: the model it holds and the tokenizer.json kept with it
 FIXED_SETTINGS = ("recipe", "preset", "model_config", "tokenizer", "vocab_size")
 CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "step": int, "rng_cpu": torch.Tensor, "meta": dict}
@@ -780,7 +787,9 @@ def load_checkpoint(path: Path) -> dict:
 
 def _compare_settings(ckpt_path: Path, stored: dict, settings: dict, allow: bool) -> dict:
     """The settings that differ from the checkpoint's, as {key: [old, new]}; refuse them unless
-    ``allow`` (never those the checkpoint fixes). Keys an older checkpoint did not store are skipped."""
+    ``allow`` (never those the checkpoint fixes). Keys an older checkpoint did not store are
+    skipped, or compared with the value every run had before they were recorded."""
+    stored = {**SETTINGS_BEFORE_RECORDED, **stored}
     changed = {k: [stored[k], v] for k, v in settings.items() if k in stored and _jsonable(stored[k]) != _jsonable(v)}
     fixed = {k: v for k, v in changed.items() if k in FIXED_SETTINGS}
     if fixed:

@@ -14,7 +14,8 @@ setup, from the released command (epfml/pam README, "FAIRSEQ IWSLT2014-De-En": `
 transformer_iwslt_de_en --share-decoder-input-output-embed --optimizer adam --adam-betas
 '(0.9, 0.98)' --clip-norm 0.0 --lr 5e-4 --lr-scheduler cosine --warmup-updates 4000 --dropout 0.3
 --weight-decay 0.0001 --label-smoothing 0.1 --max-tokens 4096 --eval-bleu-args '{"beam": 5,
-"max_len_a": 1.2, "max_len_b": 10}' --max-update 22021``). Not reproduced: fairseq's Adam applies
+"max_len_a": 1.2, "max_len_b": 10}' --max-update 22021``), with fairseq's
+``label_smoothed_cross_entropy`` (ε/(V-1) to each other token; ``--smoothing fairseq``). Not reproduced: fairseq's Adam applies
 the weight decay as L2 in the gradient (AdamW decouples it here), its warmup starts at lr 0 and its
 BLEU is on Moses-detokenized text after removing its own BPE.
 """
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..nn import functional as PF
 from .data import DataError, UserError, at_least
 
 PAD, BOS, EOS = 0, 1, 2  # ids fixed by tokenize.SPECIALS
@@ -84,6 +86,7 @@ PRESET_TRAINING = {
         weight_decay=1e-4,    # --weight-decay 0.0001
         betas=(0.9, 0.98),    # --adam-betas '(0.9, 0.98)'
         label_smoothing=0.1,  # --label-smoothing 0.1
+        smoothing="fairseq",  # --criterion label_smoothed_cross_entropy: ε/(V-1) to each other token
         max_len_a=1.2,        # --eval-bleu-args max_len_a 1.2, max_len_b 10 (beam 5 is --beam's default)
         max_len_b=10,
     ),
@@ -297,7 +300,8 @@ class Task:
             raise UserError(f"--set vocab_size={cfg.vocab_size}: the tokenizer has {tok.vocab_size} tokens")
         L = cfg.max_len
         self.tok, self.cfg, self.device, self.splits = tok, cfg, device, splits
-        self.label_smoothing = hp.label_smoothing
+        # torch's label_smoothing for the asked spread (fairseq's: ε·V/(V-1), the same loss)
+        self.label_smoothing = PF.torch_label_smoothing(hp.label_smoothing, cfg.vocab_size, hp.smoothing)
         self.beam = getattr(args, "beam", None) or 5
         self.max_len_a, self.max_len_b = hp.extra.get("max_len_a", 1.5), hp.extra.get("max_len_b", 10)
         self.eval_sentences = getattr(args, "eval_sentences", None) or 500
