@@ -287,6 +287,9 @@ def _same(p, q):
     if isinstance(p, Exception):
         assert type(p) is type(q) and str(p) == str(q)
         return
+    if p is None:   # an output the mask left out
+        assert q is None
+        return
     assert p.dtype == q.dtype and p.shape == q.shape and p.stride() == q.stride()
     if p.is_floating_point():
         assert torch.equal(p.view(torch.int32 if p.dtype == torch.float32 else torch.int64),
@@ -441,3 +444,148 @@ def test_out_forms_of_the_answered_ops_take_python_and_write_out(cfg_name):
             want = fn(*args)
             got = fn(*args, out=out)
         assert got is out and torch.equal(out, want), fn
+
+
+# ----------------------------------------------------------------------------- convolution and batch norm in C++
+
+A = torch.ops.aten
+
+
+def _cnn_cases():
+    """Convolution and batch-norm calls (forward and backward, as autograd makes them and
+    directly) inside and outside the C++ answers' narrow case; each returns every tensor
+    the call wrote, the running statistics included."""
+    g = torch.Generator().manual_seed(12)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+    x, x1, x3 = _specials((2, 4, 7, 6), g), r(3, 4, 11), r(1, 2, 4, 4, 4)
+    w, wdw, wg, w1, w11 = r(6, 4, 3, 3), r(4, 1, 3, 3), r(6, 2, 3, 2), r(5, 4, 3), r(8, 4, 1, 1)
+    b6, b5 = r(6), r(5)
+    gy = r(2, 6, 7, 6)
+
+    def conv(*a):
+        return lambda: A.convolution(*a)
+
+    def conv_bwd(gy_, x_, w_, stride, padding, dilation, groups, mask, bias=True):
+        return lambda: A.convolution_backward(gy_, x_, w_, [w_.shape[0]] if bias else None, stride, padding,
+                                              dilation, False, [0] * len(stride), groups, mask)
+
+    def bn(x_, affine=True, stats=True, training=True, momentum=0.1, eps=1e-5):
+        def f():
+            c = x_.shape[1]
+            wt, bs = (r(c), r(c)) if affine else (None, None)
+            rm, rv = (r(c), r(c).abs()) if stats else (None, None)
+            out = A.native_batch_norm(x_, wt, bs, rm, rv, training, momentum, eps)
+            return (*out, rm, rv) if stats else out
+        return f
+
+    def bn_bwd(x_, training=True, mask=(True, True, True), affine=True):
+        def f():
+            c = x_.shape[1]
+            wt = r(c) if affine else None
+            rm, rv = r(c), r(c).abs()
+            _, sm, si = A.native_batch_norm(x_, wt, None, rm.clone(), rv.clone(), True, 0.1, 1e-5)
+            if not training:
+                sm = si = None
+            return A.native_batch_norm_backward(torch.randn(x_.shape, generator=g), x_, wt, rm, rv, sm, si,
+                                                training, 1e-5, list(mask))
+        return f
+
+    def module_step(model, inp):
+        def f():
+            m = copy.deepcopy(model)
+            xi = inp.clone().requires_grad_(True)
+            m(xi).square().sum().backward()
+            return [xi.grad] + [p.grad for p in m.parameters()] + list(m.buffers())
+        return f
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False), nn.BatchNorm2d(8),
+                        nn.Conv2d(8, 3, 1))
+    seq = nn.Sequential(nn.Conv1d(4, 6, 3, padding=2, dilation=2), nn.BatchNorm1d(6))
+    return {
+        "conv": conv(x, w, b6, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
+        "conv stride dilation no bias": conv(x, w, None, [2, 1], [0, 2], [2, 1], False, [0, 0], 1),
+        "conv one stride value": conv(x, w, b6, [2], [1], [1], False, [0], 1),
+        "conv depthwise": conv(x, wdw, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 4),
+        "conv grouped": conv(x, wg, b6, [1, 1], [0, 1], [1, 1], False, [0, 0], 2),
+        "conv 1x1": conv(x, w11, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1),
+        "conv1d": conv(x1, w1, b5, [3], [2], [1], False, [0], 1),
+        "conv channels_last": conv(x.contiguous(memory_format=torch.channels_last), w, b6, [1, 1], [1, 1], [1, 1],
+                                   False, [0, 0], 1),
+        "conv3d (Python)": conv(x3, r(3, 2, 2, 2, 2), None, [1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1),
+        "conv transposed (Python)": conv(x, r(4, 3, 3, 3), None, [2, 2], [1, 1], [1, 1], True, [1, 1], 1),
+        "conv float64 (Python)": conv(x.double(), w.double(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
+        "conv kernel too large": conv(x, r(6, 4, 9, 9), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1),
+        "conv wrong channels": conv(x, r(6, 3, 3, 3), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1),
+        "conv bias wrong size": conv(x, w, r(5), [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
+        "conv bad stride": conv(x, w, None, [0, 1], [1, 1], [1, 1], False, [0, 0], 1),
+        "conv_bwd": conv_bwd(gy, x, w, [1, 1], [1, 1], [1, 1], 1, [True, True, True]),
+        "conv_bwd dx only": conv_bwd(gy, x, w, [1, 1], [1, 1], [1, 1], 1, [True, False, False], bias=False),
+        "conv_bwd dw db": conv_bwd(gy, x, w, [1, 1], [1, 1], [1, 1], 1, [False, True, True]),
+        "conv_bwd db only": conv_bwd(gy, x, w, [1, 1], [1, 1], [1, 1], 1, [False, False, True]),
+        "conv_bwd strided": conv_bwd(r(2, 6, 3, 3), x, w, [2, 2], [0, 1], [1, 2], 1, [True, True, True]),
+        "conv_bwd depthwise": conv_bwd(r(2, 4, 4, 3), x, wdw, [2, 2], [1, 1], [1, 1], 4, [True, True, False]),
+        "conv_bwd grouped": conv_bwd(r(2, 6, 5, 7), x, wg, [1, 1], [0, 1], [1, 1], 2, [True, True, True]),
+        "conv1d_bwd": conv_bwd(r(3, 5, 5), x1, w1, [3], [2], [1], 1, [True, True, True]),
+        "conv_bwd wrong grad shape": conv_bwd(r(2, 6, 5, 6), x, w, [1, 1], [1, 1], [1, 1], 1, [True, True, True]),
+        "bn": bn(x), "bn no affine": bn(x, affine=False), "bn no stats": bn(x, stats=False),
+        "bn eval": bn(x, training=False), "bn 2-d": bn(r(5, 3)), "bn 3-d momentum": bn(x1, momentum=0.003),
+        "bn eval no stats": bn(x, stats=False, training=False), "bn one sample": bn(r(1, 3)),
+        "bn float64 (Python)": bn(x.double(), affine=False, stats=False),
+        "bn_bwd": bn_bwd(x), "bn_bwd eval": bn_bwd(x, training=False), "bn_bwd no affine": bn_bwd(x, affine=False),
+        "bn_bwd dx only": bn_bwd(x1, mask=(True, False, False)), "bn_bwd dw db": bn_bwd(x, mask=(False, True, True)),
+        "bn_bwd 2-d": bn_bwd(r(6, 3)),
+        "conv-bn-depthwise module step": module_step(cnn, r(2, 4, 8, 8)),
+        "conv-bn module step, eval": module_step(copy.deepcopy(cnn).eval(), r(2, 4, 8, 8)),
+        "conv1d-bn1d module step": module_step(seq, r(3, 4, 9)),
+    }
+
+
+@pytest.mark.parametrize("cfg_name", ["full", "matmul_only", "exact", "offset", "mantissa"])
+def test_convolution_and_batch_norm_answers_give_the_python_handlers_bits(cfg_name):
+    """Convolutions (1-D/2-D, groups, strides, padding, dilation, masks) and batch norms
+    (training with and without running statistics, eval, masks) answered in C++ give bit
+    for bit what the Python handler gives: values, shapes, strides, updated running
+    statistics and errors; calls outside the narrow case (3-D, transposed, float64, exact
+    derivatives, offsets, mantissa bits) go to Python both ways."""
+    cfg = {"full": Config.full(), "matmul_only": PM, "exact": Config.full().with_derivative("exact"),
+           "offset": Config.full().replace(matmul=OpConfig(offset=1.0552)),   # (the norm kind takes none)
+           "mantissa": Config.full().with_mantissa_bits(7)}[cfg_name]
+    for name in _cnn_cases():
+        if name == "bn eval no stats" and not cfg.norm.pa:
+            continue   # torch's own CPU kernel crashes on it (the PA handler raises a ValueError)
+        try:   # each run on a fresh set of cases: the same random inputs, drawn again
+            _same(_run(_cnn_cases()[name], cfg, True), _run(_cnn_cases()[name], cfg, False))
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from e
+
+
+def test_convolution_and_batch_norm_answers_leave_python_out():
+    calls = []
+
+    def spy(name, args, kwargs):
+        calls.append(name)
+        return M._kernel_call(name, args, kwargs)
+
+    ext = M._KernelRoute.ext
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                          nn.Conv2d(8, 8, 3, groups=8, bias=False), nn.BatchNorm2d(8), nn.Conv1d(8, 4, 1))
+    model[4] = nn.Identity()
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with pamtorch.mode(Config.full(), route="kernel"):
+        pass
+    ext.route_set_handler(spy, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
+    try:
+        with pamtorch.mode(Config.full(), route="kernel"):
+            model(x).sum().backward()
+        assert not [c for c in calls if "conv" in c or "batch_norm" in c], calls
+        calls.clear()
+        with pamtorch.mode(Config.full().with_derivative("exact"), route="kernel"):
+            torch.ops.aten.convolution(x.detach(), model[0].weight.detach(), None, [1, 1], [1, 1], [1, 1], False,
+                                       [0, 0], 1)
+        assert calls == ["aten::convolution"]
+    finally:
+        ext.route_set_handler(M._kernel_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)

@@ -609,15 +609,18 @@ _FAST_OPS = {"aten::mul.Tensor": 2, "aten::mul_.Tensor": 3, "aten::div.Tensor": 
              "aten::div.Scalar": 11, "aten::div_.Scalar": 12, "aten::pow.Tensor_Scalar": 13, "aten::sqrt": 14,
              "aten::rsqrt": 15, "aten::exp": 16, "aten::log": 17, "aten::mean.dim": 18, "aten::mean": 18,
              "aten::sigmoid": 19, "aten::tanh": 20, "aten::silu": 21, "aten::sigmoid_": 22, "aten::tanh_": 23,
-             "aten::silu_": 24, "aten::sigmoid_backward": 25, "aten::tanh_backward": 26, "aten::silu_backward": 27}
-_PLAIN_ELEMENTWISE, _PLAIN_MATMUL, _PLAIN_ALPHA, _PLAIN_NONLINEAR = 1, 2, 4, 8
+             "aten::silu_": 24, "aten::sigmoid_backward": 25, "aten::tanh_backward": 26, "aten::silu_backward": 27,
+             "aten::convolution": 28, "aten::convolution_backward": 29, "aten::native_batch_norm": 30,
+             "aten::native_batch_norm_backward": 31}
+_PLAIN_ELEMENTWISE, _PLAIN_MATMUL, _PLAIN_ALPHA, _PLAIN_NONLINEAR, _PLAIN_CONV, _PLAIN_BATCHNORM = 1, 2, 4, 8, 16, 32
 _KERNEL_FAST = [True]     # tests turn the C++ answers off to compare them with _kernel_call's
 # the op table's built-in entries for the answered ops (importing pamtorch.ops filled it):
 # an entry replaced later turns the answers off
 _BUILTIN_ENTRIES = {p: OP_TABLE.get(p) for p in (
     aten.mul, aten.mul_, aten.div, aten.div_, aten.mm, aten.addmm, aten.bmm, aten.pow, aten.sqrt, aten.rsqrt,
     aten.exp, aten.log, aten.mean, aten.sigmoid, aten.sigmoid_, aten.tanh, aten.tanh_, aten.silu, aten.silu_,
-    aten.sigmoid_backward, aten.tanh_backward, aten.silu_backward)}
+    aten.sigmoid_backward, aten.tanh_backward, aten.silu_backward, aten.convolution, aten.convolution_backward,
+    aten.native_batch_norm, aten.native_batch_norm_backward)}
 
 
 def _fast_code(qual: str, o: _Overload) -> int:
@@ -640,8 +643,12 @@ def _plain_families(config: Config) -> int:
     def plain(*kinds):
         return all(config.kind(k).pa and config.kind(k).offset is None and config.kind(k).mantissa_bits is None
                    for k in kinds)
+
+    def approx(kind):   # the aten-level backward ops then take the approx formulas
+        return plain(kind) and config.kind(kind).derivative == "approx"
     return _PLAIN_ALPHA | (_PLAIN_ELEMENTWISE if plain("elementwise", "optimizer") else 0) | \
-        (_PLAIN_MATMUL if plain("matmul") else 0) | (_PLAIN_NONLINEAR if plain("nonlinear") else 0)
+        (_PLAIN_MATMUL if plain("matmul") else 0) | (_PLAIN_NONLINEAR if plain("nonlinear") else 0) | \
+        (_PLAIN_CONV if approx("matmul") else 0) | (_PLAIN_BATCHNORM if approx("norm") else 0)
 
 
 def _kernel_refuse(name, result):

@@ -83,7 +83,7 @@ __all__ = ["pam_mm", "pam_mm_exact_grad_a", "pam_mm_exact_grad_b", "pam_bmm", "p
 
 _SRC_DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = ["pam_matmul.cpp", "pa_elementwise.cpp", "pa_optim.cpp", "pa_norm.cpp", "pa_lowp.cpp", "pa_route.cpp",
-            "pa_rnn.cpp"]
+            "pa_rnn.cpp", "pa_conv.cpp"]
 _HEADERS = ["pa_bits.h", "pa_loops.h"]  # included by the sources: part of the build's hash, so an edit rebuilds
 _LOCK = threading.Lock()
 _EXT = None

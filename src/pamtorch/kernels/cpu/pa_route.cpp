@@ -26,6 +26,7 @@
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/csrc/utils/tensor_memoryformats.h>
 
+#include <array>
 #include <memory>
 #include <string>
 #include <vector>
@@ -45,6 +46,22 @@ at::Tensor act_backward(const at::Tensor& dy, const at::Tensor& v, int64_t kind)
 }  // namespace pa_ew
 at::Tensor route_pam_mm(const at::Tensor& a, const at::Tensor& b);    // pam_matmul.cpp
 at::Tensor route_pam_bmm(const at::Tensor& a, const at::Tensor& b);   // pam_matmul.cpp
+namespace pa_cnn {   // pa_conv.cpp
+using Ints = std::vector<int64_t>;
+bool conv_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, const Ints& stride,
+                  const Ints& padding, const Ints& dilation, int64_t groups, at::Tensor* out);
+bool conv_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w, const Ints& stride,
+                   const Ints& padding, const Ints& dilation, int64_t groups, const std::array<bool, 3>& mask,
+                   at::Tensor out[3]);
+bool batch_norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                        const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+                        at::Tensor out[3]);
+bool batch_norm_backward(const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                         const c10::optional<at::Tensor>& save_mean, const c10::optional<at::Tensor>& save_invstd,
+                         bool train, double eps, const std::array<bool, 3>& mask, at::Tensor out[3]);
+}  // namespace pa_cnn
 
 namespace {
 
@@ -129,12 +146,18 @@ enum Fast : int64_t {
   kAct = 19,         // 19-21: aten::sigmoid, tanh, silu (the nonlinear kind)
   kActInplace = 22,  // 22-24: sigmoid_, tanh_, silu_
   kActBackward = 25,   // 25-27: sigmoid_backward, tanh_backward (from the output), silu_backward
-  kLast = 27,
+  kActLast = 27,
+  kConv = 28,          // aten::convolution: 1-D/2-D, untransposed (pa_conv.cpp)
+  kConvBackward = 29,  // aten::convolution_backward, likewise (the approx derivative)
+  kBatchNorm = 30,     // aten::native_batch_norm
+  kBatchNormBackward = 31,   // aten::native_batch_norm_backward (the approx derivative)
 };
 constexpr uint32_t kPlainElementwise = 1;   // mul/div (the elementwise and optimizer kinds)
 constexpr uint32_t kPlainMatmul = 2;        // mm/addmm/bmm
 constexpr uint32_t kPlainAlpha = 4;         // the alpha-conditioned ops' free calls
 constexpr uint32_t kPlainNonlinear = 8;     // sigmoid/tanh/silu
+constexpr uint32_t kPlainConv = 16;         // convolution forward and backward (matmul kind, approx)
+constexpr uint32_t kPlainBatchNorm = 32;    // batch norm forward and backward (norm kind, approx)
 
 // a Python ``s == 1`` on the Scalar: 1, 1.0, True or 1+0j
 bool is_one(const c10::IValue& v) {
@@ -196,6 +219,99 @@ bool near_one(double c) {
   return a >= 0.5 && a <= 2.0 && a != 1.0;
 }
 
+// an int list argument (SymInt[] holding plain ints)
+bool int_list(const c10::IValue& v, std::vector<int64_t>* out) {
+  if (!v.isIntList()) return false;
+  *out = v.toIntVector();
+  return true;
+}
+
+bool int_arg(const c10::IValue& v, int64_t* out) {
+  if (!v.isInt()) return false;
+  *out = v.toInt();
+  return true;
+}
+
+c10::optional<at::Tensor> opt_tensor(const c10::IValue& v) {
+  if (v.isTensor()) return v.toTensor();
+  return c10::nullopt;
+}
+
+bool mask3(const c10::IValue& v, std::array<bool, 3>* out) {
+  if (!v.isBoolList()) return false;
+  auto l = v.toBoolList();
+  if (l.size() != 3) return false;
+  for (size_t i = 0; i < 3; ++i) (*out)[i] = l.get(i);
+  return true;
+}
+
+// convolution and batch norm (pa_conv.cpp): ops/conv.py's and ops/norms.py's functions in C++
+bool answer_cnn(int64_t fast, c10::ArrayRef<c10::IValue> args, size_t n, torch::jit::Stack* stack) {
+  const bool conv = fast == kConv || fast == kConvBackward;
+  if (!(g_plain & (conv ? kPlainConv : kPlainBatchNorm))) return false;
+  for (size_t i = 0; i < n; ++i)   // SymInts, tensor subclasses' wrappers and the like: Python
+    if (!(args[i].isTensor() || args[i].isNone() || args[i].isIntList() || args[i].isInt() ||
+          args[i].isBool() || args[i].isDouble() || args[i].isBoolList()))
+      return false;
+  at::Tensor out[3];
+  size_t outputs = 3;
+  {
+    Mask off(0);
+    c10::impl::ExcludeDispatchKeyGuard no_python(
+        c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
+    if (fast == kConv) {
+      // convolution(input, weight, bias?, stride, padding, dilation, transposed, output_padding, groups)
+      std::vector<int64_t> stride, padding, dilation;
+      int64_t groups;
+      if (n != 9 || !args[0].isTensor() || !args[1].isTensor() || !int_list(args[3], &stride) ||
+          !int_list(args[4], &padding) || !int_list(args[5], &dilation) || !args[6].isBool() || args[6].toBool() ||
+          !int_arg(args[8], &groups))
+        return false;
+      if (!pa_cnn::conv_forward(args[0].toTensor(), args[1].toTensor(), opt_tensor(args[2]), stride, padding,
+                                dilation, groups, &out[0]))
+        return false;
+      outputs = 1;
+    } else if (fast == kConvBackward) {
+      // convolution_backward(grad_output, input, weight, bias_sizes?, stride, padding, dilation,
+      //                      transposed, output_padding, groups, output_mask)
+      std::vector<int64_t> stride, padding, dilation;
+      int64_t groups;
+      std::array<bool, 3> mask;
+      if (n != 11 || !args[0].isTensor() || !args[1].isTensor() || !args[2].isTensor() ||
+          !int_list(args[4], &stride) || !int_list(args[5], &padding) || !int_list(args[6], &dilation) ||
+          !args[7].isBool() || args[7].toBool() || !int_arg(args[9], &groups) || !mask3(args[10], &mask))
+        return false;
+      if (!pa_cnn::conv_backward(args[0].toTensor(), args[1].toTensor(), args[2].toTensor(), stride, padding,
+                                 dilation, groups, mask, out))
+        return false;
+    } else if (fast == kBatchNorm) {
+      // native_batch_norm(input, weight?, bias?, running_mean?, running_var?, training, momentum, eps)
+      if (n != 8 || !args[0].isTensor() || !args[5].isBool() || !args[6].isDouble() || !args[7].isDouble())
+        return false;
+      if (!pa_cnn::batch_norm_forward(args[0].toTensor(), opt_tensor(args[1]), opt_tensor(args[2]),
+                                      opt_tensor(args[3]), opt_tensor(args[4]), args[5].toBool(),
+                                      args[6].toDouble(), args[7].toDouble(), out))
+        return false;
+    } else if (fast == kBatchNormBackward) {
+      // native_batch_norm_backward(grad_out, input, weight?, running_mean?, running_var?,
+      //                            save_mean?, save_invstd?, train, eps, output_mask)
+      std::array<bool, 3> mask;
+      if (n != 10 || !args[0].isTensor() || !args[1].isTensor() || !args[7].isBool() || !args[8].isDouble() ||
+          !mask3(args[9], &mask))
+        return false;
+      if (!pa_cnn::batch_norm_backward(args[0].toTensor(), args[1].toTensor(), opt_tensor(args[2]),
+                                       opt_tensor(args[3]), opt_tensor(args[4]), opt_tensor(args[5]),
+                                       opt_tensor(args[6]), args[7].toBool(), args[8].toDouble(), mask, out))
+        return false;
+    } else {
+      return false;
+    }
+  }
+  torch::jit::drop(*stack, n);
+  for (size_t i = 0; i < outputs; ++i) stack->push_back(std::move(out[i]));
+  return true;
+}
+
 // Runs the call in C++ and leaves its result on the stack, or returns false (stack
 // untouched). The calls made here run with this thread's route off and below Python
 // dispatch, as the Python handler's do.
@@ -221,8 +337,9 @@ bool answer(int64_t fast, const c10::OperatorHandle& op, c10::DispatchKeySet ks,
     op.redispatchBoxed(ks & kBelow, stack);
     return true;
   }
+  if (fast >= kConv) return answer_cnn(fast, args, n, stack);
   const bool product = fast == kMm || fast == kAddmm || fast == kBmm;
-  const bool nonlinear = fast >= kAct && fast <= kLast;
+  const bool nonlinear = fast >= kAct && fast <= kActLast;
   if (!(g_plain & (product ? kPlainMatmul : nonlinear ? kPlainNonlinear : kPlainElementwise))) return false;
   const bool elementwise = !product && !nonlinear;
   at::Tensor out;
