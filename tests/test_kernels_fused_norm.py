@@ -237,8 +237,11 @@ def test_softmax_exp_on_every_float32_exponent():
         same_bits(P.softmax_forward(xx, -1), composition(P.softmax_forward, xx, -1))
 
 
-def test_mode_models_give_the_same_bits(monkeypatch):
-    """Under pamtorch.mode(Config.full()), nn.LayerNorm and F.softmax in a small model: forward and gradients are the same with the kernels and without."""
+@pytest.mark.parametrize("route", ["dispatch", "kernel"])
+def test_mode_models_give_the_same_bits(monkeypatch, route):
+    """Under pamtorch.mode(Config.full()), nn.LayerNorm and F.softmax in a small model: forward and
+    gradients are the same with the kernels and without (on the kernel route the layer norm's
+    kernels are called from C++, where the Python spies do not see them)."""
     fwd, sm = spy(monkeypatch, "fused_norm_forward"), spy(monkeypatch, "fused_softmax_forward")
     bwd, smb = spy(monkeypatch, "fused_norm_backward"), spy(monkeypatch, "fused_softmax_backward")
     torch.manual_seed(15)
@@ -252,12 +255,12 @@ def test_mode_models_give_the_same_bits(monkeypatch):
     def step():
         ln.zero_grad()
         x = x0.clone().requires_grad_()
-        with pamtorch.mode(pamtorch.Config.full()):
+        with pamtorch.mode(pamtorch.Config.full(), route=route):
             h = ln(x)
             y = torch.nn.functional.softmax(h, dim=-1)
             (y * g0).sum().backward()
         return [y.detach(), x.grad, ln.weight.grad, ln.bias.grad]
 
     got = step()
-    assert fwd and sm and bwd and smb, "the fused kernels did not run under the mode"
+    assert sm and smb and (route == "kernel" or (fwd and bwd)), "the fused kernels did not run under the mode"
     same_bits(got, composition(step))

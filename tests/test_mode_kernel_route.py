@@ -499,6 +499,26 @@ def _cnn_cases():
             m(xi).square().sum().backward()
             return [xi.grad] + [p.grad for p in m.parameters()] + list(m.buffers())
         return f
+    def ln(x_, k=1, affine=True, bias=True):
+        def f():
+            shape = list(x_.shape[x_.dim() - k:])
+            wt = torch.randn(shape, generator=g) if affine else None
+            bs = torch.randn(shape, generator=g) if bias else None
+            return A.native_layer_norm(x_, shape, wt, bs, 1e-5)
+        return f
+
+    def ln_bwd(x_, k=1, mask=(True, True, True), affine=True, stat_shape=None):
+        def f():
+            shape = list(x_.shape[x_.dim() - k:])
+            wt = torch.randn(shape, generator=g) if affine else None
+            bs = torch.randn(shape, generator=g)
+            _, mean, rstd = A.native_layer_norm(x_, shape, wt, bs, 1e-5)
+            if stat_shape is not None:
+                mean, rstd = mean.reshape(stat_shape), rstd.reshape(stat_shape)
+            return A.native_layer_norm_backward(torch.randn(x_.shape, generator=g), x_, shape, mean, rstd, wt, bs,
+                                                list(mask))
+        return f
+
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False), nn.BatchNorm2d(8),
@@ -537,6 +557,16 @@ def _cnn_cases():
         "bn_bwd": bn_bwd(x), "bn_bwd eval": bn_bwd(x, training=False), "bn_bwd no affine": bn_bwd(x, affine=False),
         "bn_bwd dx only": bn_bwd(x1, mask=(True, False, False)), "bn_bwd dw db": bn_bwd(x, mask=(False, True, True)),
         "bn_bwd 2-d": bn_bwd(r(6, 3)),
+        "ln": ln(x), "ln two dims": ln(x, k=2), "ln no affine": ln(x, affine=False, bias=False),
+        "ln no bias": ln(x1, bias=False), "ln permuted": ln(x.permute(0, 2, 3, 1)), "ln 1-d": ln(r(7)),
+        "ln float64 (Python)": ln(x.double()), "ln wrong shape": lambda: A.native_layer_norm(x, [5], None, None, 1e-5),
+        "ln weight of another shape": lambda: A.native_layer_norm(x, [6], r(3, 2), None, 1e-5),
+        "ln_bwd": ln_bwd(x), "ln_bwd two dims": ln_bwd(x, k=2), "ln_bwd no affine": ln_bwd(x1, affine=False),
+        "ln_bwd permuted": ln_bwd(x.permute(0, 2, 3, 1)), "ln_bwd dx only": ln_bwd(x, mask=(True, False, False)),
+        "ln_bwd dw db": ln_bwd(x, mask=(False, True, True)), "ln_bwd db only": ln_bwd(x, mask=(False, False, True)),
+        "ln_bwd 1-d": ln_bwd(r(7)), "ln_bwd flat stats (Python)": ln_bwd(x1, stat_shape=(12,)),
+        "transformer layer step": module_step(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                                              r(2, 5, 8)),
         "conv-bn-depthwise module step": module_step(cnn, r(2, 4, 8, 8)),
         "conv-bn module step, eval": module_step(copy.deepcopy(cnn).eval(), r(2, 4, 8, 8)),
         "conv1d-bn1d module step": module_step(seq, r(3, 4, 9)),
@@ -544,9 +574,10 @@ def _cnn_cases():
 
 
 @pytest.mark.parametrize("cfg_name", ["full", "matmul_only", "exact", "offset", "mantissa"])
-def test_convolution_and_batch_norm_answers_give_the_python_handlers_bits(cfg_name):
-    """Convolutions (1-D/2-D, groups, strides, padding, dilation, masks) and batch norms
-    (training with and without running statistics, eval, masks) answered in C++ give bit
+def test_convolution_and_norm_answers_give_the_python_handlers_bits(cfg_name):
+    """Convolutions (1-D/2-D, groups, strides, padding, dilation, masks), batch norms
+    (training with and without running statistics, eval, masks) and layer norms (one or two
+    normalized dims, permuted inputs, with and without weight and bias) answered in C++ give bit
     for bit what the Python handler gives: values, shapes, strides, updated running
     statistics and errors; calls outside the narrow case (3-D, transposed, float64, exact
     derivatives, offsets, mantissa bits) go to Python both ways."""
@@ -562,7 +593,7 @@ def test_convolution_and_batch_norm_answers_give_the_python_handlers_bits(cfg_na
             raise AssertionError(f"{name}: {e}") from e
 
 
-def test_convolution_and_batch_norm_answers_leave_python_out():
+def test_convolution_and_norm_answers_leave_python_out():
     calls = []
 
     def spy(name, args, kwargs):
@@ -582,6 +613,10 @@ def test_convolution_and_batch_norm_answers_leave_python_out():
         with pamtorch.mode(Config.full(), route="kernel"):
             model(x).sum().backward()
         assert not [c for c in calls if "conv" in c or "batch_norm" in c], calls
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        with pamtorch.mode(Config.full(), route="kernel"):
+            layer(torch.randn(2, 5, 8)).square().sum().backward()   # (.sum()'s stride-0 gradient: Python)
+        assert not [c for c in calls if "layer_norm" in c], calls
         calls.clear()
         with pamtorch.mode(Config.full().with_derivative("exact"), route="kernel"):
             torch.ops.aten.convolution(x.detach(), model[0].weight.detach(), None, [1, 1], [1, 1], [1, 1], False,

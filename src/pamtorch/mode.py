@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import (TorchDispatchMode, _get_current_dispatch_mode,
                                           _get_current_dispatch_mode_stack)
 
+from . import arith as _arith
 from .autograd import rounded_call
 from .config import KINDS, Config, OpConfig
 from .kernels.cpu import route_paused as kernel_route_paused
@@ -611,8 +612,9 @@ _FAST_OPS = {"aten::mul.Tensor": 2, "aten::mul_.Tensor": 3, "aten::div.Tensor": 
              "aten::sigmoid": 19, "aten::tanh": 20, "aten::silu": 21, "aten::sigmoid_": 22, "aten::tanh_": 23,
              "aten::silu_": 24, "aten::sigmoid_backward": 25, "aten::tanh_backward": 26, "aten::silu_backward": 27,
              "aten::convolution": 28, "aten::convolution_backward": 29, "aten::native_batch_norm": 30,
-             "aten::native_batch_norm_backward": 31}
-_PLAIN_ELEMENTWISE, _PLAIN_MATMUL, _PLAIN_ALPHA, _PLAIN_NONLINEAR, _PLAIN_CONV, _PLAIN_BATCHNORM = 1, 2, 4, 8, 16, 32
+             "aten::native_batch_norm_backward": 31, "aten::native_layer_norm": 32,
+             "aten::native_layer_norm_backward": 33}
+_PLAIN_ELEMENTWISE, _PLAIN_MATMUL, _PLAIN_ALPHA, _PLAIN_NONLINEAR, _PLAIN_CONV, _PLAIN_NORM = 1, 2, 4, 8, 16, 32
 _KERNEL_FAST = [True]     # tests turn the C++ answers off to compare them with _kernel_call's
 # the op table's built-in entries for the answered ops (importing pamtorch.ops filled it):
 # an entry replaced later turns the answers off
@@ -620,7 +622,8 @@ _BUILTIN_ENTRIES = {p: OP_TABLE.get(p) for p in (
     aten.mul, aten.mul_, aten.div, aten.div_, aten.mm, aten.addmm, aten.bmm, aten.pow, aten.sqrt, aten.rsqrt,
     aten.exp, aten.log, aten.mean, aten.sigmoid, aten.sigmoid_, aten.tanh, aten.tanh_, aten.silu, aten.silu_,
     aten.sigmoid_backward, aten.tanh_backward, aten.silu_backward, aten.convolution, aten.convolution_backward,
-    aten.native_batch_norm, aten.native_batch_norm_backward)}
+    aten.native_batch_norm, aten.native_batch_norm_backward, aten.native_layer_norm,
+    aten.native_layer_norm_backward)}
 
 
 def _fast_code(qual: str, o: _Overload) -> int:
@@ -634,10 +637,11 @@ def _plain_families(config: Config) -> int:
     kPlain*): the free calls of the alpha-conditioned ops, and the families of _FAST_OPS
     whose kinds are PA with no offset and no mantissa bits (mul and div are of the
     optimizer kind inside a step, so both kinds must be), while the op table holds the
-    implementations those answers reproduce."""
+    implementations those answers reproduce, with the compiled kernels on (``arith._COMPILED``:
+    off, the op table runs its pure-torch compositions, and so does every call here)."""
     if not _KERNEL_FAST[0]:
         return 0
-    if any(OP_TABLE.get(p) is not e for p, e in _BUILTIN_ENTRIES.items()):
+    if not _arith._COMPILED or any(OP_TABLE.get(p) is not e for p, e in _BUILTIN_ENTRIES.items()):
         return _PLAIN_ALPHA
 
     def plain(*kinds):
@@ -648,7 +652,7 @@ def _plain_families(config: Config) -> int:
         return plain(kind) and config.kind(kind).derivative == "approx"
     return _PLAIN_ALPHA | (_PLAIN_ELEMENTWISE if plain("elementwise", "optimizer") else 0) | \
         (_PLAIN_MATMUL if plain("matmul") else 0) | (_PLAIN_NONLINEAR if plain("nonlinear") else 0) | \
-        (_PLAIN_CONV if approx("matmul") else 0) | (_PLAIN_BATCHNORM if approx("norm") else 0)
+        (_PLAIN_CONV if approx("matmul") else 0) | (_PLAIN_NORM if approx("norm") else 0)
 
 
 def _kernel_refuse(name, result):

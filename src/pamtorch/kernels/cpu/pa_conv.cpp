@@ -1,4 +1,4 @@
-// pamtorch CPU kernels: the kernel route's C++ answers for convolution and batch norm.
+// pamtorch CPU kernels: the kernel route's C++ answers for convolution, batch norm and layer norm.
 //
 // A convolution or batch-norm call of a stock CNN costs the route's Python handler about a
 // millisecond, most of it Python around tiny tensors (HF MobileNetV2 makes 52 of each per
@@ -7,7 +7,8 @@
 // batch_norm_backward written out in C++: the same aten calls (pad, as_strided, reshape,
 // permute, col2im, sum) and the same PA kernels (the PAM products of pam_matmul.cpp, PAM/PAD/
 // rsqrt of pa_elementwise.cpp) in the same order, so the results are the Python handler's
-// bit for bit (tests/test_mode_kernel_route.py). Each returns false, before computing
+// bit for bit (tests/test_mode_kernel_route.py). Layer norm calls the fused kernels of
+// pa_norm.cpp, as nn/functional.py does where they apply. Each returns false, before computing
 // anything, for a call outside its narrow case: 1-D or 2-D, untransposed convolutions of
 // float32 CPU tensors; float32 batch norms. Those, and every malformed call (whose error
 // the Python handler words), go to Python.
@@ -23,6 +24,13 @@ at::Tensor rsqrt(const at::Tensor& x);
 }  // namespace pa_ew
 at::Tensor route_pam_mm(const at::Tensor& a, const at::Tensor& b);    // pam_matmul.cpp
 at::Tensor route_pam_bmm(const at::Tensor& a, const at::Tensor& b);   // pam_matmul.cpp
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_norm_forward(const at::Tensor& x, int64_t k,   // pa_norm.cpp
+                                                                  const c10::optional<at::Tensor>& w,
+                                                                  const c10::optional<at::Tensor>& b, double eps);
+std::tuple<at::Tensor, at::Tensor> route_norm_backward(const at::Tensor& dy, const at::Tensor& x, int64_t k,
+                                                       const at::Tensor& mean, const at::Tensor& rstd,
+                                                       const c10::optional<at::Tensor>& w, bool want_dx,
+                                                       bool want_dw);
 
 namespace pa_cnn {
 namespace {
@@ -377,6 +385,61 @@ bool batch_norm_backward(const at::Tensor& dy, const at::Tensor& x, const c10::o
   if (need_db) db = s_dy.reshape(c);
   out[0] = dx;
   out[1] = dw;
+  out[2] = db;
+  return true;
+}
+
+// nn/functional.py layer_norm_forward where its fused kernel (pa_norm.cpp) applies: (y, mean,
+// rstd); false where the composition would run (a layout the kernel does not take, a NaN
+// from the bias add, a weight or bias of another shape)
+bool layer_norm_forward(const at::Tensor& x, const Ints& shape, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, double eps, at::Tensor out[3]) {
+  const int64_t k = static_cast<int64_t>(shape.size());
+  if (!f32(x) || k == 0 || x.dim() < k || x.numel() == 0) return false;
+  for (int64_t i = 0; i < k; ++i)
+    if (x.size(x.dim() - k + i) != shape[i]) return false;
+  for (const auto* t : {&weight, &bias})
+    if (defined(*t) && (!f32(**t) || (*t)->sizes() != c10::IntArrayRef(shape))) return false;
+  auto r = route_norm_forward(x, k, weight, bias, eps);
+  if (!std::get<0>(r).defined()) return false;
+  out[0] = std::get<0>(r);
+  out[1] = std::get<1>(r);
+  out[2] = std::get<2>(r);
+  return true;
+}
+
+// nn/functional.py layer_norm_backward where its fused kernel applies: (dx, dw, db)
+bool layer_norm_backward(const at::Tensor& dy, const at::Tensor& x, const Ints& shape, const at::Tensor& mean,
+                         const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& bias, const std::array<bool, 3>& mask, at::Tensor out[3]) {
+  const int64_t k = static_cast<int64_t>(shape.size());
+  if (!f32(x) || !f32(dy) || !f32(mean) || !f32(rstd) || k == 0 || x.dim() < k || x.numel() == 0 ||
+      dy.sizes() != x.sizes())
+    return false;
+  for (int64_t i = 0; i < k; ++i)
+    if (x.size(x.dim() - k + i) != shape[i]) return false;
+  if (defined(weight) && (!f32(*weight) || weight->sizes() != c10::IntArrayRef(shape))) return false;
+  if (defined(bias) && !f32(*bias)) return false;
+  Ints stat(x.sizes().begin(), x.sizes().end() - k);
+  stat.insert(stat.end(), k, 1);
+  if (rstd.sizes() != c10::IntArrayRef(stat) || mean.sizes() != c10::IntArrayRef(stat)) return false;
+  const bool want_dx = mask[0], want_dw = mask[1] && defined(weight);
+  if (!want_dx && !want_dw) return false;
+  auto r = route_norm_backward(dy, x, k, mean, rstd, weight, want_dx, want_dw);
+  if ((want_dx && !std::get<0>(r).defined()) || (want_dw && !std::get<1>(r).defined())) return false;
+  at::Tensor db;
+  if (mask[2] && defined(bias)) {
+    const int64_t nlead = x.dim() - k;
+    if (nlead == 0) {
+      db = dy;
+    } else {
+      Ints lead;
+      for (int64_t i = 0; i < nlead; ++i) lead.push_back(i);
+      db = dy.sum(lead);
+    }
+  }
+  out[0] = std::get<0>(r);
+  out[1] = std::get<1>(r);
   out[2] = db;
   return true;
 }

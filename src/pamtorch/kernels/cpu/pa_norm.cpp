@@ -729,6 +729,19 @@ at::Tensor softmax_backward(const at::Tensor& y, const at::Tensor& dy) {
 
 }  // namespace
 
+// for the kernel route's layer-norm answers (pa_conv.cpp)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_norm_forward(const at::Tensor& x, int64_t k,
+                                                                  const c10::optional<at::Tensor>& w,
+                                                                  const c10::optional<at::Tensor>& b, double eps) {
+  return norm_forward(x, k, w, b, eps, true);
+}
+std::tuple<at::Tensor, at::Tensor> route_norm_backward(const at::Tensor& dy, const at::Tensor& x, int64_t k,
+                                                       const at::Tensor& mean, const at::Tensor& rstd,
+                                                       const c10::optional<at::Tensor>& w, bool want_dx,
+                                                       bool want_dw) {
+  return norm_backward(dy, x, k, mean, rstd, w, want_dx, want_dw, true);
+}
+
 void register_norm(pybind11::module& m) {
   m.def("fused_norm_forward", &norm_forward,
         "PA layer norm (centered) / RMS norm over the last k dims: (y, mean, rstd); all None where x's "

@@ -61,6 +61,11 @@ bool batch_norm_backward(const at::Tensor& dy, const at::Tensor& x, const c10::o
                          const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
                          const c10::optional<at::Tensor>& save_mean, const c10::optional<at::Tensor>& save_invstd,
                          bool train, double eps, const std::array<bool, 3>& mask, at::Tensor out[3]);
+bool layer_norm_forward(const at::Tensor& x, const Ints& shape, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, double eps, at::Tensor out[3]);
+bool layer_norm_backward(const at::Tensor& dy, const at::Tensor& x, const Ints& shape, const at::Tensor& mean,
+                         const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& bias, const std::array<bool, 3>& mask, at::Tensor out[3]);
 }  // namespace pa_cnn
 
 namespace {
@@ -151,13 +156,15 @@ enum Fast : int64_t {
   kConvBackward = 29,  // aten::convolution_backward, likewise (the approx derivative)
   kBatchNorm = 30,     // aten::native_batch_norm
   kBatchNormBackward = 31,   // aten::native_batch_norm_backward (the approx derivative)
+  kLayerNorm = 32,     // aten::native_layer_norm (pa_norm.cpp's fused kernel, where it applies)
+  kLayerNormBackward = 33,   // aten::native_layer_norm_backward, likewise
 };
 constexpr uint32_t kPlainElementwise = 1;   // mul/div (the elementwise and optimizer kinds)
 constexpr uint32_t kPlainMatmul = 2;        // mm/addmm/bmm
 constexpr uint32_t kPlainAlpha = 4;         // the alpha-conditioned ops' free calls
 constexpr uint32_t kPlainNonlinear = 8;     // sigmoid/tanh/silu
 constexpr uint32_t kPlainConv = 16;         // convolution forward and backward (matmul kind, approx)
-constexpr uint32_t kPlainBatchNorm = 32;    // batch norm forward and backward (norm kind, approx)
+constexpr uint32_t kPlainNorm = 32;         // batch and layer norm, forward and backward (norm kind, approx)
 
 // a Python ``s == 1`` on the Scalar: 1, 1.0, True or 1+0j
 bool is_one(const c10::IValue& v) {
@@ -245,10 +252,11 @@ bool mask3(const c10::IValue& v, std::array<bool, 3>* out) {
   return true;
 }
 
-// convolution and batch norm (pa_conv.cpp): ops/conv.py's and ops/norms.py's functions in C++
+// convolution, batch norm and layer norm (pa_conv.cpp): ops/conv.py's, ops/norms.py's and
+// nn/functional.py's functions in C++
 bool answer_cnn(int64_t fast, c10::ArrayRef<c10::IValue> args, size_t n, torch::jit::Stack* stack) {
   const bool conv = fast == kConv || fast == kConvBackward;
-  if (!(g_plain & (conv ? kPlainConv : kPlainBatchNorm))) return false;
+  if (!(g_plain & (conv ? kPlainConv : kPlainNorm))) return false;
   for (size_t i = 0; i < n; ++i)   // SymInts, tensor subclasses' wrappers and the like: Python
     if (!(args[i].isTensor() || args[i].isNone() || args[i].isIntList() || args[i].isInt() ||
           args[i].isBool() || args[i].isDouble() || args[i].isBoolList()))
@@ -302,6 +310,23 @@ bool answer_cnn(int64_t fast, c10::ArrayRef<c10::IValue> args, size_t n, torch::
       if (!pa_cnn::batch_norm_backward(args[0].toTensor(), args[1].toTensor(), opt_tensor(args[2]),
                                        opt_tensor(args[3]), opt_tensor(args[4]), opt_tensor(args[5]),
                                        opt_tensor(args[6]), args[7].toBool(), args[8].toDouble(), mask, out))
+        return false;
+    } else if (fast == kLayerNorm) {
+      // native_layer_norm(input, normalized_shape, weight?, bias?, eps)
+      std::vector<int64_t> shape;
+      if (n != 5 || !args[0].isTensor() || !int_list(args[1], &shape) || !args[4].isDouble()) return false;
+      if (!pa_cnn::layer_norm_forward(args[0].toTensor(), shape, opt_tensor(args[2]), opt_tensor(args[3]),
+                                      args[4].toDouble(), out))
+        return false;
+    } else if (fast == kLayerNormBackward) {
+      // native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight?, bias?, output_mask)
+      std::vector<int64_t> shape;
+      std::array<bool, 3> mask;
+      if (n != 8 || !args[0].isTensor() || !args[1].isTensor() || !int_list(args[2], &shape) ||
+          !args[3].isTensor() || !args[4].isTensor() || !mask3(args[7], &mask))
+        return false;
+      if (!pa_cnn::layer_norm_backward(args[0].toTensor(), args[1].toTensor(), shape, args[3].toTensor(),
+                                       args[4].toTensor(), opt_tensor(args[5]), opt_tensor(args[6]), mask, out))
         return false;
     } else {
       return false;
