@@ -1,6 +1,7 @@
 """pamtorch.mode's kernel route (the mode's routing done by boxed kernels on the
 BackendSelect key instead of a Python dispatch mode) gives the dispatch route's bits and
 refusals."""
+import contextlib
 import copy
 import importlib
 import threading
@@ -313,21 +314,30 @@ def test_answers_in_cpp_give_the_python_handlers_bits(cfg_name):
             raise AssertionError(f"{name}: {e}") from e
 
 
-def test_answers_in_cpp_leave_python_out_and_in_place_forms_return_their_tensor():
+@contextlib.contextmanager
+def _python_calls():
+    """The names of the calls that reach the route's Python handler, in a list."""
     calls = []
 
     def spy(name, args, kwargs):
         calls.append(name)
         return M._kernel_call(name, args, kwargs)
 
+    with pamtorch.mode(Config.full(), route="kernel"):
+        pass   # registers the route's ops and its handler
     ext = M._KernelRoute.ext
+    ext.route_set_handler(spy, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
+    try:
+        yield calls
+    finally:
+        ext.route_set_handler(M._kernel_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
+
+
+def test_answers_in_cpp_leave_python_out_and_in_place_forms_return_their_tensor():
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
     w = torch.randn(3, 2, generator=g)
-    with pamtorch.mode(Config.full(), route="kernel"):
-        pass   # registers the route's ops and its handler
-    ext.route_set_handler(spy, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
-    try:
+    with _python_calls() as calls:
         with pamtorch.mode(Config.full(), route="kernel"):
             x * y, x / y, x @ w, torch.addmm(w[0], x, w), x ** 2, (x * 3.0), x.exp(), x.mean(0), x + y
             z = x.clone()
@@ -338,8 +348,6 @@ def test_answers_in_cpp_leave_python_out_and_in_place_forms_return_their_tensor(
             torch.ops.aten.mul.Scalar(x, 1.5), torch.add(x, y, alpha=2)   # a factor near 1, an alpha
             x.mean(0, dtype=torch.float64)
         assert calls == ["aten::mul.Scalar", "aten::add.Tensor", "aten::mean.dim"]
-    finally:
-        ext.route_set_handler(M._kernel_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam_single", "adamw_foreach"])
@@ -594,22 +602,12 @@ def test_convolution_and_norm_answers_give_the_python_handlers_bits(cfg_name):
 
 
 def test_convolution_and_norm_answers_leave_python_out():
-    calls = []
-
-    def spy(name, args, kwargs):
-        calls.append(name)
-        return M._kernel_call(name, args, kwargs)
-
-    ext = M._KernelRoute.ext
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
                           nn.Conv2d(8, 8, 3, groups=8, bias=False), nn.BatchNorm2d(8), nn.Conv1d(8, 4, 1))
     model[4] = nn.Identity()
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
-    with pamtorch.mode(Config.full(), route="kernel"):
-        pass
-    ext.route_set_handler(spy, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
-    try:
+    with _python_calls() as calls:
         with pamtorch.mode(Config.full(), route="kernel"):
             model(x).sum().backward()
         assert not [c for c in calls if "conv" in c or "batch_norm" in c], calls
@@ -622,5 +620,3 @@ def test_convolution_and_norm_answers_leave_python_out():
             torch.ops.aten.convolution(x.detach(), model[0].weight.detach(), None, [1, 1], [1, 1], [1, 1], False,
                                        [0, 0], 1)
         assert calls == ["aten::convolution"]
-    finally:
-        ext.route_set_handler(M._kernel_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
