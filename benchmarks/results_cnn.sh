@@ -56,7 +56,7 @@ print("resnet20")
 table("cnn-", ("fp32", "pam-conv", "pam-full", "pam-full-balanced", "matmul+norm", "matmul+optimizer",
                "matmul+loss", "matmul+loss-dloss", "matmul+loss-balanced"))
 print("\nvgg")
-table("cnn-vgg-", ("fp32", "pam-conv", "pam-full"))
+table("cnn-vgg-", ("fp32", "pam-conv", "pam-full", "pam-full-balanced"))
 PY
 fi
 PAMTORCH=${PAMTORCH:-.venv/bin/pamtorch}
