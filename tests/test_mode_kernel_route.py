@@ -620,3 +620,30 @@ def test_convolution_and_norm_answers_leave_python_out():
             torch.ops.aten.convolution(x.detach(), model[0].weight.detach(), None, [1, 1], [1, 1], [1, 1], False,
                                        [0, 0], 1)
         assert calls == ["aten::convolution"]
+
+
+@pytest.mark.parametrize("route", ["dispatch", "kernel"])
+def test_out_forms_of_the_convolution_and_norm_ops_write_out(route):
+    """convolution.out, native_batch_norm.out and native_layer_norm.out are not answered in C++:
+    Python writes the given tensors (returned as themselves) with the functional answer's bits,
+    and the batch norm's running statistics are updated in place as by the functional form."""
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(2, 3, 5, 5, generator=g), torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
+    bw, bb = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    rm, rv = torch.randn(3, generator=g), torch.rand(3, generator=g)
+    conv_args = (x, w, b, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    with pamtorch.mode(Config.full(), route=route):
+        want = A.convolution(*conv_args)
+        out = torch.empty(0)
+        assert A.convolution.out(*conv_args, out=out) is out and torch.equal(out, want)
+        r1, r2, s1, s2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+        want = A.native_batch_norm(x, bw, bb, r1, r2, True, 0.1, 1e-5)
+        outs = (torch.empty(0), torch.empty(0), torch.empty(0))
+        got = A.native_batch_norm.out(x, bw, bb, s1, s2, True, 0.1, 1e-5, out=outs[0], save_mean=outs[1],
+                                      save_invstd=outs[2])
+        assert all(p is q and torch.equal(q, r) for p, q, r in zip(got, outs, want))
+        assert torch.equal(s1, r1) and torch.equal(s2, r2)
+        want = A.native_layer_norm(x, [5], None, None, 1e-5)
+        outs = (torch.empty(0), torch.empty(0), torch.empty(0))
+        got = A.native_layer_norm.out(x, [5], None, None, 1e-5, out0=outs[0], out1=outs[1], out2=outs[2])
+        assert all(p is q and torch.equal(q, r) for p, q, r in zip(got, outs, want))
