@@ -301,6 +301,40 @@ def test_backward_under_mode_runs_the_compiled_graph_once():
     _assert_bits(ref, [loss.detach()] + [p.grad for p in model.parameters()])
 
 
+class _ClassToken(nn.Module):
+    """A class token concatenated and selected (ViT's head): its backward graph holds a
+    select_scatter, which inductor rewrites with fake-tensor calls while it compiles."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 24), nn.Linear(24, 5)
+        self.cls = nn.Parameter(torch.randn(1, 1, 24))
+
+    def forward(self, x, y):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.a(x)], 1)
+        return F.cross_entropy(self.b(h[:, 0]), y)
+
+
+def test_backward_compiled_by_inductor_under_the_mode():
+    # inductor compiles the backward graph at the first backward: under pamtorch.mode its
+    # kernel route must not catch inductor's own calls (it refused prims.clone)
+    torch.manual_seed(7)
+    model, x, y = _ClassToken(), torch.randn(3, 4, 12), torch.randint(0, 5, (3,))
+    cfg = Config.paper()
+    ref = _eager(model, cfg, x, y)
+    compiled = pamtorch.compile(model, cfg, fullgraph=True)
+    import torch._inductor.config
+
+    # inductor's graph cache would skip the compilation this test is about
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        loss = compiled(x, y)
+        model.zero_grad(set_to_none=True)
+        with pamtorch.mode(cfg):
+            loss.backward()
+    _assert_bits(ref, [loss.detach()] + [p.grad for p in model.parameters()])
+    assert len(compiled.pamtorch_graphs) == 2
+
+
 def test_custom_ops_match_the_kernels_and_the_approx_derivative():
     torch.manual_seed(6)
     a, b = torch.randn(5, 7, requires_grad=True), torch.randn(7, 3, requires_grad=True)

@@ -543,14 +543,17 @@ class _Backend:
 
     def _compiler(self, is_backward: bool, is_inference: bool = False):
         def compile_graph(gm, example_inputs):
-            pa = _pa_graph(gm, example_inputs, self.scope, self.inductor, self.exact_sums)
-            self.graphs.append(pa)
-            if not self.inductor:
-                from functorch.compile import make_boxed_func
-                return _outside_modes(make_boxed_func(pa))
-            from torch._inductor.compile_fx import compile_fx_inner
-            return _outside_modes(compile_fx_inner(pa, example_inputs, is_backward=is_backward,
-                                                   is_inference=is_inference))
+            # a backward graph is compiled at the first backward, which may run under
+            # pamtorch.mode: its kernel route would catch inductor's own fake-tensor calls
+            with _no_modes():
+                pa = _pa_graph(gm, example_inputs, self.scope, self.inductor, self.exact_sums)
+                self.graphs.append(pa)
+                if not self.inductor:
+                    from functorch.compile import make_boxed_func
+                    return _outside_modes(make_boxed_func(pa))
+                from torch._inductor.compile_fx import compile_fx_inner
+                return _outside_modes(compile_fx_inner(pa, example_inputs, is_backward=is_backward,
+                                                       is_inference=is_inference))
         return compile_graph
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
