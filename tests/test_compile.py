@@ -5,6 +5,7 @@ rest of the suite checks against float64 and tests/reference.py; here the compil
 reproduce it bit for bit."""
 import pytest
 import torch
+import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -323,8 +324,6 @@ def test_backward_compiled_by_inductor_under_the_mode():
     cfg = Config.paper()
     ref = _eager(model, cfg, x, y)
     compiled = pamtorch.compile(model, cfg, fullgraph=True)
-    import torch._inductor.config
-
     # inductor's graph cache would skip the compilation this test is about
     with torch._inductor.config.patch(fx_graph_cache=False):
         loss = compiled(x, y)
