@@ -3,6 +3,8 @@
 The reference is the eager ``pamtorch.mode`` (or the eager converted model), whose numerics the
 rest of the suite checks against float64 and tests/reference.py; here the compiled step must
 reproduce it bit for bit."""
+import importlib
+
 import pytest
 import torch
 import torch._inductor.config
@@ -332,6 +334,43 @@ def test_backward_compiled_by_inductor_under_the_mode():
             loss.backward()
     _assert_bits(ref, [loss.detach()] + [p.grad for p in model.parameters()])
     assert len(compiled.pamtorch_graphs) == 2
+
+
+def test_routed_nodes_run_the_kernel_routes_answers_and_see_a_replaced_entry(monkeypatch):
+    # a routed node with a C++ answer on the kernel route (mm, addmm, layer norm...) runs it,
+    # not the Python handler, with the same bits; an op-table entry replaced after the
+    # compilation is still what runs
+    from pamtorch.ops.table import OP_TABLE, _Entry
+
+    M = importlib.import_module("pamtorch.mode")
+    torch.manual_seed(8)
+    model, x, y = _MLP(), torch.randn(6, 12), torch.randint(0, 5, (6,))
+    cfg = Config.full()
+    ref = _eager(model, cfg, x, y)
+    compiled = pamtorch.compile(model, cfg, backend="eager", fullgraph=True)
+    _assert_bits(ref, _grads(model, compiled(x, y)))
+    calls = []
+
+    def spy(name, args, kwargs):
+        calls.append(name)
+        return M._kernel_call(name, args, kwargs)
+
+    ext = M._KernelRoute.ext
+    ext.route_set_handler(spy, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
+    try:
+        _assert_bits(ref, _grads(model, compiled(x, y)))
+        assert not [c for c in calls if c.split("::")[1].split(".")[0] in ("mm", "addmm")], calls
+        builtin = OP_TABLE[torch.ops.aten.mm]
+        seen = []
+
+        def mine(func, args, kwargs, opcfg):
+            seen.append(func)
+            return builtin.impl(func, args, kwargs, opcfg)
+        monkeypatch.setitem(OP_TABLE, torch.ops.aten.mm, _Entry(builtin.kind, mine))
+        _assert_bits(ref, _grads(model, compiled(x, y)))
+        assert seen, "the replaced mm entry did not run"
+    finally:
+        ext.route_set_handler(M._kernel_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
 
 
 def test_custom_ops_match_the_kernels_and_the_approx_derivative():

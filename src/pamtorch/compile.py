@@ -56,11 +56,13 @@ import torch
 from torch import Tensor, fx
 
 from . import arith, kernels
+from .kernels import cpu as kernels_cpu
 from .nn import functional as PF
 from .config import Config
 from .convert import ConvertedModule
-from .mode import PAMode, _PAFunctionMode, classify, kernel_route_paused
+from .mode import PAMode, _PAFunctionMode, answered_in_cpp, classify, kernel_route_paused, run_answered
 from .ops.table import ACTIVE as _ACTIVE, OP_TABLE
+from .recording import RECORDERS
 
 __all__ = ["compile", "pa_backend", "float_multiplications", "pam_mm", "pam_bmm", "pam_mm_exact_grad_a",
            "pam_mm_exact_grad_b", "pam_bmm_exact_grad_a", "pam_bmm_exact_grad_b", "exact_sum"]
@@ -73,20 +75,70 @@ _EAGER = {name: getattr(kernels, name) for name in (
     "pam_bmm", "pam_bmm_exact_grad_a", "pam_bmm_exact_grad_b")}
 
 
-@torch.library.custom_op("pamtorch::pam_mm", mutates_args=())
-def pam_mm(a: Tensor, b: Tensor, offset: Optional[float] = None) -> Tensor:
-    """``C[i,j] = Σ_k PAM(a[i,k], b[k,j])`` (float32 2-D, :func:`pamtorch.kernels.pam_mm`)."""
-    return _EAGER["pam_mm"](a, b, offset)
+_LIB = torch.library.Library("pamtorch", "FRAGMENT")
 
 
-@pam_mm.register_fake
-def _(a, b, offset=None):
-    return a.new_empty((a.shape[0], b.shape[1]))
+def _direct(name, a, b, offset, ndim):
+    """The compiled extension's ``name`` kernel called straight, where a compiled graph calls
+    it (CPU float32 operands of matching shapes, no Python dispatch mode, no recorder; the
+    kernel route paused here): the checks and mode switches of the :mod:`pamtorch.kernels`
+    entry cost tens of microseconds a call, more than a small product. None where that
+    does not hold: then the entry runs (and words any error)."""
+    ext = kernels_cpu._EXT
+    if (ext is None or RECORDERS or kernels._cache.get("cpu") is not kernels_cpu
+            or torch._C._len_torch_dispatch_stack() or a.dtype != torch.float32 or b.dtype != torch.float32
+            or a.device.type != "cpu" or b.device.type != "cpu" or a.dim() != ndim or b.dim() != ndim
+            or a.shape[-1] != b.shape[-2] or a.shape[:-2] != b.shape[:-2]):
+        return None
+    was = ext.route_set_mask(0)
+    try:
+        return getattr(ext, name)(a.detach(), b.detach(), -1, kernels.offset_d(offset))
+    finally:
+        ext.route_set_mask(was)
+
+
+def _define(name: str, schema: str, impl, fake):
+    """The custom op ``pamtorch::<name>``: a plain library definition with a Python kernel
+    (``torch.library.custom_op``'s wrappers cost some 30 us more a call, paid at every node
+    of a compiled graph), its fake implementation; returns its overload."""
+    _LIB.define(name + schema)
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"pamtorch::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.pamtorch, name).default
+
+
+def _product(name, ndim):
+    def run(a, b, offset=None):
+        out = _direct(name, a, b, offset, ndim)
+        return _EAGER[name](a, b, offset) if out is None else out
+    return run
+
+
+# ``C[i,j] = Σ_k PAM(a[i,k], b[k,j])`` (float32 2-D, :func:`pamtorch.kernels.pam_mm`) and
+# the batched ``a[B,M,K] @PAM b[B,K,N]`` (:func:`pamtorch.kernels.pam_bmm`), with the
+# approx derivative as their autograd formula; the exact derivatives w.r.t. ``a`` and
+# ``b`` for upstream ``dc``
+pam_mm = _define("pam_mm", "(Tensor a, Tensor b, float? offset=None) -> Tensor", _product("pam_mm", 2),
+                 lambda a, b, offset=None: a.new_empty((a.shape[0], b.shape[1])))
+pam_bmm = _define("pam_bmm", "(Tensor a, Tensor b, float? offset=None) -> Tensor", _product("pam_bmm", 3),
+                  lambda a, b, offset=None: a.new_empty((a.shape[0], a.shape[1], b.shape[2])))
+
+
+def _exact_grad(name):
+    return _define(name, "(Tensor a, Tensor b, Tensor dc, float? offset=None) -> Tensor",
+                   lambda a, b, dc, offset=None: _EAGER[name](a, b, dc, offset),
+                   lambda a, b, dc, offset=None: (a if name.endswith("_a") else b).new_empty(
+                       (a if name.endswith("_a") else b).shape))
+
+
+pam_mm_exact_grad_a, pam_mm_exact_grad_b, pam_bmm_exact_grad_a, pam_bmm_exact_grad_b = (
+    _exact_grad(n) for n in ("pam_mm_exact_grad_a", "pam_mm_exact_grad_b", "pam_bmm_exact_grad_a",
+                             "pam_bmm_exact_grad_b"))
 
 
 def _pam_mm_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1])
-    ctx.offset = inputs[2]
+    ctx.offset = inputs[2] if len(inputs) > 2 else None
 
 
 def _pam_mm_backward(ctx, g):
@@ -97,42 +149,6 @@ def _pam_mm_backward(ctx, g):
     return ga, gb, None
 
 
-pam_mm.register_autograd(_pam_mm_backward, setup_context=_pam_mm_setup)
-
-
-@torch.library.custom_op("pamtorch::pam_mm_exact_grad_a", mutates_args=())
-def pam_mm_exact_grad_a(a: Tensor, b: Tensor, dc: Tensor, offset: Optional[float] = None) -> Tensor:
-    """Exact derivative of ``a @PAM b`` w.r.t. ``a`` for upstream ``dc``."""
-    return _EAGER["pam_mm_exact_grad_a"](a, b, dc, offset)
-
-
-@pam_mm_exact_grad_a.register_fake
-def _(a, b, dc, offset=None):
-    return a.new_empty(a.shape)
-
-
-@torch.library.custom_op("pamtorch::pam_mm_exact_grad_b", mutates_args=())
-def pam_mm_exact_grad_b(a: Tensor, b: Tensor, dc: Tensor, offset: Optional[float] = None) -> Tensor:
-    """Exact derivative of ``a @PAM b`` w.r.t. ``b`` for upstream ``dc``."""
-    return _EAGER["pam_mm_exact_grad_b"](a, b, dc, offset)
-
-
-@pam_mm_exact_grad_b.register_fake
-def _(a, b, dc, offset=None):
-    return b.new_empty(b.shape)
-
-
-@torch.library.custom_op("pamtorch::pam_bmm", mutates_args=())
-def pam_bmm(a: Tensor, b: Tensor, offset: Optional[float] = None) -> Tensor:
-    """Batched ``a[B,M,K] @PAM b[B,K,N]`` (float32, :func:`pamtorch.kernels.pam_bmm`)."""
-    return _EAGER["pam_bmm"](a, b, offset)
-
-
-@pam_bmm.register_fake
-def _(a, b, offset=None):
-    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
-
-
 def _pam_bmm_backward(ctx, g):
     a, b = ctx.saved_tensors
     ga = pam_bmm(g, b.transpose(1, 2), ctx.offset) if ctx.needs_input_grad[0] else None
@@ -140,46 +156,19 @@ def _pam_bmm_backward(ctx, g):
     return ga, gb, None
 
 
-pam_bmm.register_autograd(_pam_bmm_backward, setup_context=_pam_mm_setup)
-
-
-@torch.library.custom_op("pamtorch::pam_bmm_exact_grad_a", mutates_args=())
-def pam_bmm_exact_grad_a(a: Tensor, b: Tensor, dc: Tensor, offset: Optional[float] = None) -> Tensor:
-    """Batched exact derivative of ``a @PAM b`` w.r.t. ``a``."""
-    return _EAGER["pam_bmm_exact_grad_a"](a, b, dc, offset)
-
-
-@pam_bmm_exact_grad_a.register_fake
-def _(a, b, dc, offset=None):
-    return a.new_empty(a.shape)
-
-
-@torch.library.custom_op("pamtorch::pam_bmm_exact_grad_b", mutates_args=())
-def pam_bmm_exact_grad_b(a: Tensor, b: Tensor, dc: Tensor, offset: Optional[float] = None) -> Tensor:
-    """Batched exact derivative of ``a @PAM b`` w.r.t. ``b``."""
-    return _EAGER["pam_bmm_exact_grad_b"](a, b, dc, offset)
-
-
-@pam_bmm_exact_grad_b.register_fake
-def _(a, b, dc, offset=None):
-    return b.new_empty(b.shape)
-
+torch.library.register_autograd("pamtorch::pam_mm", _pam_mm_backward, setup_context=_pam_mm_setup, lib=_LIB)
+torch.library.register_autograd("pamtorch::pam_bmm", _pam_bmm_backward, setup_context=_pam_mm_setup, lib=_LIB)
 
 _TRACED = {"pam_mm": pam_mm, "pam_mm_exact_grad_a": pam_mm_exact_grad_a,
            "pam_mm_exact_grad_b": pam_mm_exact_grad_b, "pam_bmm": pam_bmm,
            "pam_bmm_exact_grad_a": pam_bmm_exact_grad_a, "pam_bmm_exact_grad_b": pam_bmm_exact_grad_b}
 
-
-@torch.library.custom_op("pamtorch::sum", mutates_args=())
-def exact_sum(x: Tensor, dim: Optional[List[int]], keepdim: bool = False,
-              dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``aten.sum.dim_IntList`` run by aten: a compiled graph keeps eager's summation order."""
-    return torch.ops.aten.sum.dim_IntList(x, dim, keepdim, dtype=dtype)
-
-
-@exact_sum.register_fake
-def _(x, dim, keepdim=False, dtype=None):
-    return torch.ops.aten.sum.dim_IntList(x, dim, keepdim, dtype=dtype)
+# ``aten.sum.dim_IntList`` run by aten: a compiled graph keeps eager's summation order
+exact_sum = _define("sum", "(Tensor x, int[1]? dim, bool keepdim=False, ScalarType? dtype=None) -> Tensor",
+                    lambda x, dim, keepdim=False, dtype=None: torch.ops.aten.sum.dim_IntList(x, dim, keepdim,
+                                                                                             dtype=dtype),
+                    lambda x, dim, keepdim=False, dtype=None: torch.ops.aten.sum.dim_IntList(x, dim, keepdim,
+                                                                                             dtype=dtype))
 
 
 def _sum_dims(x, dim=None, keepdim=False, *, dtype=None):
@@ -201,7 +190,6 @@ _EXACT_SUMS = {torch.ops.aten.sum.dim_IntList: _sum_dims, torch.ops.aten.sum.def
 # autograd functions of the exact derivatives): name -> number of tensor operands
 _ELEMENTWISE = {"ew_pam": 2, "ew_pad": 2, "ew_exp": 1, "ew_log": 1, "ew_sqrt": 1, "ew_rsqrt": 1,
                 "ew_exp_exact_grad": 3}
-_LIB = torch.library.Library("pamtorch", "FRAGMENT")
 _EAGER_EXT = arith._ext
 
 
@@ -292,6 +280,7 @@ def _no_modes():
 _ROUTED_LIB = torch.library.Library("pamtorch_pa", "FRAGMENT")
 _ROUTED: dict = {}   # aten overload -> its custom op
 _ROUTES: dict = {}   # the route argument -> (config of the mode, op kind)
+_FAST: dict = {}     # (aten overload, route argument) -> whether the kernel route answers it in C++
 _ALIAS = re.compile(r"\([a-z]!?\)")
 
 
@@ -341,7 +330,9 @@ def _fresh(out, inputs):
         return tuple(_fresh(o, inputs) for o in out)
     if not isinstance(out, Tensor):
         return out
-    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs):
+    # a result that is neither a view nor an input owns its storage
+    if (out._is_view() or any(out is t for t in inputs)) and any(
+            out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs):
         return out.clone(memory_format=torch.contiguous_format)
     return out.contiguous()
 
@@ -355,12 +346,18 @@ def _run_routed(func, *args, pamtorch_route, **kwargs):
     config, kind, numbers = _ROUTES[pamtorch_route]
     if numbers:
         args, kwargs = _unbox(numbers, args, kwargs, lambda t: t.item())
-    impl = OP_TABLE[func.overloadpacket].impl
-    _ACTIVE.append(config)  # as the mode's dispatch handler does around an implementation
-    try:
-        out = impl(func, tuple(args), kwargs, config.kind(kind))
-    finally:
-        _ACTIVE.pop()
+    fast = _FAST.get((func, pamtorch_route))
+    if fast is None:
+        fast = _FAST[func, pamtorch_route] = answered_in_cpp(func, config)
+    if fast:   # the eager kernel route's C++ answer: the same bits as the implementation below
+        out = run_answered(func, config, args, kwargs)
+    else:
+        impl = OP_TABLE[func.overloadpacket].impl
+        _ACTIVE.append(config)  # as the mode's dispatch handler does around an implementation
+        try:
+            out = impl(func, tuple(args), kwargs, config.kind(kind))
+        finally:
+            _ACTIVE.pop()
     return _fresh(out, _tensors(args, kwargs))
 
 
@@ -524,7 +521,9 @@ def _outside_modes(fn):
     from torch.utils._python_dispatch import _disable_current_modes
 
     def run(args):
-        with kernel_route_paused():
+        # below autograd: aot_autograd's runtime does the graph's autograd, so the ops inside
+        # need none (it saves each custom op's Python autograd kernel, tens of us a call)
+        with kernel_route_paused(), torch._C._AutoDispatchBelowAutograd():
             if torch._C._len_torch_dispatch_stack():
                 with _disable_current_modes():
                     return fn(args)

@@ -227,14 +227,14 @@ class _Overload:
 
 
 _OVERLOADS: dict = {}     # id(overload) -> _Overload
-_TABLE_SIZES = [None]     # the sizes of the tables _OVERLOADS was filled from
+_TABLE_SIZES = [None]     # the op table's version and the other tables' sizes _OVERLOADS was filled from
 
 
 def _facts(func) -> _Overload:
-    """The cached :class:`_Overload` of ``func``; all are found again once an op table
-    (OP_TABLE, PASS_THROUGH, FREE_WHEN, COMPLEX_OK) has changed size, so ops registered
-    later count."""
-    sizes = (len(OP_TABLE), len(PASS_THROUGH), len(FREE_WHEN), len(COMPLEX_OK))
+    """The cached :class:`_Overload` of ``func``; all are found again once an op table has
+    changed (OP_TABLE: any entry added, replaced or removed; PASS_THROUGH, FREE_WHEN,
+    COMPLEX_OK: their size), so ops registered later count."""
+    sizes = (OP_TABLE.version, len(PASS_THROUGH), len(FREE_WHEN), len(COMPLEX_OK))
     if sizes != _TABLE_SIZES[0]:
         _OVERLOADS.clear()
         _TABLE_SIZES[0] = sizes
@@ -639,6 +639,19 @@ def _plain_families(config: Config) -> int:
     optimizer kind inside a step, so both kinds must be), while the op table holds the
     implementations those answers reproduce, with the compiled kernels on (``arith._COMPILED``:
     off, the op table runs its pure-torch compositions, and so does every call here)."""
+    key = (config, OP_TABLE.version, _KERNEL_FAST[0], _arith._COMPILED)
+    plain = _PLAIN_CACHE.get(key)
+    if plain is None:
+        if len(_PLAIN_CACHE) > 64:
+            _PLAIN_CACHE.clear()
+        plain = _PLAIN_CACHE[key] = _plain_families_now(config)
+    return plain
+
+
+_PLAIN_CACHE: dict = {}   # (config, op-table version, _KERNEL_FAST, arith._COMPILED) -> bits
+
+
+def _plain_families_now(config: Config) -> int:
     if not _KERNEL_FAST[0]:
         return 0
     if not _arith._COMPILED or any(OP_TABLE.get(p) is not e for p, e in _BUILTIN_ENTRIES.items()):
@@ -695,7 +708,7 @@ class _KernelRoute:
         op the route would catch, and a registered op costs plain PyTorch a boxed
         redispatch (BENCHMARKS.md: not resolved by a before/after measurement, 0.98-1.06 x
         of the vit fp32 step)."""
-        tables = (len(OP_TABLE), len(PASS_THROUGH), len(FREE_WHEN), len(COMPLEX_OK))
+        tables = (OP_TABLE.version, len(PASS_THROUGH), len(FREE_WHEN), len(COMPLEX_OK))
         now = time.monotonic()
         kinds = cls.kinds | (mask & ~_ASK)
         if tables == cls.tables and kinds == cls.kinds and now - cls.listed < 1.0:
@@ -763,6 +776,42 @@ def _kernel_routed(dispatch: PAMode):
     finally:
         _KernelRoute.ext.route_set_plain(was_plain)
         _KernelRoute.ext.route_set_mask(was)
+        _KERNEL_ROUTE.dispatch = prev
+
+
+_ANSWERS: dict = {}   # id(config) -> (config, PAMode, mask), for run_answered
+
+
+def answered_in_cpp(func, config: Config) -> bool:
+    """Whether the kernel route under ``config`` may answer a call of aten overload
+    ``func`` in C++ (it has a code of _FAST_OPS, and the route answers more than the free
+    calls under this config); pa_route.cpp still checks the call's own conditions and hands
+    it to Python where they fail."""
+    return (func.name() in _FAST_OPS and _KernelRoute.available()
+            and _plain_families(config) & ~_PLAIN_ALPHA != 0)
+
+
+def run_answered(func, config: Config, args, kwargs):
+    """Run one call of aten overload ``func`` as ``pamtorch.mode(config)``'s kernel route
+    runs it (its C++ answer, or the mode's Python handler), with the route on for this call
+    only: for :mod:`pamtorch.compile`'s routed graph nodes, whose graphs run with the route
+    off. Same result, bit for bit, as the op table's implementation under ``config``."""
+    entry = _ANSWERS.get(id(config))
+    if entry is None or entry[0] is not config:
+        mask = _route_mask(config)
+        with _KERNEL_LOCK:
+            _KernelRoute.refresh(mask)
+        entry = _ANSWERS[id(config)] = (config, PAMode(config), mask)
+    ext = _KernelRoute.ext
+    prev = getattr(_KERNEL_ROUTE, "dispatch", None)
+    _KERNEL_ROUTE.dispatch = entry[1]
+    was = ext.route_set_mask(entry[2])
+    was_plain = ext.route_set_plain(_plain_families(config))
+    try:
+        return func(*args, **kwargs)
+    finally:
+        ext.route_set_plain(was_plain)
+        ext.route_set_mask(was)
         _KERNEL_ROUTE.dispatch = prev
 
 

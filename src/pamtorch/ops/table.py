@@ -34,7 +34,43 @@ class _Entry:
     impl: Callable
 
 
-OP_TABLE: dict = {}
+class _OpTable(dict):
+    """A dict of aten overload packet -> _Entry whose ``version`` counts its changes, so
+    what is derived from it (the kernel route's C++ answers, which reproduce the built-in
+    entries) can be cached and still see an entry replaced or removed."""
+
+    version = 0
+
+    def __setitem__(self, key, value):
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.version += 1
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.version += 1
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        self.version += 1
+        return super().setdefault(key, default)
+
+    def update(self, *args, **kwargs):
+        self.version += 1
+        super().update(*args, **kwargs)
+
+    def clear(self):
+        self.version += 1
+        super().clear()
+
+
+OP_TABLE: _OpTable = _OpTable()
 
 
 def implements(ops, kind: str):
