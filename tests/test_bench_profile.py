@@ -4,6 +4,7 @@ import importlib
 import pytest
 import torch
 
+import pamtorch
 from pamtorch import Config, bench
 from pamtorch.cli import main
 from pamtorch.mode import FREE_WHEN, OP_TABLE, PASS_THROUGH, classify
@@ -97,6 +98,37 @@ def test_bench_profile_command_appends_the_table(tmp_path):
     text = out.read_text()
     assert "bench profile" in text and "Machine:" in text and "pam-matmul" in text
     assert any(line.startswith("| matmul ") for line in text.splitlines())
+    assert "Kernel route" in text   # the route pamtorch train runs, by default
+    assert main(["bench", "profile", "--route", "dispatch", "--recipe", "vit", "--variants", "pam-matmul",
+                 "--reps", "1", "--threads", "1", "--output", str(out), "--train-args", *TINY_VIT]) == 0
+    assert "mode handler" in out.read_text()
+    assert main(["bench", "step", "--route", "dispatch", "--no-append"]) == 2
+
+
+def test_kernel_route_profile_groups_the_step_and_counts_the_calls_to_python():
+    (full, matmul) = bench.bench_profile_kernel("vit", ("fp32", "pam-full", "pam-matmul"), reps=1, threads=1,
+                                                train_args=TINY_VIT)
+    for r in (full, matmul):
+        assert r["x_fp32"] > 0 and r["profiled_pa_ms"] > 0 and r["profiled_fp32_ms"] > 0
+        groups = {g["group"]: g for g in r["groups"]}
+        assert {"matmul", "exact ops", "autograd engine", "outside any op"} <= set(groups)
+        # the products: aten's in fp32; the route's C++ answers (aten ops) and the attention
+        # route's autograd functions (_PamBMM...) under PA
+        assert groups["matmul"]["fp32_ms"] > 0 and groups["matmul"]["pa_ms"] > 0
+        assert groups["matmul"]["pa_calls"] > 0
+        assert r["top_ops"] and all(o["excess_ms"] >= r["top_ops"][-1]["excess_ms"] for o in r["top_ops"])
+    # pam-matmul: the products are answered in C++, none reaches Python
+    assert not [q for _, _, q in matmul["python_calls"] if q.split("::")[1].split(".")[0] in ("mm", "addmm", "bmm")]
+    # pam-full: the loss goes to the Python handler, counted there and in its group
+    assert any("_log_softmax" in q for _, _, q in full["python_calls"])
+    assert {g["group"]: g for g in full["groups"]}["loss"]["python_calls"] > 0
+    text = bench.format_profile_kernel_table([full, matmul])
+    assert "Kernel route" in text and "| loss |" in text and "to Python" in text
+    # the route's handler is put back
+    assert M._KernelRoute.ext is not None
+    with pamtorch.mode(Config.full()):
+        y = torch.ones(2, 2) * torch.full((2, 2), 3.0)
+    assert torch.equal(y, pamtorch.arith.pam(torch.ones(2, 2), torch.full((2, 2), 3.0)))
 
 
 # ---------------------------------------------------------------------------

@@ -986,3 +986,245 @@ def format_profile_table(results) -> str:
                       f"conversion/copy {a['conversion/copy']:.1f} ms of {a['all']:.1f} ms in aten ops "
                       f"(fp32: {f['allocation']:.1f}, {f['conversion/copy']:.1f} of {f['all']:.1f} ms)."]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# where a step's time goes on the kernel route
+
+def _aten_kind(name: str, in_optimizer: bool) -> str:
+    """The group of a profiled aten op: its op-table kind (an elementwise op inside an
+    optimizer step is of the optimizer kind, as the mode decides), or "exact ops"."""
+    from .ops import OP_TABLE
+
+    packet = getattr(torch.ops.aten, name, None)
+    entry = OP_TABLE.get(packet) if packet is not None else None
+    if entry is None:
+        return "optimizer (exact ops)" if in_optimizer else "exact ops"
+    if in_optimizer and entry.kind == "elementwise":
+        return "optimizer"
+    return entry.kind
+
+
+# pamtorch's autograd functions (the function-level routes of the mode: attention's
+# products, softmax, norms, the loss...) as torch.profiler names them, by op kind; their
+# backward nodes are "<name>Backward"
+_FUNCTION_KINDS = {"_PamMM": "matmul", "_PamBMM": "matmul", "_Softmax": "softmax", "_LogSoftmax": "loss",
+                   "_NLL": "loss", "_MSE": "loss", "_LayerNorm": "norm", "_RMSNorm": "norm", "_BatchNorm": "norm",
+                   "_GroupNorm": "norm", "_Gelu": "nonlinear", "_PReLU": "nonlinear", "_Dropout": "elementwise",
+                   "_Mul": "elementwise", "_Div": "elementwise", "_Unary": "elementwise",
+                   "_Approx": "elementwise", "_RoundMantissa": "elementwise"}
+
+
+def _event_group(name: str, in_optimizer: bool):
+    """(group, name) of a profiled event that is not an aten op: a pamtorch autograd
+    function by its kind, autograd's engine, the optimizer's own Python, or "other"."""
+    base = name[:-len("Backward")] if name.endswith("Backward") else name
+    if base in _FUNCTION_KINDS:
+        return _FUNCTION_KINDS[base], name
+    if name.startswith(("autograd::engine::", "torch::autograd::")) or name.endswith(("Backward0", "Backward1")):
+        return "autograd engine", "autograd engine"
+    if name.startswith(("Optimizer.step", "Optimizer.zero_grad")) or in_optimizer:
+        return "optimizer (Python)", "Optimizer.step/zero_grad"
+    return "other", name
+
+
+def _profiled_ops(run, steps: int) -> tuple:
+    """Run ``run()`` ``steps`` times under torch.profiler: (per (group, name) [calls, self
+    seconds] per step, the profiled wall time per step). Aten ops count by their kind
+    (:func:`_aten_kind`), other events by :func:`_event_group`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(steps):
+            run()
+    wall = (time.perf_counter() - t0) / steps
+    ops: dict = {}
+    for e in p.events():
+        parent, in_opt = e.cpu_parent, False
+        while parent is not None:
+            if parent.name.startswith("Optimizer.step"):
+                in_opt = True
+                break
+            parent = parent.cpu_parent
+        if e.name.startswith("aten::"):
+            name = e.name[len("aten::"):]
+            key = (_aten_kind(name, in_opt), name)
+        else:
+            key = _event_group(e.name, in_opt)
+        c = ops.setdefault(key, [0.0, 0.0])
+        c[0] += 1 / steps
+        c[1] += e.self_cpu_time_total / 1e6 / steps
+    return ops, wall
+
+
+def bench_profile_kernel(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "pam-full"), reps: int = 5,
+                         threads=None, train_args=(), seed: int = 0, top: int = 12) -> list:
+    """Where a training step's time goes on the mode's kernel route (what ``pamtorch train``
+    and ``pamtorch.mode`` run by default), under each arithmetic ``variant`` against fp32.
+
+    The steps (the ones :func:`bench_step` times) run interleaved, fp32 and each variant on
+    its own copy of the model, first plainly (the step times and ratios), then ``reps``
+    steps of each under torch.profiler. Every aten op's self CPU time is grouped by the op
+    kind the mode gives it (an elementwise op inside ``Optimizer.step`` is of the optimizer
+    kind; ops outside the op table are "exact ops"). On the kernel route an op's self time
+    holds its C++ answer and the compiled kernels it runs, or, for a call handed to Python,
+    the Python handler less the aten ops that handler runs (those count on their own). The
+    calls handed to Python are counted by wrapping the route's handler. pamtorch's autograd
+    functions (the mode's function-level routes: attention's products, softmax, the loss,
+    norms) count by their kind too, with the compiled kernels they call; autograd's engine
+    nodes and the optimizer's own Python have groups of their own. "Outside any op" is the
+    rest of the profiled step: the model's Python and the profiler's own cost.
+
+    Returns one dict per variant (see :func:`format_profile_kernel_table`)."""
+    from .recipes import train as T
+
+    M = importlib.import_module("pamtorch.mode")
+    from .config import Config
+
+    variants = tuple(v for v in variants if v != "fp32")
+    if not variants:
+        raise T.UserError("bench profile: name at least one variant besides fp32 (e.g. pam-full)")
+    for v in variants:
+        if not M.kernel_route_applies(Config.from_name(v)):
+            raise T.UserError(f"bench profile --route kernel: {v} does not run on the kernel route here "
+                              "(it needs the compiled CPU kernels, no CUDA/MPS device and no Python dispatch "
+                              "mode); use --route dispatch")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    names = ("fp32", *variants)
+    try:
+        task, hp = _step_setup(recipe, train_args, seed)
+        models = dict(zip(names, _copies(task, hp, len(names))))
+        contexts = {v: T.arith_context(v) for v in names}
+        counter = {"i": 0}
+
+        def step(v, batch, i):
+            model, opt = models[v]
+            torch.manual_seed(i)
+            with contexts[v]():
+                _train_step(task, hp, model, opt, batch)
+
+        times = {v: [] for v in names}
+        for i in range(reps + 2):  # two warm-up steps
+            batch = task.batch(i, hp.batch_size, seed)
+            for v in names:
+                t0 = time.perf_counter()
+                step(v, batch, i)
+                if i >= 2:
+                    times[v].append(time.perf_counter() - t0)
+        batch = task.batch(reps + 2, hp.batch_size, seed)
+
+        python: dict = {}
+
+        def timed_call(name, args, kwargs):
+            t0 = time.perf_counter()
+            try:
+                return M._kernel_call(name, args, kwargs)
+            finally:
+                c = python.setdefault(name, [0, 0.0])
+                c[0] += 1
+                c[1] += time.perf_counter() - t0
+
+        def run(v):
+            counter["i"] += 1
+            step(v, batch, reps + 2 + counter["i"])
+
+        profiled = {}
+        ext = M._KernelRoute.ext
+        for v in names:
+            python.clear()
+            if v != "fp32":
+                ext.route_set_handler(timed_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
+            try:
+                ops, wall = _profiled_ops(lambda v=v: run(v), reps)
+            finally:
+                ext.route_set_handler(M._kernel_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
+            profiled[v] = (ops, wall, {k: (c / reps, t / reps) for k, (c, t) in python.items()})
+        med = {v: statistics.median(t) for v, t in times.items()}
+        f_ops, f_wall, _ = profiled["fp32"]
+        out = []
+        for v in variants:
+            ops, wall, py = profiled[v]
+            groups: dict = {}
+
+            def add(side, group, calls, secs):
+                g = groups.setdefault(group, {"fp32_calls": 0.0, "fp32_ms": 0.0, "pa_calls": 0.0, "pa_ms": 0.0,
+                                              "python_calls": 0.0, "python_ms": 0.0})
+                g[side + "_calls"] += calls
+                g[side + "_ms"] += secs * 1e3
+            for (group, _), (c, t) in f_ops.items():
+                add("fp32", group, c, t)
+            for (group, _), (c, t) in ops.items():
+                add("pa", group, c, t)
+            by_name: dict = {}
+            for qual, (c, t) in py.items():
+                name = qual.split("::", 1)[1].split(".")[0]
+                kind = _aten_kind(name, False)
+                g = groups.setdefault(kind, {"fp32_calls": 0.0, "fp32_ms": 0.0, "pa_calls": 0.0, "pa_ms": 0.0,
+                                             "python_calls": 0.0, "python_ms": 0.0})
+                g["python_calls"] += c
+                g["python_ms"] += t * 1e3
+                by_name[qual] = (c, t * 1e3)
+            f_total = sum(t for _, t in f_ops.values())
+            p_total = sum(t for _, t in ops.values())
+            rows = [dict(group=k, **g) for k, g in sorted(groups.items(), key=lambda kv: -kv[1]["pa_ms"])]
+            rows.append({"group": "outside any op", "fp32_calls": None, "fp32_ms": (f_wall - f_total) * 1e3,
+                         "pa_calls": None, "pa_ms": (wall - p_total) * 1e3, "python_calls": None, "python_ms": None})
+            fp32_by_name: dict = {}
+            for (_, name), (c, t) in f_ops.items():
+                a = fp32_by_name.setdefault(name, [0.0, 0.0])
+                a[0] += c
+                a[1] += t
+            pa_by_name: dict = {}
+            for (_, name), (c, t) in ops.items():
+                a = pa_by_name.setdefault(name, [0.0, 0.0])
+                a[0] += c
+                a[1] += t
+            excess = sorted(((pa_by_name.get(n, [0, 0])[1] - fp32_by_name.get(n, [0, 0])[1]) * 1e3, n)
+                            for n in set(pa_by_name) | set(fp32_by_name))
+            top_ops = [{"op": n, "excess_ms": x, "fp32_ms": fp32_by_name.get(n, [0, 0])[1] * 1e3,
+                        "pa_ms": pa_by_name.get(n, [0, 0])[1] * 1e3, "fp32_calls": fp32_by_name.get(n, [0, 0])[0],
+                        "pa_calls": pa_by_name.get(n, [0, 0])[0]} for x, n in reversed(excess[-top:])]
+            out.append({"recipe": recipe, "preset": hp.preset, "variant": v, "threads": torch.get_num_threads(),
+                        "batch_size": hp.batch_size, "t_fp32_ms": med["fp32"] * 1e3, "t_pa_ms": med[v] * 1e3,
+                        "x_fp32": med[v] / med["fp32"], "profiled_fp32_ms": f_wall * 1e3,
+                        "profiled_pa_ms": wall * 1e3, "groups": rows, "top_ops": top_ops,
+                        "python_calls": sorted(((c, t, q) for q, (c, t) in by_name.items()), reverse=True)})
+        return out
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def format_profile_kernel_table(results) -> str:
+    """Markdown of bench_profile_kernel's results: per variant a line of step times, a table
+    of op groups, the ops that cost most over fp32, and the calls handed to Python."""
+    lines = ["Kernel route (what `pamtorch train` runs). Self CPU time under torch.profiler, per step "
+             "(mean of the profiled steps), of aten ops grouped by the op kind the mode gives them, and of "
+             "pamtorch's autograd functions (the mode's function-level routes, with the kernels they call) "
+             "by theirs; 'calls' counts both. The profiler adds a few microseconds per op to both sides. "
+             "'to Python' counts the calls the "
+             "route hands to the Python handler and their time there (inclusive: the aten ops the handler "
+             "runs are counted in their own groups too). Compare ratios: other jobs may share the machine."]
+    for r in results:
+        lines += ["", f"**{r['recipe']} ({r['preset']}, batch {r['batch_size']}, {r['threads']} threads), "
+                      f"{r['variant']}**: step {r['t_pa_ms']:.1f} ms = **{r['x_fp32']:.2f}x fp32** "
+                      f"({r['t_fp32_ms']:.1f} ms); profiled {r['profiled_pa_ms']:.1f} ms against "
+                      f"{r['profiled_fp32_ms']:.1f} ms.",
+                  "", "| group | fp32 calls | fp32 ms | PA calls | PA ms | x fp32 | % of PA step | "
+                      "to Python: calls | ms |", "|" + "---|" * 9]
+        total = r["profiled_pa_ms"]
+        for g in r["groups"]:
+            num = lambda x, f="{:.0f}": "-" if x is None else f.format(x)  # noqa: E731
+            x = f"{g['pa_ms'] / g['fp32_ms']:.2f}" if g["fp32_ms"] > 0.05 else "-"
+            lines.append(f"| {g['group']} | {num(g['fp32_calls'])} | {g['fp32_ms']:.1f} | {num(g['pa_calls'])} | "
+                         f"{g['pa_ms']:.1f} | {x} | {100 * g['pa_ms'] / total:.1f} | {num(g['python_calls'])} | "
+                         f"{num(g['python_ms'], '{:.1f}')} |")
+        lines += ["", "Ops costing most over fp32 (self ms per step): " + "; ".join(
+            f"{o['op']} +{o['excess_ms']:.1f} ({o['fp32_ms']:.1f} -> {o['pa_ms']:.1f}, "
+            f"{o['fp32_calls']:.0f} -> {o['pa_calls']:.0f} calls)" for o in r["top_ops"] if o["excess_ms"] > 0.05) + "."]
+        if r["python_calls"]:
+            lines += ["", "Calls handed to Python per step: " + "; ".join(
+                f"{q} {c:.0f} ({t:.1f} ms)" for c, t, q in r["python_calls"][:12]) + "."]
+    return "\n".join(lines)

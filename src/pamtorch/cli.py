@@ -28,6 +28,8 @@ def _bench(args) -> int:
     if args.device != "cpu" and (args.what != "step" or args.memory):
         raise UserError(f"--device {args.device}: only bench step (without --memory) runs on another device; "
                         f"bench {args.what}{' --memory' if args.memory else ''} measures the CPU")
+    if args.route != "kernel" and args.what != "profile":
+        raise UserError(f"--route {args.route}: only bench profile takes a route (got bench {args.what})")
     if args.what == "matmul":
         rows = bench.bench_matmul(tuple(args.sizes or (512, 1024, 2048)), reps=args.reps, threads=args.threads)
         table = bench.format_matmul_table(rows)
@@ -39,6 +41,10 @@ def _bench(args) -> int:
         rows = bench.bench_step(args.recipe, tuple(args.variants.split(",")), reps=args.reps,
                                 threads=args.threads, train_args=tuple(args.train_args), device=args.device)
         table = bench.format_step_table(rows)
+    elif args.what == "profile" and args.route == "kernel":
+        table = bench.format_profile_kernel_table(bench.bench_profile_kernel(
+            args.recipe, tuple(args.variants.split(",")), reps=args.reps, threads=args.threads,
+            train_args=tuple(args.train_args)))
     elif args.what == "profile":
         table = bench.format_profile_table(bench.bench_profile(
             args.recipe, tuple(args.variants.split(",")), reps=args.reps, threads=args.threads,
@@ -90,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory", action="store_true",
                    help="step: measure each variant's peak memory (a fresh process each, --reps steps) "
                         "instead of its time")
+    b.add_argument("--route", choices=["kernel", "dispatch"], default="kernel",
+                   help="profile: the mode's route to profile: kernel (the default route, what pamtorch "
+                        "train runs: aten ops' self time by op kind) or dispatch (the Python dispatch mode, "
+                        "split into PA kernels, the ops' Python, exact ops and the mode's handler)")
     b.add_argument("--no-append", action="store_true", help="print only, don't append to BENCHMARKS.md")
     b.add_argument("--output", default="BENCHMARKS.md", help="the file the table is appended to")
     add_debug_argument(b)
