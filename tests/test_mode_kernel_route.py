@@ -14,6 +14,7 @@ import pamtorch
 from pamtorch.config import Config, OpConfig
 from pamtorch.kernels import cpu as K
 from pamtorch.ops import UnsupportedOpError
+from pamtorch.ops.table import OPTIMIZER_STEP
 
 import model_zoo
 from test_audit import _CumprodGrad   # identity forward, cumprod in backward
@@ -228,6 +229,27 @@ def _specials(shape, g):
     return x
 
 
+def _in_step(fn):
+    """``fn()`` as inside an ``Optimizer.step`` (a factor near 1 takes the optimizer's form)."""
+    OPTIMIZER_STEP[0] += 1
+    try:
+        return fn()
+    finally:
+        OPTIMIZER_STEP[0] -= 1
+
+
+def _itself(z):
+    return z.mul_(z)
+
+
+def _with_t(z):
+    return z.mul_(z.t())
+
+
+def _with_row(z):
+    return z.div_(z[0])
+
+
 def _answer_cases():
     g = torch.Generator().manual_seed(11)
     x, y = _specials((6, 5), g), _specials((6, 5), g)
@@ -246,6 +268,13 @@ def _answer_cases():
         "div": lambda: x / y, "div wrapped": lambda: x / 7.0, "div_": lambda: x.clone().div_(row),
         "div scalar": lambda: torch.ops.aten.div.Scalar(x, 10), "div_ scalar": lambda: x.clone().div_(0.25),
         "div scalar near one": lambda: torch.ops.aten.div.Scalar(x, 1.25),
+        "div_ scalar near one": lambda: x.clone().div_(0.9), "mul wrapped near one": lambda: x * 0.9,
+        "div scalar near one in a step": lambda: _in_step(lambda: torch.ops.aten.div.Scalar(x, 1.25)),
+        "mul_ scalar near one in a step": lambda: _in_step(lambda: x.clone().mul_(0.999)),
+        "mul wrapped near one in a step": lambda: _in_step(lambda: x * 0.9),
+        "mul_ itself": lambda: _itself(x.clone()), "mul_ its transpose": lambda: _with_t(x[:5].clone()),
+        "div_ its row": lambda: _with_row(x.clone()), "mul_ expanded": lambda: row.expand(6, 5).mul_(2.5),
+        "div_ non-contiguous": lambda: x.clone().t().div_(3.0),
         "mm": lambda: a @ b, "mm transposed": lambda: b.t() @ a.t(), "mm empty": lambda: a[:, :0] @ b[:0],
         "addmm": lambda: torch.addmm(bias, a, b), "addmm scaled": lambda: torch.addmm(bias, a, b, beta=0.5, alpha=2),
         "addmm 2-d bias": lambda: torch.addmm(x, a, b),
@@ -345,9 +374,13 @@ def test_answers_in_cpp_leave_python_out_and_in_place_forms_return_their_tensor(
             assert z.div_(4.0) is z
         assert calls == []
         with pamtorch.mode(Config.full(), route="kernel"):
-            torch.ops.aten.mul.Scalar(x, 1.5), torch.add(x, y, alpha=2)   # a factor near 1, an alpha
+            torch.ops.aten.mul.Scalar(x, 1.5), x.clone().div_(0.9)   # a factor near 1 outside a step
+        assert calls == []
+        with pamtorch.mode(Config.full(), route="kernel"):
+            torch.add(x, y, alpha=2)   # an alpha
             x.mean(0, dtype=torch.float64)
-        assert calls == ["aten::mul.Scalar", "aten::add.Tensor", "aten::mean.dim"]
+            _in_step(lambda: torch.ops.aten.mul.Scalar(x, 1.5))   # the optimizer's form
+        assert calls == ["aten::add.Tensor", "aten::mean.dim", "aten::mul.Scalar"]
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam_single", "adamw_foreach"])

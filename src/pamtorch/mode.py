@@ -697,6 +697,7 @@ class _KernelRoute:
                 return False
             cls.ext = _cpu.load_extension()
             cls.ext.route_set_handler(_kernel_call, _kernel_refuse, _PASS, _OPAQUE, _RUN_AND_CHECK)
+            cls.ext.route_set_optimizer(_IN_OPTIMIZER[0])   # told at every change from now on
         return True
 
     @classmethod

@@ -282,9 +282,22 @@ def accepts_complex(ops) -> None:
 # the config of the innermost active PAMode, for implementations that span op kinds
 ACTIVE: list = [Config.paper()]
 
+class _StepCount(list):
+    """``[n]``: how many ``Optimizer.step`` calls are running. Every change is also told to
+    the compiled kernel route (pa_route.cpp), which answers a product with a number near 1
+    in C++ only outside a step (inside one it takes the optimizer's form, in Python)."""
+
+    def __setitem__(self, i, value):
+        super().__setitem__(i, value)
+        from ..kernels import cpu   # lazy: the kernels build on first use
+
+        if cpu._EXT is not None:
+            cpu._EXT.route_set_optimizer(int(self[0]))
+
+
 # how many Optimizer.step calls are running (the mode's optimizer-step hooks and
 # pamtorch.optim count them): inside one the mode runs the optimizer kind
-OPTIMIZER_STEP: list = [0]
+OPTIMIZER_STEP: _StepCount = _StepCount([0])
 
 
 # ---------------------------------------------------------------------------

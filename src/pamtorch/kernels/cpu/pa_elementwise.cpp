@@ -223,6 +223,20 @@ at::Tensor unary(const at::Tensor& x, const char* op) {
 
 at::Tensor pam(const at::Tensor& a, const at::Tensor& b) { return binary<pam_bits>(a, b, "pam"); }
 at::Tensor pad(const at::Tensor& a, const at::Tensor& b) { return binary<pad_bits>(a, b, "pad"); }
+// a = PAM(a, b) / PAD(a, b) in place, for the route's in-place forms (pa_route.cpp checks
+// the shapes and that no memory is shared); returns a
+at::Tensor pam_(at::Tensor& a, const at::Tensor& b) {
+  check_f32(a, "pam_", "a");
+  check_f32(b, "pam_", "b");
+  pa_loops::binary_inplace_iter<uint32_t, pam_bits>(a, b);
+  return a;
+}
+at::Tensor pad_(at::Tensor& a, const at::Tensor& b) {
+  check_f32(a, "pad_", "a");
+  check_f32(b, "pad_", "b");
+  pa_loops::binary_inplace_iter<uint32_t, pad_bits>(a, b);
+  return a;
+}
 inline uint32_t exp_bits(uint32_t u) { return u32(exp32(f32(u))); }
 
 // arith._pa_pow for float32 x and a Python-number exponent p != 0: paexp2(palog2(|x|) ·̂ p),

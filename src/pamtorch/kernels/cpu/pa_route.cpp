@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <ATen/ExpandUtils.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/DynamicTypes.h>
@@ -27,6 +28,7 @@
 #include <torch/csrc/utils/tensor_memoryformats.h>
 
 #include <array>
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,6 +38,8 @@ namespace py = pybind11;
 namespace pa_ew {   // pa_elementwise.cpp
 at::Tensor pam(const at::Tensor& a, const at::Tensor& b);
 at::Tensor pad(const at::Tensor& a, const at::Tensor& b);
+at::Tensor pam_(at::Tensor& a, const at::Tensor& b);
+at::Tensor pad_(at::Tensor& a, const at::Tensor& b);
 at::Tensor exp(const at::Tensor& x);
 at::Tensor log(const at::Tensor& x);
 at::Tensor sqrt(const at::Tensor& x);
@@ -184,6 +188,10 @@ bool f32(const at::Tensor& t) {
 }
 
 bool near_one(double c);
+// how many optimizer steps run (ops/table.py's OPTIMIZER_STEP, told at every change): a
+// factor near 1 takes the optimizer's form only inside one
+std::atomic<int64_t> g_optimizer_steps{0};
+inline bool optimizer_form(double c) { return near_one(c) && g_optimizer_steps.load(std::memory_order_relaxed) > 0; }
 
 // the second operand of a float32 mul/div as the Python handler's promote() makes it: a
 // float32 tensor as it is; a real wrapped number (the 2.0 of x * 2.0, a Python number to
@@ -202,7 +210,7 @@ at::Tensor f32_operand(const c10::IValue& v, const at::Tensor& like) {
   } else {
     return at::Tensor();   // bool, complex: Python
   }
-  if (near_one(c)) return at::Tensor();
+  if (optimizer_form(c)) return at::Tensor();
   return at::scalar_tensor(static_cast<float>(c), like.options());
 }
 
@@ -220,7 +228,7 @@ bool real_scalar(const c10::IValue& v, double* out) {
 }
 
 // elementwise.scalar_mul/scalar_div take the optimizer's form for 1/2 <= |c| <= 2, c != ±1,
-// inside a step: those calls are left to Python, which knows whether a step runs
+// inside a step: those calls are left to Python
 bool near_one(double c) {
   const double a = std::fabs(c);
   return a >= 0.5 && a <= 2.0 && a != 1.0;
@@ -337,6 +345,15 @@ bool answer_cnn(int64_t fast, c10::ArrayRef<c10::IValue> args, size_t n, torch::
   return true;
 }
 
+// a = PAM/PAD(a, b) for an in-place form, b broadcast to a's shape: into a where no memory
+// is shared (between b and a, or within a), else computed apart and copied in, as the
+// Python handler does
+at::Tensor in_place(at::Tensor& a, const at::Tensor& b, bool mul) {
+  if (at::has_internal_overlap(a) == at::MemOverlap::No && at::get_overlap_status(a, b) == at::MemOverlapStatus::No)
+    return mul ? pa_ew::pam_(a, b) : pa_ew::pad_(a, b);
+  return a.copy_(mul ? pa_ew::pam(a, b) : pa_ew::pad(a, b));
+}
+
 // Runs the call in C++ and leaves its result on the stack, or returns false (stack
 // untouched). The calls made here run with this thread's route off and below Python
 // dispatch, as the Python handler's do.
@@ -388,12 +405,16 @@ bool answer(int64_t fast, const c10::OperatorHandle& op, c10::DispatchKeySet ks,
     } else if (fast >= kMulScalar && fast <= kDivScalarInplace) {
       if (!args[0].isTensor() || !f32(args[0].toTensor())) return false;
       double c;
-      if (!real_scalar(args[1], &c) || near_one(c)) return false;
-      const at::Tensor& a = args[0].toTensor();
+      if (!real_scalar(args[1], &c) || optimizer_form(c)) return false;
+      at::Tensor a = args[0].toTensor();
       // promote(): the number as a float32 0-d tensor (torch.tensor(float(c), dtype=float32))
       at::Tensor b = at::scalar_tensor(static_cast<float>(c), a.options());
-      out = fast <= kMulScalarInplace ? pa_ew::pam(a, b) : pa_ew::pad(a, b);
-      if (fast == kMulScalarInplace || fast == kDivScalarInplace) out = a.copy_(out);
+      const bool mul = fast <= kMulScalarInplace;
+      if (fast == kMulScalarInplace || fast == kDivScalarInplace) {
+        out = in_place(a, b, mul);
+      } else {
+        out = mul ? pa_ew::pam(a, b) : pa_ew::pad(a, b);
+      }
     } else if (fast == kPow) {
       if (!args[0].isTensor() || !f32(args[0].toTensor())) return false;
       double p;
@@ -435,8 +456,13 @@ bool answer(int64_t fast, const c10::OperatorHandle& op, c10::DispatchKeySet ks,
       if (!b.defined()) return false;
       const bool inplace = fast == kMulInplace || fast == kDivInplace;
       if (inplace && at::infer_size(a.sizes(), b.sizes()) != a.sizes()) return false;   // Python raises
-      out = (fast == kMul || fast == kMulInplace) ? pa_ew::pam(a, b) : pa_ew::pad(a, b);
-      if (inplace) out = a.copy_(out);
+      const bool mul = fast == kMul || fast == kMulInplace;
+      if (inplace) {
+        at::Tensor self = a;
+        out = in_place(self, b, mul);
+      } else {
+        out = mul ? pa_ew::pam(a, b) : pa_ew::pad(a, b);
+      }
     } else if (fast == kMm || fast == kAddmm) {
       const size_t m = fast == kMm ? 0 : 1;
       if (!args[m].isTensor() || !args[m + 1].isTensor()) return false;
@@ -602,6 +628,8 @@ void register_route(pybind11::module& m) {
   m.def("route_set_handler", &set_handler, "the Python handler of routed calls, the refusal of a float result, and the pass/opaque/after answers");
   m.def("route_set_plain", &set_plain,
         "this thread's calls answered in C++ (1: the elementwise ops, 2: the products, 4: free alpha calls, 8: sigmoid/tanh/silu); returns the old value");
+  m.def("route_set_optimizer", [](int64_t steps) { g_optimizer_steps.store(steps, std::memory_order_relaxed); },
+        "how many optimizer steps run (a factor near 1 is answered in C++ only outside one)");
   m.def("route_register", &register_ops, "the route kernel, with this bit, for these ops on BackendSelect",
         py::arg("ns"), py::arg("names"), py::arg("bit"), py::arg("fast") = std::vector<int64_t>());
 }
