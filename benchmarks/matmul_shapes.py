@@ -8,8 +8,9 @@ leaves zeros in one operand, and attention multiplies hundreds of 17 x 16 matric
 times ``pamtorch.kernels.cpu.pam_mm``/``pam_bmm`` and ``torch.mm``/``torch.bmm`` on the same
 operands, interleaved in one process (median of ``--reps`` rounds of CPU time), and prints the
 ratio PAM / torch (1.0 = as fast, 2.0 = twice the time). Shapes: the stock encoder of
-``pamtorch bench step --recipe encoder`` (1024 tokens, d 128, FFN 2048) and the vit recipe (64
-images of 17 tokens, d 64, 4 heads of 16, MLP 128).
+``pamtorch bench step --recipe encoder`` (1024 tokens, d 128, FFN 2048), the vit recipe (64
+images of 17 tokens, d 64, 4 heads of 16, MLP 128) and the output layer of the translate
+recipe's tiny preset (about 2000 target tokens a batch, d 64, 8000-token vocabulary).
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def _cases():
         ("vit qkv, x Wqkv^T", r(V, 64), r(192, 64).t()),
         ("vit dW fc1 = g^T x (A transposed)", r(V, 128).t(), r(V, 64)),
         ("vit dW fc2 = g^T relu(h) (A transposed, zeros in B)", r(V, 64).t(), r(V, 128).relu()),
+        ("translate vocabulary projection, x Wout^T", r(2000, 64), r(8000, 64).t()),
+        ("translate vocabulary dX = g Wout", r(2000, 8000), r(8000, 64)),
+        ("translate vocabulary dW = g^T x (A transposed)", r(2000, 8000).t(), r(2000, 64)),
     ]
     bmm = [
         ("vit attention q k^T (B transposed)", r(256, 17, 16), r(256, 17, 16).transpose(1, 2)),
