@@ -48,6 +48,20 @@ void loop_fast(T* o, const T* a, const T* b, int64_t n) {
   loop_body<T, OP, K>(o, a, b, n);
 }
 
+// out = OP(a, b) for any strides (data/strides as TensorIterator gives them: out, a, b), one
+// value at a time through memcpy, so the operands may alias
+template <class T, T (*OP)(T, T)>
+inline void strided_loop(char** data, const int64_t* strides, int64_t n) {
+  constexpr int64_t S = sizeof(T);
+  for (int64_t i = 0; i < n; ++i) {
+    T u, v;
+    std::memcpy(&u, data[1] + i * strides[1], S);
+    std::memcpy(&v, data[2] + i * strides[2], S);
+    const T r = OP(u, v);
+    std::memcpy(data[0] + i * strides[0], &r, S);
+  }
+}
+
 // a = OP(a, b) in place (the output is the first operand, so the loops do not take
 // __restrict): contiguous, with b contiguous or one broadcast value
 template <class T, T (*OP)(T, T), Bcast K>
@@ -89,13 +103,7 @@ void binary_inplace_iter(at::Tensor& a, const at::Tensor& b) {
       return inplace_fast<T, OP, BOTH>(o, y, n);
     if (data[0] == data[1] && strides[0] == S && strides[1] == S && strides[2] == 0)
       return inplace_fast<T, OP, SCALAR_B>(o, y, n);
-    for (int64_t i = 0; i < n; ++i) {
-      T u, v;
-      std::memcpy(&u, data[1] + i * strides[1], S);
-      std::memcpy(&v, data[2] + i * strides[2], S);
-      const T r = OP(u, v);
-      std::memcpy(data[0] + i * strides[0], &r, S);
-    }
+    strided_loop<T, OP>(data, strides, n);
   });
 }
 
@@ -112,13 +120,7 @@ at::Tensor binary_iter(const at::Tensor& a, const at::Tensor& b) {
     if (strides[0] == S && strides[1] == S && strides[2] == S) return loop_fast<T, OP, BOTH>(o, x, y, n);
     if (strides[0] == S && strides[1] == 0 && strides[2] == S) return loop_fast<T, OP, SCALAR_A>(o, x, y, n);
     if (strides[0] == S && strides[1] == S && strides[2] == 0) return loop_fast<T, OP, SCALAR_B>(o, x, y, n);
-    for (int64_t i = 0; i < n; ++i) {
-      T u, v;
-      std::memcpy(&u, data[1] + i * strides[1], S);
-      std::memcpy(&v, data[2] + i * strides[2], S);
-      const T r = OP(u, v);
-      std::memcpy(data[0] + i * strides[0], &r, S);
-    }
+    strided_loop<T, OP>(data, strides, n);
   });
   return iter.output();
 }
