@@ -355,9 +355,7 @@ def test_routed_nodes_run_the_kernel_routes_answers_and_see_a_replaced_entry(mon
         calls.append(name)
         return M._kernel_call(name, args, kwargs)
 
-    ext = M._KernelRoute.ext
-    ext.route_set_handler(spy, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
-    try:
+    with M.kernel_route_handler(spy):
         _assert_bits(ref, _grads(model, compiled(x, y)))
         assert not [c for c in calls if c.split("::")[1].split(".")[0] in ("mm", "addmm")], calls
         builtin = OP_TABLE[torch.ops.aten.mm]
@@ -369,8 +367,6 @@ def test_routed_nodes_run_the_kernel_routes_answers_and_see_a_replaced_entry(mon
         monkeypatch.setitem(OP_TABLE, torch.ops.aten.mm, _Entry(builtin.kind, mine))
         _assert_bits(ref, _grads(model, compiled(x, y)))
         assert seen, "the replaced mm entry did not run"
-    finally:
-        ext.route_set_handler(M._kernel_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
 
 
 def test_custom_ops_match_the_kernels_and_the_approx_derivative():

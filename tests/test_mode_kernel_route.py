@@ -354,12 +354,8 @@ def _python_calls():
 
     with pamtorch.mode(Config.full(), route="kernel"):
         pass   # registers the route's ops and its handler
-    ext = M._KernelRoute.ext
-    ext.route_set_handler(spy, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
-    try:
+    with M.kernel_route_handler(spy):
         yield calls
-    finally:
-        ext.route_set_handler(M._kernel_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
 
 
 def test_answers_in_cpp_leave_python_out_and_in_place_forms_return_their_tensor():

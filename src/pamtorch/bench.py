@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import statistics
 import time
 
@@ -1058,6 +1059,16 @@ def _profiled_ops(run, steps: int) -> tuple:
     return ops, wall
 
 
+def _by_name(ops: dict) -> dict:
+    """:func:`_profiled_ops`' table summed over groups: name -> [calls, seconds]."""
+    out: dict = {}
+    for (_, name), (c, t) in ops.items():
+        a = out.setdefault(name, [0.0, 0.0])
+        a[0] += c
+        a[1] += t
+    return out
+
+
 def bench_profile_kernel(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "pam-full"), reps: int = 5,
                          threads=None, train_args=(), seed: int = 0, top: int = 12) -> list:
     """Where a training step's time goes on the mode's kernel route (what ``pamtorch train``
@@ -1098,7 +1109,7 @@ def bench_profile_kernel(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "p
         task, hp = _step_setup(recipe, train_args, seed)
         models = dict(zip(names, _copies(task, hp, len(names))))
         contexts = {v: T.arith_context(v) for v in names}
-        counter = {"i": 0}
+        seeds = itertools.count(reps + 3)   # a fresh seed for every profiled step
 
         def step(v, batch, i):
             model, opt = models[v]
@@ -1128,19 +1139,13 @@ def bench_profile_kernel(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "p
                 c[1] += time.perf_counter() - t0
 
         def run(v):
-            counter["i"] += 1
-            step(v, batch, reps + 2 + counter["i"])
+            step(v, batch, next(seeds))
 
         profiled = {}
-        ext = M._KernelRoute.ext
         for v in names:
             python.clear()
-            if v != "fp32":
-                ext.route_set_handler(timed_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
-            try:
+            with M.kernel_route_handler(timed_call):
                 ops, wall = _profiled_ops(lambda v=v: run(v), reps)
-            finally:
-                ext.route_set_handler(M._kernel_call, M._kernel_refuse, M._PASS, M._OPAQUE, M._RUN_AND_CHECK)
             profiled[v] = (ops, wall, {k: (c / reps, t / reps) for k, (c, t) in python.items()})
         med = {v: statistics.median(t) for v, t in times.items()}
         f_ops, f_wall, _ = profiled["fp32"]
@@ -1149,39 +1154,22 @@ def bench_profile_kernel(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "p
             ops, wall, py = profiled[v]
             groups: dict = {}
 
-            def add(side, group, calls, secs):
-                g = groups.setdefault(group, {"fp32_calls": 0.0, "fp32_ms": 0.0, "pa_calls": 0.0, "pa_ms": 0.0,
-                                              "python_calls": 0.0, "python_ms": 0.0})
+            def add(side, group, calls, ms):
+                g = groups.setdefault(group, dict.fromkeys(("fp32_calls", "fp32_ms", "pa_calls", "pa_ms",
+                                                            "python_calls", "python_ms"), 0.0))
                 g[side + "_calls"] += calls
-                g[side + "_ms"] += secs * 1e3
-            for (group, _), (c, t) in f_ops.items():
-                add("fp32", group, c, t)
-            for (group, _), (c, t) in ops.items():
-                add("pa", group, c, t)
-            by_name: dict = {}
+                g[side + "_ms"] += ms
+            for side, table in (("fp32", f_ops), ("pa", ops)):
+                for (group, _), (c, t) in table.items():
+                    add(side, group, c, t * 1e3)
             for qual, (c, t) in py.items():
-                name = qual.split("::", 1)[1].split(".")[0]
-                kind = _aten_kind(name, False)
-                g = groups.setdefault(kind, {"fp32_calls": 0.0, "fp32_ms": 0.0, "pa_calls": 0.0, "pa_ms": 0.0,
-                                             "python_calls": 0.0, "python_ms": 0.0})
-                g["python_calls"] += c
-                g["python_ms"] += t * 1e3
-                by_name[qual] = (c, t * 1e3)
+                add("python", _aten_kind(qual.split("::", 1)[1].split(".")[0], False), c, t * 1e3)
             f_total = sum(t for _, t in f_ops.values())
             p_total = sum(t for _, t in ops.values())
             rows = [dict(group=k, **g) for k, g in sorted(groups.items(), key=lambda kv: -kv[1]["pa_ms"])]
             rows.append({"group": "outside any op", "fp32_calls": None, "fp32_ms": (f_wall - f_total) * 1e3,
                          "pa_calls": None, "pa_ms": (wall - p_total) * 1e3, "python_calls": None, "python_ms": None})
-            fp32_by_name: dict = {}
-            for (_, name), (c, t) in f_ops.items():
-                a = fp32_by_name.setdefault(name, [0.0, 0.0])
-                a[0] += c
-                a[1] += t
-            pa_by_name: dict = {}
-            for (_, name), (c, t) in ops.items():
-                a = pa_by_name.setdefault(name, [0.0, 0.0])
-                a[0] += c
-                a[1] += t
+            fp32_by_name, pa_by_name = _by_name(f_ops), _by_name(ops)
             excess = sorted(((pa_by_name.get(n, [0, 0])[1] - fp32_by_name.get(n, [0, 0])[1]) * 1e3, n)
                             for n in set(pa_by_name) | set(fp32_by_name))
             top_ops = [{"op": n, "excess_ms": x, "fp32_ms": fp32_by_name.get(n, [0, 0])[1] * 1e3,
@@ -1191,7 +1179,7 @@ def bench_profile_kernel(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "p
                         "batch_size": hp.batch_size, "t_fp32_ms": med["fp32"] * 1e3, "t_pa_ms": med[v] * 1e3,
                         "x_fp32": med[v] / med["fp32"], "profiled_fp32_ms": f_wall * 1e3,
                         "profiled_pa_ms": wall * 1e3, "groups": rows, "top_ops": top_ops,
-                        "python_calls": sorted(((c, t, q) for q, (c, t) in by_name.items()), reverse=True)})
+                        "python_calls": sorted(((c, t * 1e3, q) for q, (c, t) in py.items()), reverse=True)})
         return out
     finally:
         torch.set_num_threads(old_threads)

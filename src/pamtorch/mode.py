@@ -749,6 +749,19 @@ class _KernelRoute:
             cls.ext.route_register(ns, [n for n, _ in named], bit, [f for _, f in named])
 
 
+@contextlib.contextmanager
+def kernel_route_handler(wrap):
+    """In the body, the kernel route hands its Python calls to ``wrap(name, args, kwargs)``
+    instead of ``_kernel_call`` (which ``wrap`` should call): for timing or counting them
+    (``pamtorch bench profile``, tests). Needs the compiled kernels (``_KernelRoute.available()``)."""
+    ext = _KernelRoute.ext
+    ext.route_set_handler(wrap, _kernel_refuse, _PASS, _OPAQUE, _RUN_AND_CHECK)
+    try:
+        yield
+    finally:
+        ext.route_set_handler(_kernel_call, _kernel_refuse, _PASS, _OPAQUE, _RUN_AND_CHECK)
+
+
 def kernel_route_applies(config: Config, leave_exact=()) -> bool:
     """Whether :func:`mode` can run ``config`` by the kernel route (``route="auto"`` then
     does, for any config): no op left exact on request, no Python dispatch mode active on
