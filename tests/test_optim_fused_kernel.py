@@ -158,9 +158,83 @@ def test_kernel_outside_an_optimizer_step_and_ordinary_values(calls):
     assert calls == [2] * 6
 
 
+def values16(n, seed, dtype, positive=False):
+    """:func:`values` for a 16-bit dtype: random 16-bit patterns (every exponent, NaN payloads,
+    subnormals), the special values rounded to the dtype, N(0, 1) values."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-2 ** 15, 2 ** 15, (n,), generator=g, dtype=torch.int32).to(torch.int16)
+    if positive:
+        bits &= 0x7FFF
+    normal = torch.randn(n, generator=g)
+    x = torch.cat([bits.view(dtype), torch.tensor(SPECIALS).to(dtype), (normal.abs() if positive else normal).to(dtype)])
+    return x[torch.randperm(x.numel(), generator=g)][:n].clone()
+
+
+@pytest.fixture
+def lowp_calls(monkeypatch):
+    """The calls of the 16-bit kernel, each as the number of tensors it updated."""
+    seen = []
+    real = EXT.optim_adam_step_lowp
+
+    def spy(*a):
+        seen.append(len(a[0]))
+        return real(*a)
+    monkeypatch.setattr(EXT, "optim_adam_step_lowp", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("adamw", [True, False], ids=["adamw", "adam"])
+@pytest.mark.parametrize("hyper", list(HYPER), ids=list(HYPER))
+def test_lowp_kernel_matches_loop_bit_for_bit(lowp_calls, dtype, adamw, hyper):
+    """The 16-bit update (``optim_adam_step_lowp``) against the Python loop on pure-torch PA
+    ops: random 16-bit patterns in params, grads and moments, maximize or not, three steps
+    with different step counts per tensor, inside an optimizer step and outside one."""
+    tensors = [[values16(n, 100 * k + n, dtype, positive=k == 3) for n in (700, 3, 1)] for k in range(4)] + [[]]
+    for maximize in (False, True):
+        ts = tensors
+        for step in range(3):
+            steps = [1 + step, 7 + step, 1000 + step]
+            ts = check(adamw, ts, steps, f"{dtype} {hyper} maximize={maximize} step {step}", maximize=maximize,
+                       in_step=step != 1, **HYPER[hyper])
+            g = torch.Generator().manual_seed(step)
+            ts[1] = [t[torch.randperm(t.numel(), generator=g)] for t in ts[1]]  # new grads
+    assert lowp_calls == [3] * 6
+
+
+def test_mixed_dtypes_each_take_their_kernel(calls, lowp_calls):
+    """One fused call over float32, bfloat16 and float16 tensors (torch groups by dtype, a
+    direct call need not): each dtype's tensors take their kernel, with the loop's bits."""
+    f32 = state([40, 5], seed=8, nan_moments=False)
+    bf = [[values16(n, 7 * k + n, torch.bfloat16, positive=k == 3) for n in (30, 2)] for k in range(4)] + [[]]
+    hf = [[values16(n, 9 * k + n, torch.float16, positive=k == 3) for n in (20,)] for k in range(4)] + [[]]
+    mixed = [a + b + c for a, b, c in zip(f32, bf, hf)]
+    check(True, mixed, [2, 3, 4, 5, 6], "mixed", **HYPER["default"])
+    assert calls == [2] and lowp_calls == [2, 1]
+
+
+def test_lowp_kernel_rejects_bad_arguments():
+    p = torch.zeros(4, dtype=torch.bfloat16)
+    c = [torch.tensor(0.5, dtype=torch.bfloat16)] * 6
+    table = torch.zeros(1 << 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be a bfloat16 or float16 CPU tensor"):
+        EXT.optim_adam_step_lowp([p.float()], [p], [p], [p], [1] * 6, c, 1e-8, table, True, False)
+    with pytest.raises(RuntimeError, match=r"the state of params\[0\] must be CPU tensors of its dtype"):
+        EXT.optim_adam_step_lowp([p], [p.half()], [p], [p], [1] * 6, c, 1e-8, table, True, False)
+    with pytest.raises(RuntimeError, match="6 entries per tensor"):
+        EXT.optim_adam_step_lowp([p], [p], [p], [p], [1] * 5, c, 1e-8, table, True, False)
+    with pytest.raises(RuntimeError, match="form kind must be"):
+        EXT.optim_adam_step_lowp([p], [p], [p], [p], [1, 5, 1, 1, 1, 1], c, 1e-8, table, True, False)
+    with pytest.raises(RuntimeError, match="0-d tensors of the parameters' dtype"):
+        EXT.optim_adam_step_lowp([p], [p], [p], [p], [1] * 6, [c[0].float()] * 6, 1e-8, table, True, False)
+    with pytest.raises(RuntimeError, match="'sqrt_table' must be a contiguous CPU tensor of 65536"):
+        EXT.optim_adam_step_lowp([p], [p], [p], [p], [1] * 6, c, 1e-8, table[:10], True, False)
+
+
 def test_fallbacks(calls):
-    """amsgrad, an offset, narrow mantissas, a listening audit recorder and bfloat16 tensors
-    run the Python loop; a non-contiguous tensor goes to the loop, the others to the kernel."""
+    """amsgrad, an offset, narrow mantissas and a listening audit recorder run the Python
+    loop; a non-contiguous tensor goes to the loop, the others to the kernel; bfloat16
+    tensors take the 16-bit kernel, not the float32 one."""
     tensors = state([50, 7], seed=5)
     ok = state([50, 7], seed=6, nan_moments=False)
     check(True, ok, [2, 2], "amsgrad", amsgrad=True, **HYPER["default"])

@@ -147,24 +147,35 @@ def _f32_bits(c) -> int:
     return int(torch.tensor(float(c), dtype=torch.float32).view(torch.int32).item()) & 0xFFFFFFFF
 
 
-def _mul_form(x, c, optimizer=None):
+def _mul_form(x, c, optimizer=None, const=_f32_bits):
     """:func:`.elementwise.scalar_mul`'s choice for ``x ·̂ c``: PAM(x, c), or the optimizer's
-    ``±(x + PAM(x, |c| - 1))``."""
+    ``±(x + PAM(x, |c| - 1))``; the constant as ``const`` gives it (its float32 pattern, or
+    for the 16-bit kernel a 0-d tensor of the dtype)."""
     if not _near_one(x, c, optimizer):
-        return _PAM, _f32_bits(c)
-    return (_NEAR if c > 0 else _NEAR_NEG), _f32_bits(abs(c) - 1)
+        return _PAM, const(c)
+    return (_NEAR if c > 0 else _NEAR_NEG), const(abs(c) - 1)
 
 
-def _scale_form(x, s):
+def _scale_form(x, s, const=_f32_bits):
     """:func:`.elementwise.scalar_scale`'s: x itself for s == 1, else :func:`_mul_form`."""
-    return (_IDENT, 0) if s == 1 else _mul_form(x, s)
+    return (_IDENT, const(0)) if s == 1 else _mul_form(x, s, const=const)
 
 
-def _div_form(x, c):
+def _div_form(x, c, const=_f32_bits):
     """:func:`.elementwise.scalar_div`'s: PAD(x, c), or the optimizer's form of x ·̂ (1/c)."""
     if not _near_one(x, c, None):
-        return _PAD, _f32_bits(c)
-    return _mul_form(x, 1 / c, optimizer=True)
+        return _PAD, const(c)
+    return _mul_form(x, 1 / c, optimizer=True, const=const)
+
+
+def _adam_forms(p, t, lr, beta1, beta2, wd, adamw, const=_f32_bits) -> list:
+    """The forms of one tensor's update at step ``t``, in pa_optim.cpp's order (decay, beta1,
+    beta2, gg, bc2, step): kind and constant of each, flattened."""
+    decay = (_SKIP, const(0)) if wd == 0 else _mul_form(p, 1 - lr * wd, const=const) if adamw else \
+        _scale_form(p, wd, const)
+    return [*decay, *_mul_form(p, 1 - beta1, const=const), *_mul_form(p, beta2, const=const),
+            *_scale_form(p, 1 - beta2, const), *_div_form(p, (1 - beta2 ** t) ** 0.5, const),
+            *_scale_form(p, (lr / (1 - beta1 ** t)) * -1, const)]
 
 
 def _nan_rule() -> bool:
@@ -190,37 +201,57 @@ def _nan_rule() -> bool:
 
 def _adam_kernel(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps, amsgrad, maximize,
                  adamw, cfg) -> list:
-    """Run ``_pa_fused_adam``'s per-tensor update with the compiled kernel where it applies
-    (float32 contiguous CPU tensors, no offset or mantissa rounding, no amsgrad, no audit
-    recorder listening, torch's NaN choice as the kernel's); return the indices left to the
+    """Run ``_pa_fused_adam``'s per-tensor update with a compiled kernel where one applies
+    (no offset or mantissa rounding, no amsgrad, no audit recorder listening): float32
+    contiguous CPU tensors take ``optim_adam_step`` (one pass per tensor; torch's NaN choice
+    must be the kernel's), bfloat16/float16 CPU tensors ``optim_adam_step_lowp`` (the loop's
+    ops in C++: torch's adds and the 16-bit PA kernels). Return the indices left to the
     Python loop. Each tensor's products with Python numbers take the forms the loop's
     ``scalar_mul``/``scalar_scale``/``scalar_div`` would, so the bits are the loop's."""
     everything = list(range(len(params)))
     if amsgrad or RECORDERS or cfg.offset is not None or cfg.mantissa_bits is not None or not params:
         return everything
-    ext = arith._ext(params[0])
-    if ext is None or not _nan_rule():
-        return everything
-    fit, rest = [], []
+    fit, lowp, rest = [], [], []
     with torch._C.DisableTorchFunction():  # attribute reads, not for the function mode to route
         for i, ts in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-            ok = all(t.dtype is torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts)
-            (fit if ok else rest).append(i)
-    if not fit:
-        return rest
-    forms, rows = [], {}
-    for i in fit:
-        t = steps[i].item()
-        row = rows.get(t)
-        if row is None:
-            p = params[i]
-            decay = (_SKIP, 0) if wd == 0 else _mul_form(p, 1 - lr * wd) if adamw else _scale_form(p, wd)
-            row = rows[t] = [*decay, *_mul_form(p, 1 - beta1), *_mul_form(p, beta2), *_scale_form(p, 1 - beta2),
-                             *_div_form(p, (1 - beta2 ** t) ** 0.5),
-                             *_scale_form(p, (lr / (1 - beta1 ** t)) * -1), _f32_bits(eps)]
-        forms += row
-    pick = lambda ts: [ts[i] for i in fit]  # noqa: E731
-    ext.optim_adam_step(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), forms, adamw, maximize)
+            if all(t.dtype is torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts):
+                fit.append(i)
+            elif arith._lowp(*ts) is not None:
+                lowp.append(i)
+            else:
+                rest.append(i)
+    pick = lambda ts, idx: [ts[i] for i in idx]  # noqa: E731
+    ext = arith._ext(params[fit[0]]) if fit else None
+    if fit and (ext is None or not _nan_rule()):
+        rest, fit = sorted(rest + fit), []
+    if fit:
+        forms, rows = [], {}
+        for i in fit:
+            t = steps[i].item()
+            if t not in rows:
+                rows[t] = _adam_forms(params[i], t, lr, beta1, beta2, wd, adamw) + [_f32_bits(eps)]
+            forms += rows[t]
+        ext.optim_adam_step(pick(params, fit), pick(grads, fit), pick(exp_avgs, fit), pick(exp_avg_sqs, fit),
+                            forms, adamw, maximize)
+    if lowp:
+        ext = arith._lowp(params[lowp[0]])
+        kinds, consts, rows = [], [], {}
+        for i in lowp:
+            t, dtype = steps[i].item(), params[i].dtype
+            row = rows.get((t, dtype))
+            if row is None:
+                const = lambda c, dtype=dtype: torch.tensor(float(c), dtype=dtype)  # noqa: E731  promote()'s
+                row = rows[t, dtype] = _adam_forms(params[i], t, lr, beta1, beta2, wd, adamw, const)
+            kinds += row[0::2]
+            consts += row[1::2]
+        tables = {d: arith._table(arith._sqrt_like, d, 1) for d in dict.fromkeys(params[i].dtype for i in lowp)}
+        for d, table in tables.items():
+            idx = [j for j, i in enumerate(lowp) if params[i].dtype is d]
+            sel = [lowp[j] for j in idx]
+            ext.optim_adam_step_lowp(pick(params, sel), pick(grads, sel), pick(exp_avgs, sel),
+                                     pick(exp_avg_sqs, sel), [kinds[6 * j + f] for j in idx for f in range(6)],
+                                     [consts[6 * j + f] for j in idx for f in range(6)], float(eps), table,
+                                     adamw, maximize)
     return rest
 
 
@@ -239,7 +270,8 @@ def _pa_fused_adam(func, args, kwargs, cfg):
     with the bias corrections exact Python floats, as in the foreach path, and each
     ⊙̂/÷̂ by a Python number 1/2..2 in the optimizer's form, p - p ⊙̂ lr·wd for the decay
     (:func:`.elementwise.scalar_mul`). Float32 contiguous CPU tensors take the compiled
-    kernel, one pass per tensor with the loop's bits (:func:`_adam_kernel`)."""
+    kernel, one pass per tensor with the loop's bits, and bfloat16/float16 CPU tensors the
+    loop itself in C++ (:func:`_adam_kernel`)."""
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = args[:6]
     lr, beta1, beta2 = _value(kwargs["lr"]), kwargs["beta1"], kwargs["beta2"]
     wd, eps, amsgrad, maximize = kwargs["weight_decay"], kwargs["eps"], kwargs["amsgrad"], kwargs["maximize"]
@@ -279,7 +311,9 @@ def fused_adam_groups(opt, config, leave_exact=()) -> list:
     (``foreach=None, fused=None``) to ``fused=True``, and return them for
     :func:`restore_groups`. Under the mode the three paths give the same bits (the fused op
     runs the foreach path's ops in its order, :func:`_pa_fused_adam`); only groups whose
-    fused step can take the compiled kernel are switched: float32 CPU parameters, Python
+    fused step is the compiled kernel or its loop are switched: float32 CPU parameters
+    (the kernel), or bfloat16/float16 ones (the loop's 16-bit PA ops, each a compiled
+    kernel; the three paths agree there too, tests/test_optim_fused_kernel.py), Python
     number hyperparameters, no amsgrad, differentiable or capturable, the optimizer kind PA
     with no offset or mantissa rounding and nothing left exact (an exact fused op would be
     torch's own kernel, which rounds differently). The default dtype must be float32, so that
@@ -291,7 +325,10 @@ def fused_adam_groups(opt, config, leave_exact=()) -> list:
     if (leave_exact or not op.pa or op.offset is not None or op.mantissa_bits is not None
             or getattr(opt, "pa_config", config) != config or torch.get_default_dtype() is not torch.float32):
         return []
-    return _switch_default_groups(opt, "fused", lambda group: not group.get("amsgrad"))
+    return _switch_default_groups(opt, "fused", lambda group: not group.get("amsgrad"), _FUSED_DTYPES)
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # stock optimizers whose foreach step gives the for-loop step's bits on CPU float32
@@ -315,12 +352,12 @@ def foreach_exact_groups(opt, config, leave_exact=()) -> list:
     return _switch_default_groups(opt, "foreach")
 
 
-def _switch_default_groups(opt, key: str, also=lambda group: True) -> list:
+def _switch_default_groups(opt, key: str, also=lambda group: True, dtypes=(torch.float32,)) -> list:
     """Set ``group[key] = True`` ("fused" or "foreach") in the param groups of ``opt`` that
     take torch's default path (``foreach`` and ``fused`` None; not differentiable or
-    capturable), whose hyperparameters are Python numbers, whose parameters are float32 on
-    CPU with strided gradients, and for which ``also(group)`` holds; return them for
-    :func:`restore_groups`."""
+    capturable), whose hyperparameters are Python numbers, whose parameters are CPU tensors
+    of one of ``dtypes`` with strided gradients, and for which ``also(group)`` holds; return
+    them for :func:`restore_groups`."""
     def has_tensor(v):
         return isinstance(v, torch.Tensor) or (isinstance(v, tuple) and any(isinstance(x, torch.Tensor) for x in v))
 
@@ -332,7 +369,7 @@ def _switch_default_groups(opt, key: str, also=lambda group: True) -> list:
                 continue
             if any(has_tensor(v) for k, v in group.items() if k != "params"):
                 continue
-            if all(p.dtype is torch.float32 and p.device.type == "cpu" and
+            if all(p.dtype in dtypes and p.device.type == "cpu" and
                    (p.grad is None or p.grad.layout is torch.strided) for p in group["params"]):
                 group[key] = True
                 switched.append(group)

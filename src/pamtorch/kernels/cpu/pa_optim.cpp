@@ -229,7 +229,100 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------
+// The same update on bfloat16/float16 tensors: _pa_fused_adam's loop as it runs there, op for
+// op, on ATen's own adds, negations and selects (their rounding to 16 bits and their NaNs are
+// torch's, so they are called, not re-implemented) and the 16-bit PA kernels of pa_lowp.cpp
+// (PAM, PAD, and pa_sqrt by table lookup). What it saves is the Python of the loop.
+
+namespace pa_lowp {   // pa_lowp.cpp
+at::Tensor pam(const at::Tensor& a, const at::Tensor& b);
+at::Tensor pad(const at::Tensor& a, const at::Tensor& b);
+at::Tensor lookup(const at::Tensor& x, const at::Tensor& table);
+}  // namespace pa_lowp
+
+namespace {
+
+// scalar_mul / scalar_scale / scalar_div of ops/elementwise.py by the form (kind, c), c the
+// constant as a 0-d tensor of x's dtype (promote()'s torch.tensor(float(c), dtype=...))
+at::Tensor lowp_form(int64_t kind, const at::Tensor& x, const at::Tensor& c) {
+  switch (kind) {
+    case PAM:
+      return pa_lowp::pam(x, c);
+    case PAD:
+      return pa_lowp::pad(x, c);
+    case NEAR:
+    case NEAR_NEG: {
+      // torch.where(torch.isfinite(x) & (x != 0), x + pam(x, |c| - 1), x), negated for c < 0
+      at::Tensor out = at::where(at::bitwise_and(at::isfinite(x), at::ne(x, 0)), at::add(x, pa_lowp::pam(x, c)), x);
+      return kind == NEAR ? out : at::neg(out);
+    }
+    default:  // IDENT
+      return x;
+  }
+}
+
+// kinds: 6 per tensor (decay, beta1, beta2, gg, bc2, step; as in adam_step), consts: the 6
+// matching constants (any 0-d tensor of the dtype where the kind takes none), eps the Python
+// float added to the denominator, sqrt_table arith.pa_sqrt's table for the dtype
+void adam_step_lowp(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                    const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                    const std::vector<int64_t>& kinds, const std::vector<at::Tensor>& consts, double eps,
+                    const at::Tensor& sqrt_table, bool adamw, bool maximize) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
+              "pamtorch optim_adam_step_lowp: params, grads, exp_avgs and exp_avg_sqs must have one entry per "
+              "parameter, got ", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
+  TORCH_CHECK(kinds.size() == 6 * n && consts.size() == 6 * n,
+              "pamtorch optim_adam_step_lowp: kinds and consts must hold 6 entries per tensor (", 6 * n,
+              "), got ", kinds.size(), " and ", consts.size());
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK((p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf) && p.device().is_cpu(),
+                "pamtorch optim_adam_step_lowp: params[", i, "] must be a bfloat16 or float16 CPU tensor, got ",
+                p.scalar_type(), " on ", p.device());
+    TORCH_CHECK(sqrt_table.scalar_type() == p.scalar_type() && sqrt_table.dim() == 1 &&
+                    sqrt_table.numel() == 65536 && sqrt_table.is_contiguous() && sqrt_table.device().is_cpu(),
+                "pamtorch optim_adam_step_lowp: 'sqrt_table' must be a contiguous CPU tensor of 65536 elements of "
+                "the parameters' dtype, got ", sqrt_table.scalar_type(), " with shape ", sqrt_table.sizes());
+    for (const auto* t : {&grads[i], &exp_avgs[i], &exp_avg_sqs[i]})
+      TORCH_CHECK(t->scalar_type() == p.scalar_type() && t->device().is_cpu() && t->sizes() == p.sizes(),
+                  "pamtorch optim_adam_step_lowp: the state of params[", i, "] must be CPU tensors of its dtype (",
+                  p.scalar_type(), ") and shape ", p.sizes(), ", got ", t->scalar_type(), " ", t->sizes());
+    for (size_t j = 0; j < 6; ++j) {
+      const int64_t kind = kinds[6 * i + j];
+      TORCH_CHECK(kind >= IDENT && kind <= (j == 0 ? SKIP : NEAR_NEG),
+                  "pamtorch optim_adam_step_lowp: form kind must be 0..4 (0..5 for the decay), got ", kind);
+      const at::Tensor& c = consts[6 * i + j];
+      TORCH_CHECK(c.dim() == 0 && c.scalar_type() == p.scalar_type(),
+                  "pamtorch optim_adam_step_lowp: consts must be 0-d tensors of the parameters' dtype");
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t* k = kinds.data() + 6 * i;
+    const at::Tensor* c = consts.data() + 6 * i;
+    at::Tensor p = params[i], m = exp_avgs[i], v = exp_avg_sqs[i];
+    at::Tensor g = maximize ? at::neg(grads[i]) : grads[i];
+    if (k[0] != SKIP) {
+      if (adamw) {
+        p.copy_(lowp_form(k[0], p, c[0]));              // p <- p *^ (1 - lr wd)
+      } else {
+        g = at::add(g, lowp_form(k[0], p, c[0]));      // g <- g + p *^ wd
+      }
+    }
+    m.copy_(at::add(m, lowp_form(k[1], at::sub(g, m), c[1])));
+    v.copy_(at::add(lowp_form(k[2], v, c[2]), lowp_form(k[3], pa_lowp::pam(g, g), c[3])));
+    at::Tensor denom = at::add(lowp_form(k[4], pa_lowp::lookup(v, sqrt_table), c[4]), eps);
+    p.copy_(at::add(p, lowp_form(k[5], pa_lowp::pad(m, denom), c[5])));
+  }
+}
+
+}  // namespace
+
 void register_optim(pybind11::module& m) {
+  m.def("optim_adam_step_lowp", &adam_step_lowp,
+        "one PA Adam/AdamW update per bfloat16/float16 tensor, in place (ops/optim.py's _pa_fused_adam loop, "
+        "amsgrad off); kinds: 6 per tensor, consts: 6 0-d tensors per tensor");
   m.def("optim_adam_step", &adam_step,
         "one PA Adam/AdamW update per float32 tensor, in place (ops/optim.py's _pa_fused_adam, amsgrad "
         "off); forms: 13 integers per tensor");
