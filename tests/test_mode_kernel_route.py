@@ -250,12 +250,14 @@ def _with_row(z):
     return z.div_(z[0])
 
 
-def _answer_cases():
+def _answer_cases(dtype=torch.float32):
     g = torch.Generator().manual_seed(11)
-    x, y = _specials((6, 5), g), _specials((6, 5), g)
-    row, col = torch.randn(5, generator=g), torch.randn(6, 1, generator=g)
-    a, b = torch.randn(6, 7, generator=g), torch.randn(7, 5, generator=g)
-    bias = torch.randn(5, generator=g)
+    x, y = _specials((6, 5), g).to(dtype), _specials((6, 5), g).to(dtype)
+    row, col = torch.randn(5, generator=g).to(dtype), torch.randn(6, 1, generator=g).to(dtype)
+    a, b = torch.randn(6, 7, generator=g).to(dtype), torch.randn(7, 5, generator=g).to(dtype)
+    if dtype is torch.float16:   # float16 subnormals, which a product's operands flush
+        a[0, :3] = torch.tensor([2.0 ** -20, -(2.0 ** -15), 2.0 ** -14])
+    bias = torch.randn(5, generator=g).to(dtype)
     pos = x.abs()
     ints = torch.arange(6)
     return {
@@ -322,8 +324,8 @@ def _same(p, q):
         return
     assert p.dtype == q.dtype and p.shape == q.shape and p.stride() == q.stride()
     if p.is_floating_point():
-        assert torch.equal(p.view(torch.int32 if p.dtype == torch.float32 else torch.int64),
-                           q.view(torch.int32 if q.dtype == torch.float32 else torch.int64))
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[p.element_size()]
+        assert torch.equal(p.view(ints), q.view(ints))
     else:
         assert torch.equal(p, q)
 
@@ -341,6 +343,22 @@ def test_answers_in_cpp_give_the_python_handlers_bits(cfg_name):
             _same(_run(fn, cfg, True), _run(fn, cfg, False))
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from e
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cfg_name", ["full", "offset"])
+def test_16_bit_answers_give_the_python_handlers_bits(cfg_name, dtype):
+    """The same calls on bfloat16 and float16 operands: mul/div (tensors, wrapped numbers,
+    Scalars, in place) on the 16-bit PA kernels, and mm/addmm/bmm on float32 operands
+    (float16 subnormals flushed) rounded back, answered in C++ with the Python handler's bits;
+    mixed dtypes and the ops answered for float32 only go to Python, as before."""
+    cfg = {"full": Config.full(),
+           "offset": Config.full().replace(matmul=OpConfig(offset=1.0552), elementwise=OpConfig(offset=1.0552))}[cfg_name]
+    for name, fn in _answer_cases(dtype).items():
+        try:
+            _same(_run(fn, cfg, True), _run(fn, cfg, False))
+        except AssertionError as e:
+            raise AssertionError(f"{dtype} {name}: {e}") from e
 
 
 @contextlib.contextmanager
@@ -377,6 +395,17 @@ def test_answers_in_cpp_leave_python_out_and_in_place_forms_return_their_tensor(
             x.mean(0, dtype=torch.float64)
             _in_step(lambda: torch.ops.aten.mul.Scalar(x, 1.5))   # the optimizer's form
         assert calls == ["aten::add.Tensor", "aten::mean.dim", "aten::mul.Scalar"]
+        calls.clear()
+        for dtype in (torch.bfloat16, torch.float16):   # the 16-bit answers
+            h, k, v = x.to(dtype), y.to(dtype), w.to(dtype)
+            with pamtorch.mode(Config.full(), route="kernel"):
+                h * k, h / k, h @ v, torch.addmm(v[0], h, v), h * 3.0, torch.bmm(h[None], v[None])
+                z = h.clone()
+                assert z.mul_(k) is z
+                assert z.div_(4.0) is z
+                h * x   # mixed dtypes: Python
+            assert calls == ["aten::mul.Tensor"]
+            calls.clear()
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam_single", "adamw_foreach"])

@@ -48,6 +48,10 @@ at::Tensor pow(const at::Tensor& x, double p);
 at::Tensor act_forward(const at::Tensor& x, int64_t kind);
 at::Tensor act_backward(const at::Tensor& dy, const at::Tensor& v, int64_t kind);
 }  // namespace pa_ew
+namespace pa_lowp {   // pa_lowp.cpp
+at::Tensor pam(const at::Tensor& a, const at::Tensor& b);
+at::Tensor pad(const at::Tensor& a, const at::Tensor& b);
+}  // namespace pa_lowp
 at::Tensor route_pam_mm(const at::Tensor& a, const at::Tensor& b);    // pam_matmul.cpp
 at::Tensor route_pam_bmm(const at::Tensor& a, const at::Tensor& b);   // pam_matmul.cpp
 namespace pa_cnn {   // pa_conv.cpp
@@ -187,20 +191,47 @@ bool f32(const at::Tensor& t) {
          !t.is_neg() && !t.is_conj() && !t.unsafeGetTensorImpl()->is_wrapped_number();
 }
 
+// a bfloat16 or float16 CPU tensor, likewise (the 16-bit PA kernels of pa_lowp.cpp)
+bool lowp(const at::Tensor& t) {
+  return t.defined() && (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf) && t.device().is_cpu() &&
+         t.layout() == at::kStrided && !t.is_neg() && !t.is_conj() && !t.unsafeGetTensorImpl()->is_wrapped_number();
+}
+
+// an operand of the PA elementwise ops answered here: float32 or 16-bit, as above
+bool pa_dense(const at::Tensor& t) { return f32(t) || lowp(t); }
+
+// PAM / PAD by the kernels of the operands' dtype (a and b of one dtype, pa_dense)
+at::Tensor pa_mul(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == at::kFloat ? pa_ew::pam(a, b) : pa_lowp::pam(a, b);
+}
+at::Tensor pa_div(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == at::kFloat ? pa_ew::pad(a, b) : pa_lowp::pad(a, b);
+}
+
+// matmul._f32: the float32 values PA arithmetic sees in a product's operand (float16
+// subnormals, zeros to PA arithmetic but normal in float32, flushed to a signed zero)
+at::Tensor as_f32(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return t;
+  at::Tensor y = t.to(at::kFloat);
+  if (t.scalar_type() == at::kHalf) y = at::where(at::lt(y.abs(), 6.103515625e-05), at::copysign(at::zeros_like(y), y), y);
+  return y;
+}
+
 bool near_one(double c);
 // how many optimizer steps run (ops/table.py's OPTIMIZER_STEP, told at every change): a
 // factor near 1 takes the optimizer's form only inside one
 std::atomic<int64_t> g_optimizer_steps{0};
 inline bool optimizer_form(double c) { return near_one(c) && g_optimizer_steps.load(std::memory_order_relaxed) > 0; }
 
-// the second operand of a float32 mul/div as the Python handler's promote() makes it: a
-// float32 tensor as it is; a real wrapped number (the 2.0 of x * 2.0, a Python number to
-// the handler) as torch.tensor(float(c), dtype=float32), unless it is a factor near 1,
-// whose optimizer form Python decides; undefined when it is neither
-at::Tensor f32_operand(const c10::IValue& v, const at::Tensor& like) {
+// the second operand of a mul/div of ``like`` (float32 or 16-bit) as the Python handler's
+// promote() makes it: a tensor of like's dtype as it is; a real wrapped number (the 2.0 of
+// x * 2.0, a Python number to the handler) as torch.tensor(float(c), dtype=like.dtype)
+// (rounded to float32 first, then to a 16-bit dtype, as torch.tensor rounds a Python float),
+// unless it is a factor near 1, whose optimizer form Python decides; undefined otherwise
+at::Tensor pa_operand(const c10::IValue& v, const at::Tensor& like) {
   if (!v.isTensor()) return at::Tensor();
   const at::Tensor& t = v.toTensor();
-  if (f32(t)) return t;
+  if (pa_dense(t) && t.scalar_type() == like.scalar_type()) return t;
   if (!t.defined() || !t.unsafeGetTensorImpl()->is_wrapped_number()) return at::Tensor();
   double c;
   if (t.scalar_type() == at::kDouble) {
@@ -346,9 +377,10 @@ bool answer_cnn(int64_t fast, c10::ArrayRef<c10::IValue> args, size_t n, torch::
 }
 
 // a = PAM/PAD(a, b) for an in-place form, b broadcast to a's shape: into a where no memory
-// is shared (between b and a, or within a), else computed apart and copied in, as the
-// Python handler does
+// is shared (between b and a, or within a; float32), else computed apart and copied in, as
+// the Python handler does
 at::Tensor in_place(at::Tensor& a, const at::Tensor& b, bool mul) {
+  if (lowp(a)) return a.copy_(mul ? pa_lowp::pam(a, b) : pa_lowp::pad(a, b));
   if (at::has_internal_overlap(a) == at::MemOverlap::No && at::get_overlap_status(a, b) == at::MemOverlapStatus::No)
     return mul ? pa_ew::pam_(a, b) : pa_ew::pad_(a, b);
   return a.copy_(mul ? pa_ew::pam(a, b) : pa_ew::pad(a, b));
@@ -403,17 +435,17 @@ bool answer(int64_t fast, const c10::OperatorHandle& op, c10::DispatchKeySet ks,
         out = pa_ew::act_forward(x, fast - kAct);
       }
     } else if (fast >= kMulScalar && fast <= kDivScalarInplace) {
-      if (!args[0].isTensor() || !f32(args[0].toTensor())) return false;
+      if (!args[0].isTensor() || !pa_dense(args[0].toTensor())) return false;
       double c;
       if (!real_scalar(args[1], &c) || optimizer_form(c)) return false;
       at::Tensor a = args[0].toTensor();
-      // promote(): the number as a float32 0-d tensor (torch.tensor(float(c), dtype=float32))
+      // promote(): the number as a 0-d tensor of a's dtype (torch.tensor(float(c), dtype=...))
       at::Tensor b = at::scalar_tensor(static_cast<float>(c), a.options());
       const bool mul = fast <= kMulScalarInplace;
       if (fast == kMulScalarInplace || fast == kDivScalarInplace) {
         out = in_place(a, b, mul);
       } else {
-        out = mul ? pa_ew::pam(a, b) : pa_ew::pad(a, b);
+        out = mul ? pa_mul(a, b) : pa_div(a, b);
       }
     } else if (fast == kPow) {
       if (!args[0].isTensor() || !f32(args[0].toTensor())) return false;
@@ -451,8 +483,8 @@ bool answer(int64_t fast, const c10::OperatorHandle& op, c10::DispatchKeySet ks,
     } else if (elementwise) {
       if (!args[0].isTensor()) return false;
       const at::Tensor& a = args[0].toTensor();
-      if (!f32(a)) return false;
-      at::Tensor b = f32_operand(args[1], a);
+      if (!pa_dense(a)) return false;
+      at::Tensor b = pa_operand(args[1], a);
       if (!b.defined()) return false;
       const bool inplace = fast == kMulInplace || fast == kDivInplace;
       if (inplace && at::infer_size(a.sizes(), b.sizes()) != a.sizes()) return false;   // Python raises
@@ -461,33 +493,35 @@ bool answer(int64_t fast, const c10::OperatorHandle& op, c10::DispatchKeySet ks,
         at::Tensor self = a;
         out = in_place(self, b, mul);
       } else {
-        out = mul ? pa_ew::pam(a, b) : pa_ew::pad(a, b);
+        out = mul ? pa_mul(a, b) : pa_div(a, b);
       }
     } else if (fast == kMm || fast == kAddmm) {
       const size_t m = fast == kMm ? 0 : 1;
       if (!args[m].isTensor() || !args[m + 1].isTensor()) return false;
       const at::Tensor& a = args[m].toTensor();
       const at::Tensor& b = args[m + 1].toTensor();
-      if (!f32(a) || !f32(b) || a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) || a.numel() == 0 ||
-          b.numel() == 0)
+      // ops/matmul.mm: float32 operands (matmul._f32), the product rounded to their dtype
+      if (!pa_dense(a) || !pa_dense(b) || a.scalar_type() != b.scalar_type() || a.dim() != 2 || b.dim() != 2 ||
+          a.size(1) != b.size(0) || a.numel() == 0 || b.numel() == 0)
         return false;
       if (fast == kAddmm) {
         if (!args[0].isTensor() || !is_one(args[3]) || !is_one(args[4])) return false;
         const at::Tensor& bias = args[0].toTensor();
         std::vector<int64_t> shape{a.size(0), b.size(1)};
-        if (!f32(bias) || !at::is_expandable_to(bias.sizes(), shape)) return false;
-        out = at::add(bias.expand(shape), route_pam_mm(a, b));
+        if (!pa_dense(bias) || bias.scalar_type() != a.scalar_type() || !at::is_expandable_to(bias.sizes(), shape))
+          return false;
+        out = at::add(bias.expand(shape), route_pam_mm(as_f32(a), as_f32(b)).to(a.scalar_type()));
       } else {
-        out = route_pam_mm(a, b);
+        out = route_pam_mm(as_f32(a), as_f32(b)).to(a.scalar_type());
       }
     } else if (fast == kBmm) {
       if (!args[0].isTensor() || !args[1].isTensor()) return false;
       const at::Tensor& a = args[0].toTensor();
       const at::Tensor& b = args[1].toTensor();
-      if (!f32(a) || !f32(b) || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) ||
-          a.size(2) != b.size(1) || a.numel() == 0 || b.numel() == 0)
+      if (!pa_dense(a) || !pa_dense(b) || a.scalar_type() != b.scalar_type() || a.dim() != 3 || b.dim() != 3 ||
+          a.size(0) != b.size(0) || a.size(2) != b.size(1) || a.numel() == 0 || b.numel() == 0)
         return false;
-      out = route_pam_bmm(a, b);
+      out = route_pam_bmm(as_f32(a), as_f32(b)).to(a.scalar_type());
     } else {
       return false;
     }
