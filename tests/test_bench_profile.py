@@ -126,6 +126,12 @@ def test_kernel_route_profile_groups_the_step_and_counts_the_calls_to_python():
     assert "Kernel route" in text and "| loss |" in text and "to Python" in text
     # the route's handler is put back
     assert M._KernelRoute.ext is not None
+    # a variant trained in bfloat16 (as bench step's ARITH@bfloat16): its products are
+    # answered in C++ too, and its optimizer is one fused call
+    (bf16,) = bench.bench_profile_kernel("vit", ("pam-full@bfloat16",), reps=1, threads=1, train_args=TINY_VIT)
+    assert bf16["variant"] == "pam-full@bfloat16" and bf16["x_fp32"] > 0
+    names = {q.split("::")[1].split(".")[0] for _, _, q in bf16["python_calls"]}
+    assert not names & {"mm", "addmm", "bmm", "lerp_", "addcdiv_"} and "_fused_adamw_" in names
     with pamtorch.mode(Config.full()):
         y = torch.ones(2, 2) * torch.full((2, 2), 3.0)
     assert torch.equal(y, pamtorch.arith.pam(torch.ones(2, 2), torch.full((2, 2), 3.0)))

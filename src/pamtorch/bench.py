@@ -1097,7 +1097,7 @@ def bench_profile_kernel(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "p
     if not variants:
         raise T.UserError("bench profile: name at least one variant besides fp32 (e.g. pam-full)")
     for v in variants:
-        if not M.kernel_route_applies(Config.from_name(v)):
+        if not M.kernel_route_applies(Config.from_name(_check_variant(v)[0])):
             raise T.UserError(f"bench profile --route kernel: {v} does not run on the kernel route here "
                               "(it needs the compiled CPU kernels, no CUDA/MPS device and no Python dispatch "
                               "mode); use --route dispatch")
@@ -1108,7 +1108,7 @@ def bench_profile_kernel(recipe: str = STOCK_ENCODER, variants=("pam-matmul", "p
     try:
         task, hp = _step_setup(recipe, train_args, seed)
         models = dict(zip(names, _copies(task, hp, len(names))))
-        contexts = {v: T.arith_context(v) for v in names}
+        contexts = {v: _step_variant(v, models[v][0]) for v in names}
         seeds = itertools.count(reps + 3)   # a fresh seed for every profiled step
 
         def step(v, batch, i):
