@@ -276,15 +276,15 @@ def test_kernel_rejects_bad_arguments():
 
 # ---------------------------------------------------------------------------- stock optimizers
 
-def train(cls, steps=4, config=None, leave_exact=(), mode=True, **kw):
+def train(cls, steps=4, config=None, leave_exact=(), mode=True, dtype=torch.float32, **kw):
     """A few steps of ``cls`` on three parameters (under the mode): params and moments."""
     g = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(9, 5), (33,), (1,)]]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in [(9, 5), (33,), (1,)]]
     ps[0].data[0, :3] = torch.tensor([0.0, 1e-40, -2.0 ** -126])
     opt = cls([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1, **kw)
     for _ in range(steps):
         for p in ps:
-            p.grad = torch.randn(p.shape, generator=g)
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
         if mode:
             with pamtorch.mode(config, leave_exact=leave_exact):
                 opt.step()
@@ -315,6 +315,20 @@ def test_stock_paths_agree_and_the_default_reaches_the_kernel(calls, cls):
         same_bits(train(pa_cls, **extra), default, f"pamtorch.optim.{cls.__name__} under the mode")
         assert calls == [2, 1] * 4
         calls.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam])
+def test_16_bit_default_path_reaches_the_16_bit_kernel_with_the_users_bits(lowp_calls, calls, cls, dtype):
+    """bfloat16/float16 parameters on torch's default path are switched to the fused op
+    too, whose update is the 16-bit kernel; foreach=False, foreach=True and fused=True give
+    the same bits under the mode, maximize too."""
+    for extra in ({}, {"maximize": True}):
+        default = train(cls, dtype=dtype, **extra)
+        assert lowp_calls == [2, 1] * 4 and calls == []
+        for kw in ({"foreach": False}, {"foreach": True}, {"fused": True}):
+            same_bits(train(cls, dtype=dtype, **kw, **extra), default, f"{cls.__name__} {dtype} {kw} {extra}")
+        lowp_calls.clear()
 
 
 def test_switch_only_where_the_fused_path_is_the_kernel(calls):
