@@ -232,10 +232,12 @@ def test_column_major_b_packs_by_columns():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_column_major_a(threads):
     """A column-major A (a transposed view: the gradient in a weight gradient's g^T x). The
-    modes that read A's rows raw (F0, FB) copy it by 8x8 block transposes; the packed modes
-    (FA, FAB, FG) pack each full row strip as one vector per k. Partial row and column
-    blocks, partial strips, several 64-row parts on two threads: bit for bit against the
-    contiguous A, the scalar path and the reference."""
+    modes that read A's rows raw (F0, FB) pack strips of its raw patterns per macro tile and
+    reduction block where N <= 128 (one column of tiles), and copy it by 8x8 block
+    transposes for a wider B; the packed modes (FA, FAB, FG) pack each full row strip as one
+    vector per k. Partial row and column blocks, partial strips, a reduction longer than one
+    block, several 64-row parts on two threads: bit for bit against the contiguous A, the
+    scalar path and the reference."""
     g = torch.Generator().manual_seed(14)
     old = torch.get_num_threads()
     cases = ((F0, (-20, 20, 0.0), 0.0), (FB, (-20, 20, 0.0), 0.2), (FA, (-20, 20, 0.2), 0.0),
@@ -243,10 +245,10 @@ def test_column_major_a(threads):
     try:
         torch.set_num_threads(threads)
         for mode, (lo, hi, zeros_a), zeros_b in cases:
-            for M, K in ((150, 29), (7, 5), (64, 8), (9, 300)):
+            for M, K, N in ((150, 29, 19), (7, 5, 19), (64, 8, 19), (9, 300, 19), (150, 29, 200), (13, 600, 131)):
                 a = rand_vals((K, M), g, lo, hi, zeros_a).t()  # (M, K), strides (1, M)
                 assert a.stride() == (1, M)
-                b = rand_vals((K, 19), g, lo, hi, zeros_b)
+                b = rand_vals((K, N), g, lo, hi, zeros_b)
                 out = EXT.pam_mm(a, b, -1)
                 assert EXT.last_mode() == mode, (mode, M, K)
                 assert same_bits(out, EXT.pam_mm(a.contiguous(), b, -1))

@@ -535,21 +535,21 @@ __attribute__((target("avx2,fma"))) inline __m256i bcast32(const int32_t* p) {
 
 template <int MODE>
 struct FwdA {
-  // A planes per k in packed strips ([strip][k][AS][MR]); F0/FB read raw rows instead
+  // A planes per k in packed strips ([strip][k][AS][MR]); F0/FB read raw rows instead, or
+  // strips of the raw patterns (AS 1) packed per macro tile from a column-major A
   static constexpr bool PACKED = (MODE == FA || MODE == FAB || MODE == FG);
-  static constexpr int AS = MODE == FG ? 3 : 2;
+  static constexpr int AS = MODE == FG ? 3 : PACKED ? 2 : 1;
 };
 
 // NV vectors of 8 columns: 2 (a full 16-column strip), or 1 for a last strip of at most 8
 // columns (the packed strip keeps its 16-column layout; only its first 8 lanes are read)
-template <int MODE, int MR, int NV = FNV>
+template <int MODE, int MR, int NV = FNV, bool PACKED = FwdA<MODE>::PACKED>
 __attribute__((target("avx2,fma"))) inline void fwd_ukernel(int64_t kc, const int32_t* const* arow,
                                                             const int32_t* __restrict Ap,
                                                             const int32_t* __restrict Bp, float* C,
                                                             int64_t ldc, bool load, int32_t lo) {
   constexpr int BS = FwdTraits<MODE>::BS;
   constexpr int AS = FwdA<MODE>::AS;
-  constexpr bool PACKED = FwdA<MODE>::PACKED;
   __m256 acc[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
@@ -636,13 +636,15 @@ template <int MODE, int MR>
 __attribute__((target("avx2,fma"))) void pack_a_strip_avx2(const float* A, int64_t i0, int64_t M,
                                                             int64_t K, int64_t s0, int64_t s1,
                                                             int32_t D, int32_t* o);
-
 template <int MODE, int MR>
+__attribute__((target("avx2,fma"))) int64_t pack_a_colmajor_block(const float* A, int64_t i0, int64_t i1,
+                                                                 int64_t K, int64_t s1, int32_t D, int32_t* o);
+
+template <int MODE, int MR, bool PACKED = FwdA<MODE>::PACKED>
 __attribute__((target("avx2,fma"))) void fwd_macro(const FwdArgs& g, int64_t ic, int64_t jc,
                                                    int64_t MC, int64_t NC, int64_t KC) {
   constexpr int BS = FwdTraits<MODE>::BS;
   constexpr int AS = FwdA<MODE>::AS;
-  constexpr bool PACKED = FwdA<MODE>::PACKED;
   const int64_t i0 = ic * MC, i1 = std::min(g.M, i0 + MC);
   const int64_t j0 = jc * NC, j1 = std::min(g.N, j0 + NC);
   alignas(32) float tmp[MR * FNR];
@@ -652,10 +654,14 @@ __attribute__((target("avx2,fma"))) void fwd_macro(const FwdArgs& g, int64_t ic,
   for (int64_t pc = 0; pc < g.K; pc += KC) {
     const int64_t kc = std::min(KC, g.K - pc);
     const bool load = pc > 0;
-    if (lazy)
-      for (int64_t ir = i0; ir < i1; ir += MR)
+    if (lazy) {
+      const int64_t from = g.as0 == 1 ? pack_a_colmajor_block<MODE, MR>(g.Araw + pc * g.as1, i0, i1, kc, g.as1,
+                                                                         g.D, lazy_buf)
+                                      : i0;
+      for (int64_t ir = from; ir < i1; ir += MR)
         pack_a_strip_avx2<MODE, MR>(g.Araw + pc * g.as1, ir, g.M, kc, g.as0, g.as1, g.D,
                                     lazy_buf + (ir - i0) / MR * kc * AS * MR);
+    }
     for (int64_t jr = j0; jr < j1; jr += FNR) {
       const int32_t* bstrip = g.Bp + (jr / FNR) * g.K * BS * FNR + pc * BS * FNR;
       const int64_t nr = std::min<int64_t>(FNR, j1 - jr);
@@ -671,15 +677,15 @@ __attribute__((target("avx2,fma"))) void fwd_macro(const FwdArgs& g, int64_t ic,
         }
         float* cp = g.C + ir * g.N + jr;
         if (mr == MR && nr == FNR) {
-          fwd_ukernel<MODE, MR>(kc, ar, astrip, bstrip, cp, g.N, load, g.lo);
+          fwd_ukernel<MODE, MR, FNV, PACKED>(kc, ar, astrip, bstrip, cp, g.N, load, g.lo);
         } else {
           if (load)
             for (int64_t r = 0; r < mr; ++r)
               for (int64_t c = 0; c < nr; ++c) tmp[r * FNR + c] = cp[r * g.N + c];
           if (nr <= 8)
-            fwd_ukernel<MODE, MR, 1>(kc, ar, astrip, bstrip, tmp, FNR, load, g.lo);
+            fwd_ukernel<MODE, MR, 1, PACKED>(kc, ar, astrip, bstrip, tmp, FNR, load, g.lo);
           else
-            fwd_ukernel<MODE, MR>(kc, ar, astrip, bstrip, tmp, FNR, load, g.lo);
+            fwd_ukernel<MODE, MR, FNV, PACKED>(kc, ar, astrip, bstrip, tmp, FNR, load, g.lo);
           for (int64_t r = 0; r < mr; ++r)
             for (int64_t c = 0; c < nr; ++c) cp[r * g.N + c] = tmp[r * FNR + c];
         }
@@ -688,7 +694,7 @@ __attribute__((target("avx2,fma"))) void fwd_macro(const FwdArgs& g, int64_t ic,
   }
 }
 
-template <int MODE, int MR>
+template <int MODE, int MR, bool PACKED = FwdA<MODE>::PACKED>
 void fwd_run(const FwdArgs& g) {
 #ifndef PAM_KC1
 #define PAM_KC1 256
@@ -707,14 +713,14 @@ void fwd_run(const FwdArgs& g) {
   const int nt = (int)std::min<int64_t>(num_threads(), units);
   if (nt <= 1) {  // no team (a nested one for each small matrix of a batched product)
     FtzGuard guard;
-    for (int64_t u = 0; u < units; ++u) fwd_macro<MODE, MR>(g, u % nI, u / nI, MC, NC, KC);
+    for (int64_t u = 0; u < units; ++u) fwd_macro<MODE, MR, PACKED>(g, u % nI, u / nI, MC, NC, KC);
     return;
   }
 #pragma omp parallel num_threads(nt)
   {
     FtzGuard guard;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t u = 0; u < units; ++u) fwd_macro<MODE, MR>(g, u % nI, u / nI, MC, NC, KC);
+    for (int64_t u = 0; u < units; ++u) fwd_macro<MODE, MR, PACKED>(g, u % nI, u / nI, MC, NC, KC);
   }
 }
 
@@ -851,39 +857,72 @@ void pack_b_fwd(const float* B, int64_t K, int64_t N, int64_t s0, int64_t s1, in
   });
 }
 
+// one k of a strip from a column-major A: its MR adjacent values at v, packed into the AS
+// planes at ok (F0/FB: the raw patterns)
+template <int MODE, int MR>
+__attribute__((target("avx2,fma"))) inline void pack_a_colmajor_k(const int* v, __m256i lanes, int32_t D,
+                                                                 int32_t* ok) {
+  constexpr int AS = FwdA<MODE>::AS;
+  const __m256i ABS = _mm256_set1_epi32(0x7FFFFFFF);
+  alignas(32) int32_t t[AS][8];
+  const __m256i u = _mm256_maskload_epi32(v, lanes);
+  if (MODE == F0 || MODE == FB) {   // the raw patterns
+    _mm256_store_si256((__m256i*)t[0], u);
+  } else {
+    const __m256i P = _mm256_and_si256(u, ABS);
+    const __m256i norm = normal_lanes(P);
+    if (MODE == FA) {
+      _mm256_store_si256((__m256i*)t[0], _mm256_blendv_epi8(_mm256_set1_epi32((int32_t)BIAS - D), u, norm));
+      _mm256_store_si256((__m256i*)t[1], _mm256_and_si256(norm, _mm256_set1_epi32(0x3F800000)));
+    } else if (MODE == FAB) {
+      _mm256_store_si256((__m256i*)t[0], u);
+      _mm256_store_si256((__m256i*)t[1], norm);
+    } else {  // FG
+      _mm256_store_si256((__m256i*)t[0], _mm256_and_si256(norm, P));
+      _mm256_store_si256((__m256i*)t[1], _mm256_blendv_epi8(_mm256_set1_epi32(-0x40000000 - D),
+                                                           _mm256_set1_epi32(0x3F800000 - D), norm));
+      _mm256_store_si256((__m256i*)t[2], _mm256_or_si256(_mm256_set1_epi32(0x40000000 + D),
+                                                         _mm256_andnot_si256(ABS, u)));
+    }
+  }
+  for (int p = 0; p < AS; ++p) std::memcpy(ok + p * MR, t[p], MR * sizeof(int32_t));
+}
+
+// the full strips of rows [i0, i1) of a column-major A (s0 == 1) for K values of k, into
+// strips of K * AS * MR each: k outer, so that each k's rows are read as one run of adjacent
+// values (a strip at a time would read each cache line of A for a few values and come back
+// to it for the next strip), with the lines PF values of k ahead prefetched (the runs are
+// s1 apart, too far for the hardware prefetcher to follow); returns the first row not packed
+template <int MODE, int MR>
+__attribute__((target("avx2,fma"))) int64_t pack_a_colmajor_block(const float* A, int64_t i0, int64_t i1,
+                                                                 int64_t K, int64_t s1, int32_t D, int32_t* o) {
+  constexpr int AS = FwdA<MODE>::AS;
+  constexpr int64_t PF = 4;
+  const int64_t ns = (i1 - i0) / MR;
+  const __m256i lanes = first_lanes(MR);
+  const int* base = reinterpret_cast<const int*>(A + i0);
+  for (int64_t k = 0; k < K; ++k) {
+    if (k + PF < K)
+      for (int64_t r = 0; r < ns * MR; r += 16) _mm_prefetch(reinterpret_cast<const char*>(base + (k + PF) * s1 + r), _MM_HINT_T0);
+    const int* col = base + k * s1;
+    for (int64_t st = 0; st < ns; ++st) pack_a_colmajor_k<MODE, MR>(col + st * MR, lanes, D, o + (st * K + k) * AS * MR);
+  }
+  return i0 + ns * MR;
+}
+
 // A for the packed modes: strips [ceil(M/MR)][K][AS][MR] (rows past M padded as zeros)
 template <int MODE, int MR>
 __attribute__((target("avx2,fma"))) void pack_a_strip_avx2(const float* A, int64_t i0, int64_t M,
                                                             int64_t K, int64_t s0, int64_t s1,
                                                             int32_t D, int32_t* o) {
-  constexpr int AS = MODE == FG ? 3 : 2;
+  constexpr int AS = FwdA<MODE>::AS;
   static_assert(MR <= 8, "a strip's rows fit one vector");
   if (s0 == 1 && i0 + MR <= M) {
     // column-major A (a transposed view, like the gradient in a weight gradient's g^T x):
     // the strip's MR values of each k are adjacent, so they are read and packed as one vector
-    const __m256i lanes = first_lanes(MR), ABS = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256i lanes = first_lanes(MR);
     const int* col = reinterpret_cast<const int*>(A + i0);
-    alignas(32) int32_t t[AS][8];
-    for (int64_t k = 0; k < K; ++k) {
-      const __m256i u = _mm256_maskload_epi32(col + k * s1, lanes);
-      const __m256i P = _mm256_and_si256(u, ABS);
-      const __m256i norm = normal_lanes(P);
-      if (MODE == FA) {
-        _mm256_store_si256((__m256i*)t[0], _mm256_blendv_epi8(_mm256_set1_epi32((int32_t)BIAS - D), u, norm));
-        _mm256_store_si256((__m256i*)t[1], _mm256_and_si256(norm, _mm256_set1_epi32(0x3F800000)));
-      } else if (MODE == FAB) {
-        _mm256_store_si256((__m256i*)t[0], u);
-        _mm256_store_si256((__m256i*)t[1], norm);
-      } else {  // FG
-        _mm256_store_si256((__m256i*)t[0], _mm256_and_si256(norm, P));
-        _mm256_store_si256((__m256i*)t[1], _mm256_blendv_epi8(_mm256_set1_epi32(-0x40000000 - D),
-                                                             _mm256_set1_epi32(0x3F800000 - D), norm));
-        _mm256_store_si256((__m256i*)t[2], _mm256_or_si256(_mm256_set1_epi32(0x40000000 + D),
-                                                           _mm256_andnot_si256(ABS, u)));
-      }
-      int32_t* ok = o + k * AS * MR;
-      for (int p = 0; p < AS; ++p) std::memcpy(ok + p * MR, t[p], MR * sizeof(int32_t));
-    }
+    for (int64_t k = 0; k < K; ++k) pack_a_colmajor_k<MODE, MR>(col + k * s1, lanes, D, o + k * AS * MR);
     return;
   }
   const float* rows[MR];
@@ -901,7 +940,9 @@ __attribute__((target("avx2,fma"))) void pack_a_strip_avx2(const float* A, int64
       u = valid[r] ? u : 0u;
       const uint32_t P = u & 0x7FFFFFFFu;
       const bool norm = (P - MINNORM) < (INFP - MINNORM);
-      if (MODE == FA) {
+      if (MODE == F0 || MODE == FB) {
+        ok[r] = (int32_t)u;
+      } else if (MODE == FA) {
         ok[r] = norm ? (int32_t)u : (int32_t)BIAS - D;
         ok[MR + r] = norm ? 0x3F800000 : 0;  // 1.0f / 0.0f
       } else if (MODE == FAB) {
@@ -919,7 +960,7 @@ __attribute__((target("avx2,fma"))) void pack_a_strip_avx2(const float* A, int64
 template <int MODE, int MR>
 void pack_a_strips(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1, int32_t D,
                    int32_t* out) {
-  constexpr int AS = MODE == FG ? 3 : 2;
+  constexpr int AS = FwdA<MODE>::AS;
   const int64_t ns = (M + MR - 1) / MR;
   parallel_for(num_threads(), ns, [&](int64_t st) {
     pack_a_strip_avx2<MODE, MR>(A, st * MR, M, K, s0, s1, D, out + st * K * AS * MR);
@@ -1227,10 +1268,21 @@ void pam_mm_into(const Mat& a, const Mat& b, Mat c, int64_t path, int64_t D) {
   const int32_t D32 = (int32_t)D;
   pack_b_fwd(b.data_ptr<float>(), K, N, b.stride(0), b.stride(1), BS, mode == FG, D32, bp);
   FwdArgs g{M, N, K, nullptr, 0, nullptr, bp, c.data_ptr<float>(), -0x40000000 - D32};
+  bool strips = false;   // F0/FB reading strips of A packed per macro tile
   if (mode == F0 || mode == FB) {
     if (a.stride(1) == 1) {
       g.A0 = reinterpret_cast<const int32_t*>(a.data_ptr<float>());
       g.lda = a.stride(0);
+    } else if (a.stride(0) == 1 && N <= FNR * 8) {
+      // a column-major A (a weight gradient's g^T x) and one column of macro tiles: each
+      // tile packs its rows per reduction block (MR adjacent values per k, a cache-resident
+      // strip) instead of a transposed copy of all of A, which costs as much as the product
+      // (translate's vocabulary dW, 8000 x 2000 x 64, one thread: 2.6 x torch.mm -> 1.8 x)
+      strips = true;
+      g.Araw = a.data_ptr<float>();
+      g.as0 = a.stride(0);
+      g.as1 = a.stride(1);
+      g.D = D32;
     } else {
       int32_t* ap = pack_buffer(g_scratch_a, M * K, ahold);
       copy_a(a.data_ptr<float>(), M, K, a.stride(0), a.stride(1), ap);
@@ -1259,8 +1311,8 @@ void pam_mm_into(const Mat& a, const Mat& b, Mat c, int64_t path, int64_t D) {
     }
   }
   switch (mode) {
-    case F0: fwd_run<F0, mr_of(F0)>(g); break;
-    case FB: fwd_run<FB, mr_of(FB)>(g); break;
+    case F0: strips ? fwd_run<F0, mr_of(F0), true>(g) : fwd_run<F0, mr_of(F0)>(g); break;
+    case FB: strips ? fwd_run<FB, mr_of(FB), true>(g) : fwd_run<FB, mr_of(FB)>(g); break;
     case FA: fwd_run<FA, mr_of(FA)>(g); break;
     case FAB: fwd_run<FAB, mr_of(FAB)>(g); break;
     default: fwd_run<FG, mr_of(FG)>(g); break;
