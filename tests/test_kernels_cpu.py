@@ -232,12 +232,12 @@ def test_column_major_b_packs_by_columns():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_column_major_a(threads):
     """A column-major A (a transposed view: the gradient in a weight gradient's g^T x). The
-    modes that read A's rows raw (F0, FB) pack strips of its raw patterns per macro tile and
-    reduction block where N <= 128 (one column of tiles), and copy it by 8x8 block
-    transposes for a wider B; the packed modes (FA, FAB, FG) pack each full row strip as one
-    vector per k. Partial row and column blocks, partial strips, a reduction longer than one
-    block, several 64-row parts on two threads: bit for bit against the contiguous A, the
-    scalar path and the reference."""
+    modes that read A's rows raw (F0, FB) copy it by 8x8 block transposes, or, for a large A
+    and N <= 128 (one column of tiles), pack strips of its raw patterns per macro tile and
+    reduction block; the packed modes (FA, FAB, FG) pack each full row strip as one vector per
+    k. Partial row and column blocks, partial strips, a reduction longer than one block,
+    several 64-row parts on two threads: bit for bit against the contiguous A, the scalar
+    path and the reference."""
     g = torch.Generator().manual_seed(14)
     old = torch.get_num_threads()
     cases = ((F0, (-20, 20, 0.0), 0.0), (FB, (-20, 20, 0.0), 0.2), (FA, (-20, 20, 0.2), 0.0),
@@ -254,6 +254,13 @@ def test_column_major_a(threads):
                 assert same_bits(out, EXT.pam_mm(a.contiguous(), b, -1))
                 assert same_bits(out, EXT.pam_mm(a, b, 0))
                 assert_close(out, *ref_mm(a, b))
+        for mode, zeros_b in ((F0, 0.0), (FB, 0.2)):   # a large A: strips packed per tile (M * K > 2^20)
+            a = rand_vals((1100, 1003), g).t()   # (1003, 1100), strides (1, 1003)
+            b = rand_vals((1100, 21), g, zeros=zeros_b)
+            out = EXT.pam_mm(a, b, -1)
+            assert EXT.last_mode() == mode
+            assert same_bits(out, EXT.pam_mm(a.contiguous(), b, -1))
+            assert same_bits(out, EXT.pam_mm(a, b, 0))
     finally:
         torch.set_num_threads(old)
 

@@ -1273,11 +1273,12 @@ void pam_mm_into(const Mat& a, const Mat& b, Mat c, int64_t path, int64_t D) {
     if (a.stride(1) == 1) {
       g.A0 = reinterpret_cast<const int32_t*>(a.data_ptr<float>());
       g.lda = a.stride(0);
-    } else if (a.stride(0) == 1 && N <= FNR * 8) {
-      // a column-major A (a weight gradient's g^T x) and one column of macro tiles: each
-      // tile packs its rows per reduction block (MR adjacent values per k, a cache-resident
-      // strip) instead of a transposed copy of all of A, which costs as much as the product
-      // (translate's vocabulary dW, 8000 x 2000 x 64, one thread: 2.6 x torch.mm -> 1.8 x)
+    } else if (a.stride(0) == 1 && N <= FNR * 8 && M * K > (int64_t(1) << 20)) {
+      // a large column-major A (a weight gradient's g^T x) and one column of macro tiles:
+      // each tile packs its rows per reduction block (MR adjacent values per k, a
+      // cache-resident strip) instead of a transposed copy of all of A, which costs as much
+      // as the product (translate's vocabulary dW, 8000 x 2000 x 64, one thread: 2.6 x
+      // torch.mm -> 1.8 x); a small A (vit's 128 x 1088) is faster copied, as it fits in L2
       strips = true;
       g.Araw = a.data_ptr<float>();
       g.as0 = a.stride(0);
