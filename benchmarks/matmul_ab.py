@@ -1,0 +1,83 @@
+"""Two builds of the compiled kernels side by side: the PAM products of a weight gradient
+``g^T x`` (a column-major A) timed with each build's ``pam_mm`` on the same operands, in
+one process, interleaved, against ``torch.mm``.
+
+    python benchmarks/matmul_ab.py OLD.so NEW.so [--threads 1] [--reps 9]
+
+An ``.so`` is the compiled module that ``pamtorch.kernels.cpu.load_extension()`` builds and
+loads (its ``__file__``; for an older commit, load it from a worktree of that commit with
+``PYTHONPATH=<worktree>/src``). Sequential runs of ``benchmarks/matmul_shapes.py`` on a
+shared machine drift by more than a kernel change; this compares the builds within one run.
+Each row also checks that the two builds give the same bits. CPU time per call, median of
+``--reps`` rounds; ratios to ``torch.mm``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import time
+
+import torch
+
+
+def _load(path):
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    with_zero = r(2000, 8000)
+    with_zero[5, 7] = 0.0  # one zero in A: the FA mode
+    return [
+        ("translate vocabulary dW = g^T x", r(2000, 8000).t(), r(2000, 64)),
+        ("the same with one zero in g", with_zero.t(), r(2000, 64)),
+        ("vit dW fc1 = g^T x", r(1088, 128).t(), r(1088, 64)),
+        ("encoder in-proj dW = g^T x", r(1024, 384).t(), r(1024, 128)),
+    ]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=9)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    old, new = _load(args.old), _load(args.new)
+    print(f"threads {args.threads}, torch {torch.__version__}, CPU time per call, median of {args.reps}")
+    print("| product | shape (M x K x N) | mode | torch ms | old ms (x torch) | new ms (x torch) |")
+    print("|---|---|---|---|---|---|")
+    for name, a, b in _cases():
+        if not torch.equal(old.pam_mm(a, b, -1, 0).view(torch.int32), new.pam_mm(a, b, -1, 0).view(torch.int32)):
+            raise SystemExit(f"{name}: the two builds give different bits")
+        mode = new.last_mode()
+        n = max(1, int(2e8 / (a.shape[0] * a.shape[1] * b.shape[1])))
+        fns = {"torch": lambda: torch.mm(a, b), "old": lambda: old.pam_mm(a, b, -1, 0),
+               "new": lambda: new.pam_mm(a, b, -1, 0)}
+        times = {k: [] for k in fns}
+        for _ in range(args.reps + 1):
+            for k, fn in fns.items():
+                t = time.process_time()
+                for _ in range(n):
+                    fn()
+                times[k].append((time.process_time() - t) / n)
+        ms = {k: statistics.median(v[1:]) * 1e3 for k, v in times.items()}
+        shape = "%d x %d x %d" % (a.shape[0], a.shape[1], b.shape[1])
+        print(f"| {name} | {shape} | {'F0 FB FA FAB FG'.split()[mode] if 0 <= mode < 5 else mode} | "
+              f"{ms['torch']:.2f} | {ms['old']:.2f} ({ms['old'] / ms['torch']:.2f}) | "
+              f"{ms['new']:.2f} ({ms['new'] / ms['torch']:.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
