@@ -48,17 +48,22 @@ def same_bits(x, y, what=""):
                            f"{[hex(int(v) & 0xFFFFFFFF) for v in b[bad][:4]]}")
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """The calls of the kernel, each as the number of tensors it updated."""
+def _spy(monkeypatch, name):
+    """The calls of the extension's kernel ``name``, each as the number of tensors it updated."""
     seen = []
-    real = EXT.optim_adam_step
+    real = getattr(EXT, name)
 
     def spy(*a):
         seen.append(len(a[0]))
         return real(*a)
-    monkeypatch.setattr(EXT, "optim_adam_step", spy)
+    monkeypatch.setattr(EXT, name, spy)
     return seen
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The calls of the float32 kernel."""
+    return _spy(monkeypatch, "optim_adam_step")
 
 
 def state(sizes, seed, nan_moments=True):
@@ -172,15 +177,8 @@ def values16(n, seed, dtype, positive=False):
 
 @pytest.fixture
 def lowp_calls(monkeypatch):
-    """The calls of the 16-bit kernel, each as the number of tensors it updated."""
-    seen = []
-    real = EXT.optim_adam_step_lowp
-
-    def spy(*a):
-        seen.append(len(a[0]))
-        return real(*a)
-    monkeypatch.setattr(EXT, "optim_adam_step_lowp", spy)
-    return seen
+    """The calls of the 16-bit kernel."""
+    return _spy(monkeypatch, "optim_adam_step_lowp")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
