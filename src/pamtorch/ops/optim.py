@@ -233,25 +233,21 @@ def _adam_kernel(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, 
             forms += rows[t]
         ext.optim_adam_step(pick(params, fit), pick(grads, fit), pick(exp_avgs, fit), pick(exp_avg_sqs, fit),
                             forms, adamw, maximize)
-    if lowp:
-        ext = arith._lowp(params[lowp[0]])
+    by_dtype: dict = {}   # the 16-bit tensors per dtype (one call each), in order of appearance
+    for i in lowp:
+        by_dtype.setdefault(params[i].dtype, []).append(i)
+    for dtype, sel in by_dtype.items():
+        const = lambda c, dtype=dtype: torch.tensor(float(c), dtype=dtype)  # noqa: E731  promote()'s
         kinds, consts, rows = [], [], {}
-        for i in lowp:
-            t, dtype = steps[i].item(), params[i].dtype
-            row = rows.get((t, dtype))
-            if row is None:
-                const = lambda c, dtype=dtype: torch.tensor(float(c), dtype=dtype)  # noqa: E731  promote()'s
-                row = rows[t, dtype] = _adam_forms(params[i], t, lr, beta1, beta2, wd, adamw, const)
-            kinds += row[0::2]
-            consts += row[1::2]
-        tables = {d: arith._table(arith._sqrt_like, d, 1) for d in dict.fromkeys(params[i].dtype for i in lowp)}
-        for d, table in tables.items():
-            idx = [j for j, i in enumerate(lowp) if params[i].dtype is d]
-            sel = [lowp[j] for j in idx]
-            ext.optim_adam_step_lowp(pick(params, sel), pick(grads, sel), pick(exp_avgs, sel),
-                                     pick(exp_avg_sqs, sel), [kinds[6 * j + f] for j in idx for f in range(6)],
-                                     [consts[6 * j + f] for j in idx for f in range(6)], float(eps), table,
-                                     adamw, maximize)
+        for i in sel:
+            t = steps[i].item()
+            if t not in rows:
+                rows[t] = _adam_forms(params[i], t, lr, beta1, beta2, wd, adamw, const)
+            kinds += rows[t][0::2]
+            consts += rows[t][1::2]
+        arith._lowp(params[sel[0]]).optim_adam_step_lowp(
+            pick(params, sel), pick(grads, sel), pick(exp_avgs, sel), pick(exp_avg_sqs, sel), kinds, consts,
+            float(eps), arith._table(arith._sqrt_like, dtype, 1), adamw, maximize)
     return rest
 
 
