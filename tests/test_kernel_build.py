@@ -277,7 +277,7 @@ def test_kernel_status_lines():
 # the vector matmul kernels; these tests prove each one bit-identical to the definition:
 # C[i,j] = sequential float32 sum over k of PAM(A[i,k], B[k,j]), with the partial sums
 # flushed like the kernels' FTZ (the reference products come from tests/reference.py).
-F0, FB, FA, FAB, FG, FUSED, UNFUSED = 0, 1, 2, 3, 4, 10, 11
+F0, FB, FA, FAB, FG, FZ, FZT, FUSED, UNFUSED = 0, 1, 2, 3, 4, 5, 6, 10, 11
 TINY = 2.0 ** -126
 F32 = torch.float32
 
@@ -363,22 +363,29 @@ def assert_bits(out, want):
 
 
 def test_forward_modes_bit_for_bit(ext):
-    """F0 adds integer sums of patterns; FB/FA/FAB multiply them by an exact 1.0 or 0.0
+    """F0 adds integer sums of patterns, FZ too over the normal entries of A's rows (a zero
+    term leaves a sum from +0 unchanged), FZT over B's columns; FB/FA/FAB multiply them by an exact 1.0 or 0.0
     in an FMA (a select); FG by +-1.0 or 0.0 (sign and select), with the clamped pattern
     giving inf on overflow and DAZ reading subnormal patterns as zero."""
     g = torch.Generator().manual_seed(3)
     M, K, N = 13, 300, 37
     cases = [
         (F0, rand_vals((M, K), g), rand_vals((K, N), g)),
-        (FB, rand_vals((M, K), g), rand_vals((K, N), g, zeros=0.3)),
-        (FA, rand_vals((M, K), g, zeros=0.3), rand_vals((K, N), g)),
+        (FZT, rand_vals((M, K), g), rand_vals((K, N), g, zeros=0.3)),
+        # products from 2^-126: partial sums flush to -0 and zero terms' signs show; the
+        # masked modes, since skipping zero terms (FZ, FZT) is exact only from 2^-103
+        (FA, rand_vals((M, K), g, -63, -61, zeros=0.3), rand_vals((K, N), g, -63, -61)),
+        (FB, rand_vals((M, K), g, -63, -61), rand_vals((K, N), g, -63, -61, zeros=0.3)),
+        (FAB, rand_vals((M, K), g, -63, -61, zeros=0.3), rand_vals((K, N), g, -63, -61, zeros=0.3)),
+        (FZ, rand_vals((M, K), g, zeros=0.3), rand_vals((K, N), g)),
+        (FZ, rand_vals((M, K), g, zeros=0.2, specials=0.01), rand_vals((K, N), g)),
         (FAB, rand_vals((M, K), g, zeros=0.3), rand_vals((K, N), g, zeros=0.3)),
         (FAB, rand_vals((M, K), g, zeros=0.2, specials=0.01), rand_vals((K, N), g, zeros=0.2, specials=0.01)),
         (FG, rand_vals((M, K), g, -90, 30, 0.2), rand_vals((K, N), g, -90, 30, 0.2)),  # underflow, FTZ sums
         (FG, rand_vals((M, K), g, 40, 127, 0.1), rand_vals((K, N), g, 40, 127, 0.1)),  # overflow to inf
         (FG, rand_vals((M, K), g, -127, 127, 0.2, 0.01), rand_vals((K, N), g, -127, 127, 0.2, 0.01)),
     ]
-    a, b = cases[3][1].clone(), cases[3][2].clone()
+    a, b = (x.clone() for x in next(c for c in cases if c[0] == FAB)[1:])
     a[0] = -0.0  # a row of zero products: +0, never -0
     cases.append((FAB, a, b))
     for mode, a, b in cases:
@@ -388,6 +395,9 @@ def test_forward_modes_bit_for_bit(ext):
         assert_bits(out, want)
         assert_bits(ext.pam_mm(a, b, 1), want)  # forced FG
         assert_bits(ext.pam_mm(a, b, 0), want)  # portable scalar path
+        if mode in (FZ, FZT):  # zeros of A (B) skipped; path 2 masks them instead (FA, FB)
+            assert_bits(ext.pam_mm(a, b, 2), want)
+            assert ext.last_mode() == (FA if mode == FZ else FB)
     assert (ext.pam_mm(a, b, -1)[0].view(torch.int32) == 0).all()
 
 

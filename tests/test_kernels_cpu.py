@@ -1,5 +1,6 @@
 """CPU PAM matmul kernels (compiled extension and pure-torch fallback) against the
 independent float64 reference in tests/reference.py."""
+import math
 import os
 import subprocess
 import sys
@@ -27,7 +28,9 @@ EXT = cpu.load_extension()
 needs_ext = pytest.mark.skipif(EXT is None, reason="compiled CPU kernels unavailable")
 
 # forward modes reported by the extension's last_mode()
-F0, FB, FA, FAB, FG, SCALAR = 0, 1, 2, 3, 4, 100
+F0, FB, FA, FAB, FG, FZ, FZT, SCALAR = 0, 1, 2, 3, 4, 5, 6, 100
+# the path argument that takes FA/FB (zeros of one operand masked) instead of FZ/FZT (skipped)
+MASKED = 2
 
 
 # ---------------------------------------------------------------- data
@@ -190,15 +193,19 @@ def test_forward_modes_and_paths_agree():
     """Every vector mode is exercised and agrees bit for bit with the scalar path, the
     forced general path and the pure-torch fallback (same summation order)."""
     g = torch.Generator().manual_seed(3)
+    za = rand_vals((13, 70), g, zeros=0.3), rand_vals((70, 37), g)
+    zb = rand_vals((13, 70), g), rand_vals((70, 37), g, zeros=0.3)
     cases = {
-        F0: (rand_vals((13, 70), g), rand_vals((70, 37), g)),
-        FB: (rand_vals((13, 70), g), rand_vals((70, 37), g, zeros=0.3)),
-        FA: (rand_vals((13, 70), g, zeros=0.3), rand_vals((70, 37), g)),
-        FAB: (rand_vals((13, 70), g, zeros=0.3), rand_vals((70, 37), g, zeros=0.3)),
-        FG: (rand_vals((13, 70), g, -90, 30, 0.2), rand_vals((70, 37), g, -90, 30, 0.2)),
+        F0: (rand_vals((13, 70), g), rand_vals((70, 37), g), -1),
+        FZT: (*zb, -1),
+        FB: (*zb, MASKED),
+        FZ: (*za, -1),
+        FA: (*za, MASKED),
+        FAB: (rand_vals((13, 70), g, zeros=0.3), rand_vals((70, 37), g, zeros=0.3), -1),
+        FG: (rand_vals((13, 70), g, -90, 30, 0.2), rand_vals((70, 37), g, -90, 30, 0.2), -1),
     }
-    for mode, (a, b) in cases.items():
-        out = EXT.pam_mm(a, b, -1)
+    for mode, (a, b, path) in cases.items():
+        out = EXT.pam_mm(a, b, path)
         assert EXT.last_mode() == mode
         assert_close(out, *ref_mm(a, b))
         assert torch.equal(out, EXT.pam_mm(a, b, 0))
@@ -240,26 +247,29 @@ def test_column_major_a(threads):
     path and the reference."""
     g = torch.Generator().manual_seed(14)
     old = torch.get_num_threads()
-    cases = ((F0, (-20, 20, 0.0), 0.0), (FB, (-20, 20, 0.0), 0.2), (FA, (-20, 20, 0.2), 0.0),
-             (FAB, (-20, 20, 0.2), 0.2), (FG, (-90, 30, 0.2), 0.2))
+    cases = ((F0, (-20, 20, 0.0), 0.0), (FB, (-20, 20, 0.0), 0.2), (FZT, (-20, 20, 0.0), 0.2),
+             (FZ, (-20, 20, 0.2), 0.0), (FA, (-20, 20, 0.2), 0.0), (FAB, (-20, 20, 0.2), 0.2),
+             (FG, (-90, 30, 0.2), 0.2))
     try:
         torch.set_num_threads(threads)
         for mode, (lo, hi, zeros_a), zeros_b in cases:
+            path = MASKED if mode in (FA, FB) else -1
             for M, K, N in ((150, 29, 19), (7, 5, 19), (64, 8, 19), (9, 300, 19), (150, 29, 200), (13, 600, 131)):
                 a = rand_vals((K, M), g, lo, hi, zeros_a).t()  # (M, K), strides (1, M)
                 assert a.stride() == (1, M)
                 b = rand_vals((K, N), g, lo, hi, zeros_b)
-                out = EXT.pam_mm(a, b, -1)
+                out = EXT.pam_mm(a, b, path)
                 assert EXT.last_mode() == mode, (mode, M, K)
-                assert same_bits(out, EXT.pam_mm(a.contiguous(), b, -1))
+                assert same_bits(out, EXT.pam_mm(a.contiguous(), b, path))
                 assert same_bits(out, EXT.pam_mm(a, b, 0))
                 assert_close(out, *ref_mm(a, b))
-        for mode, zeros_b in ((F0, 0.0), (FB, 0.2)):   # a large A: strips packed per tile (M * K > 2^20)
+        # a large A: strips packed per tile (M * K > 2^20); FZT skips B's zeros instead
+        for mode, zeros_b, path in ((F0, 0.0, -1), (FB, 0.2, MASKED), (FZT, 0.2, -1)):
             a = rand_vals((1100, 1003), g).t()   # (1003, 1100), strides (1, 1003)
             b = rand_vals((1100, 21), g, zeros=zeros_b)
-            out = EXT.pam_mm(a, b, -1)
+            out = EXT.pam_mm(a, b, path)
             assert EXT.last_mode() == mode
-            assert same_bits(out, EXT.pam_mm(a.contiguous(), b, -1))
+            assert same_bits(out, EXT.pam_mm(a.contiguous(), b, path))
             assert same_bits(out, EXT.pam_mm(a, b, 0))
     finally:
         torch.set_num_threads(old)
@@ -283,9 +293,12 @@ def test_long_reduction_packs_a_per_block(threads):
         torch.set_num_threads(threads)
         for mode, (a, b) in cases.items():
             for x in (a, a.t().contiguous().t()):
-                out = EXT.pam_mm(x, b, -1)
+                out = EXT.pam_mm(x, b, MASKED)
                 assert EXT.last_mode() == mode
                 assert torch.equal(out, EXT.pam_mm(x, b, 0)), mode
+                if mode == FA:  # by default the zeros of A are skipped, with the same bits
+                    assert torch.equal(out, EXT.pam_mm(x, b, -1))
+                    assert EXT.last_mode() == FZ
         a, b = cases[FA]
         assert_close(EXT.pam_mm(a[:7], b), *ref_mm(a[:7], b))  # below the threshold: the packed-up-front path
     finally:
@@ -318,6 +331,113 @@ def same_bits(x, y):
     """Equal bit patterns (signed zeros told apart), any NaN equal to any NaN."""
     both_nan = torch.isnan(x) & torch.isnan(y)
     return x.shape == y.shape and bool(torch.all(both_nan | (x.view(torch.int32) == y.view(torch.int32))))
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+def test_zeros_of_a_skipped(threads):
+    """FZ (zeros in A, none in B) packs each row of A per reduction block of 64 as the list of
+    its normal entries and sums over that list: a zero term adds nothing to a sum that starts
+    at +0. Every shape class the driver splits on: partial blocks and partial 16-column strips,
+    groups of four strips and a partial group, rows past one 64-row unit, rows and whole blocks
+    of zeros (the sum stays +0 whatever the zeros' signs), subnormal and special entries of A
+    (skipped, their terms deferred), strided and column-major A, an offset, two threads; bit
+    for bit against the masked mode (FA), the scalar path and the reference. FZT: zeros in B
+    (none in A) skipped on the transposed product C^T = B^T A^T, against FB likewise."""
+    g = torch.Generator().manual_seed(21)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for M, K, N, zeros in ((1, 1, 1, 0.5), (5, 7, 3, 0.3), (13, 64, 16, 0.1), (70, 65, 17, 0.2),
+                               (9, 200, 64, 0.5), (130, 129, 65, 0.1), (3, 300, 200, 0.9), (66, 70, 131, 0.2)):
+            a = rand_vals((M, K), g, zeros=zeros)
+            a[0] = -0.0          # a row of zeros: +0 sums
+            a[-1, :K // 2] = 0.0  # whole reduction blocks of zeros in a row
+            a.view(torch.int32)[M // 2, ::3] = 5  # subnormals
+            b = rand_vals((K, N), g)
+            for x in (a, a.t().contiguous().t(), torch.cat([a, a], 0)[::2], torch.cat([a, a], 1)[:, ::2]):
+                out = EXT.pam_mm(x, b, -1)
+                assert EXT.last_mode() == FZ, (M, K, N)
+                assert same_bits(out, EXT.pam_mm(x, b, MASKED)), (M, K, N)
+                assert EXT.last_mode() == FA
+                assert same_bits(out, EXT.pam_mm(x, b, 0)), (M, K, N)
+            assert (out[0].view(torch.int32) == 0).all()  # +0, never -0
+            assert_close(out, *ref_mm(x, b))
+            s = with_specials(a, g, 0.02)
+            s[0, 0] = float("inf")
+            out = EXT.pam_mm(s, b, -1)
+            assert EXT.last_mode() in (FZ, FG)
+            assert same_bits(out, EXT.pam_mm(s, b, 0)), (M, K, N)
+            for D in (0x200000, -0x400000):  # offsets alpha = 1.25, 0.75
+                out = EXT.pam_mm(a, b, -1, D)
+                assert EXT.last_mode() == FZ
+                assert same_bits(out, EXT.pam_mm(a, b, 0, D)), (M, K, N, D)
+            # FZT: the zeros in B, skipped on the transposed product (B^T's rows), C transposed back
+            bt = a.t()   # (K, M), column-major
+            x = rand_vals((N, K), g)
+            for y, modes in ((bt, (FZT,)), (bt.contiguous(), (FZT,)), (s.t(), (FZT, FG))):
+                out = EXT.pam_mm(x, y, -1)
+                assert EXT.last_mode() in modes
+                assert same_bits(out, EXT.pam_mm(x, y, MASKED)), (M, K, N)
+                assert same_bits(out, EXT.pam_mm(x, y, 0)), (M, K, N)
+            out = EXT.pam_mm(x, bt, -1, 0x200000)
+            assert EXT.last_mode() == FZT
+            assert same_bits(out, EXT.pam_mm(x, bt, 0, 0x200000))
+            assert (out[:, 0].view(torch.int32) == 0).all()  # B's column of zeros: +0
+            assert_close(EXT.pam_mm(x, bt, -1), *ref_mm(x, bt))
+        a = rand_vals((2100, 2000), g, zeros=0.001)  # lists past a thread's reused buffer: FA
+        b = rand_vals((2000, 3), g)
+        out = EXT.pam_mm(a, b, -1)
+        assert EXT.last_mode() == FA
+        assert same_bits(out, EXT.pam_mm(a, b, 0))
+        a = rand_vals((256, 17, 17), g, zeros=0.1)  # attention weights after dropout, batched
+        b = rand_vals((256, 17, 16), g)
+        out = EXT.pam_bmm(a, b, -1)
+        for i in (0, 100, 255):
+            assert same_bits(out[i], EXT.pam_mm(a[i], b[i], 0))
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_ext
+def test_zero_terms_after_a_flush_to_minus_zero():
+    """A partial sum can flush to -0 (FTZ: 1.5 2^-126 - 1.75 2^-126 is subnormal), and then the
+    sign of a following zero term shows: -0 + +0 = +0, -0 + -0 = -0. Every vector mode gives
+    zero terms PA's sign, sign_a ^ sign_b, and FZ/FZT, which skip zero terms, are not taken
+    where a product can be below 2^-103: every path equals the scalar k-order sum, for both
+    signs of the zero and of the other operand, zeros in A, in B and in both, and on random
+    operands whose sums flush often and end in runs of zero terms."""
+    t = 2.0 ** -63
+    for z in (0.0, -0.0):
+        for s in (1.0, -1.0):
+            cases = (([[1.5 * t, -1.75 * t, z]], [[t], [t], [s]]),              # zero in A
+                     ([[1.5 * t, -1.75 * t, s]], [[t], [t], [z]]),              # zero in B
+                     ([[1.5 * t, -1.75 * t, z, s]], [[t], [t], [s], [-z]]))     # in both
+            for a, b in cases:
+                a, b = torch.tensor(a), torch.tensor(b)
+                want = EXT.pam_mm(a, b, 0)
+                assert EXT.last_mode() == SCALAR
+                # -0 after the flush, then the zero term(s): -0 only if every one is -0
+                neg = all(math.copysign(1, x) * math.copysign(1, y) < 0 for x, y in zip(a[0].tolist(), b[:, 0].tolist())
+                          if x * y == 0)
+                assert want.item() == 0 and (math.copysign(1, want.item()) < 0) == neg
+                for path in (-1, 1, 2):
+                    assert same_bits(EXT.pam_mm(a, b, path), want), (a, b, path)
+                    assert EXT.last_mode() not in (FZ, FZT, SCALAR)
+    g = torch.Generator().manual_seed(22)
+    for zeros_a, zeros_b in ((0.9, 0.0), (0.0, 0.9), (0.9, 0.9)):
+        a = rand_vals((48, 16), g, -63, -63)   # products in [2^-126, 2^-124): their sums flush
+        b = rand_vals((16, 40), g, -63, -63)
+        # after three terms mostly zero terms, so that a flushed -0 often stays
+        a[:, 3:] = torch.where(torch.rand(48, 13, generator=g) < zeros_a, a[:, 3:] * 0, a[:, 3:])
+        b[3:] = torch.where(torch.rand(13, 40, generator=g) < zeros_b, b[3:] * 0, b[3:])
+        want = EXT.pam_mm(a, b, 0)
+        bits = want.view(torch.int32)
+        assert (bits == -(2 ** 31)).sum() > 0 and (bits == 0).sum() > 0  # both zeros occur
+        for path in (-1, 1, 2):
+            assert same_bits(EXT.pam_mm(a, b, path), want), (zeros_a, zeros_b, path)
+        for x, y in ((a, b), (a.t().contiguous().t(), b.t().contiguous().t())):
+            assert same_bits(EXT.pam_bmm(x[None], y[None], -1)[0], want)
 
 
 @needs_ext

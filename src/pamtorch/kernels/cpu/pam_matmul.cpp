@@ -115,7 +115,7 @@ struct Scratch {
     return p;
   }
 };
-thread_local Scratch g_scratch_b, g_scratch_a;
+thread_local Scratch g_scratch_b, g_scratch_a, g_scratch_c;
 
 // A packing buffer of n int32: the thread's reused one up to 32 MiB, else a tensor held by the
 // caller. A fresh buffer of several MiB costs its page faults on every call (a step's FFN weight
@@ -509,16 +509,22 @@ float egrad_entry(const float* x, int64_t xs1, const float* q, int64_t qs0, uint
 //  F0  : no zero/special anywhere, no product can underflow below 0 or overflow.
 //        x = bits(a) + (bits(b) - 1.0 pattern + D)  (sign of the product lands in bit 31),
 //        acc += x.                                                   [2 ops]
-//  FB  : B has zeros: acc = fma(x, mB, acc), mB = 1.0 / 0.0           [2 ops]
-//  FA  : A has zeros (B none): acc = fma(x, mA, acc), mA broadcast; a zero a is packed
-//        as 1.0 pattern - D, so that its x is b itself (finite) times 0  [2 ops]
-//  FAB : both: x &= maskA (broadcast), acc = fma(x, mB, acc)          [3 ops]
+//  FB  : B has zeros: acc = fma(x, mB, acc), mB = 1.0 / a zero of b's sign  [2 ops]
+//  FA  : A has zeros (B none): acc = fma(x, mA, acc), mA broadcast (1.0 / a zero of a's
+//        sign); a zero a is packed as 1.0 pattern - D, so that its x is b itself (finite)
+//        times the zero                                              [2 ops]
+//  FAB : both: x &= maskA (broadcast), acc = fma(x, mB, acc); a zero a is packed as its
+//        sign + 1.0 pattern - D and masked to the sign bit, so that x is the zero of
+//        sign_a ^ sign_b                                             [3 ops]
 //  G   : general finite inputs (underflow/overflow possible):
 //        s = |a| + (|b| - 0x7F800000) (a non-normal b: |b| taken as 0);
-//        s = min(max(s, LO), HI_a); x = s + OFF_a; acc = fma(x, sB, acc), sB = +-1/0.
-//        LO = -2^30 - D (pattern 0), HI = 0x3F800000 - D (pattern inf) or LO for a zero
-//        a, OFF = 2^30 + D + sign_a*2^31.                             [5 ops]
+//        s = min(max(s, LO), HI_a); x = s + OFF_a; acc = fma(x, sB, acc), sB = +-1 / a
+//        zero of b's sign. LO = -2^30 - D (pattern 0), HI = 0x3F800000 - D (pattern inf)
+//        or LO for a zero a, OFF = 2^30 + D + sign_a*2^31.            [5 ops]
 // In all fast modes a product pattern in [0, 2^23) is a subnormal, read as 0 under DAZ.
+// A zero term always has PA's sign, sign_a ^ sign_b: it shows when a partial sum flushed to
+// -0 (FTZ) and a +0 term follows (-0 + +0 = +0). FZ and FZT (below) skip zero terms, which
+// is exact only where no partial sum can flush (every product >= 2^-103 in magnitude).
 enum FwdMode { F0 = 0, FB = 1, FA = 2, FAB = 3, FG = 4 };
 
 constexpr int FNV = 2, FNR = 16;  // forward micro-tile width
@@ -749,19 +755,21 @@ __attribute__((target("avx2,fma"))) inline void transpose8x8(const float* in, in
 // 8 columns h of a packed B row from their raw patterns u.
 // GEN: a non-normal b counts as |b| = 0 (pb = -INFP), so that s stays below the clamps' HI
 // and a zero a's x stays finite (its sB is 0); else pb = bits(b) - 1.0 pattern + D.
-// The plane m: +-1.0 (GEN: b's sign) or 1.0 for a normal b, +0.0 otherwise.
+// The plane m: +-1.0 (GEN: b's sign) or 1.0 for a normal b, otherwise a zero of b's sign, so
+// that the zero term x * m gets the sign of PA's zero product (x has a's sign there).
 template <bool GEN, int BS>
 __attribute__((target("avx2,fma"))) inline void pack_b_half(__m256i u, int32_t D, int32_t* ok, int h) {
   const __m256i ABS = _mm256_set1_epi32(0x7FFFFFFF), ONE = _mm256_set1_epi32(0x3F800000);
   const __m256i P = _mm256_and_si256(u, ABS);
   const __m256i norm = normal_lanes(P);
   __m256i pb, m;
+  const __m256i sign = _mm256_andnot_si256(ABS, u);
   if (GEN) {
     pb = _mm256_sub_epi32(_mm256_and_si256(norm, P), _mm256_set1_epi32((int)INFP));
-    m = _mm256_and_si256(norm, _mm256_or_si256(ONE, _mm256_andnot_si256(ABS, u)));
+    m = _mm256_or_si256(_mm256_and_si256(norm, ONE), sign);
   } else {
     pb = _mm256_and_si256(norm, _mm256_add_epi32(u, _mm256_set1_epi32(D - (int32_t)BIAS)));
-    m = _mm256_and_si256(norm, ONE);
+    m = _mm256_or_si256(_mm256_and_si256(norm, ONE), _mm256_andnot_si256(norm, sign));
   }
   _mm256_storeu_si256((__m256i*)(ok + 8 * h), pb);
   if (BS == 2) _mm256_storeu_si256((__m256i*)(ok + FNR + 8 * h), m);
@@ -871,12 +879,13 @@ __attribute__((target("avx2,fma"))) inline void pack_a_colmajor_k(const int* v, 
   } else {
     const __m256i P = _mm256_and_si256(u, ABS);
     const __m256i norm = normal_lanes(P);
+    const __m256i sign = _mm256_andnot_si256(ABS, u);
     if (MODE == FA) {
       _mm256_store_si256((__m256i*)t[0], _mm256_blendv_epi8(_mm256_set1_epi32((int32_t)BIAS - D), u, norm));
-      _mm256_store_si256((__m256i*)t[1], _mm256_and_si256(norm, _mm256_set1_epi32(0x3F800000)));
+      _mm256_store_si256((__m256i*)t[1], _mm256_blendv_epi8(sign, _mm256_set1_epi32(0x3F800000), norm));
     } else if (MODE == FAB) {
-      _mm256_store_si256((__m256i*)t[0], u);
-      _mm256_store_si256((__m256i*)t[1], norm);
+      _mm256_store_si256((__m256i*)t[0], _mm256_blendv_epi8(_mm256_add_epi32(sign, _mm256_set1_epi32((int32_t)BIAS - D)), u, norm));
+      _mm256_store_si256((__m256i*)t[1], _mm256_or_si256(norm, _mm256_set1_epi32((int32_t)0x80000000u)));
     } else {  // FG
       _mm256_store_si256((__m256i*)t[0], _mm256_and_si256(norm, P));
       _mm256_store_si256((__m256i*)t[1], _mm256_blendv_epi8(_mm256_set1_epi32(-0x40000000 - D),
@@ -944,10 +953,10 @@ __attribute__((target("avx2,fma"))) void pack_a_strip_avx2(const float* A, int64
         ok[r] = (int32_t)u;
       } else if (MODE == FA) {
         ok[r] = norm ? (int32_t)u : (int32_t)BIAS - D;
-        ok[MR + r] = norm ? 0x3F800000 : 0;  // 1.0f / 0.0f
+        ok[MR + r] = norm ? 0x3F800000 : (int32_t)(u & 0x80000000u);  // 1.0f / a zero of a's sign
       } else if (MODE == FAB) {
-        ok[r] = (int32_t)u;
-        ok[MR + r] = norm ? -1 : 0;
+        ok[r] = norm ? (int32_t)u : (int32_t)((u & 0x80000000u) + (uint32_t)((int32_t)BIAS - D));
+        ok[MR + r] = norm ? -1 : (int32_t)0x80000000u;
       } else {  // FG
         ok[r] = norm ? (int32_t)P : 0;
         ok[MR + r] = norm ? 0x3F800000 - D : -0x40000000 - D;
@@ -994,6 +1003,151 @@ void copy_a(const float* A, int64_t M, int64_t K, int64_t s0, int64_t s1, int32_
   parallel_for(nt, M, [&](int64_t i) {
     for (int64_t k = 0; k < K; ++k) out[i * K + k] = (int32_t)fbits(A[i * s0 + k * s1]);
   });
+}
+
+// ================================================================ FZ: zeros of A skipped
+// A term with a zero a (or a subnormal or special one, whose terms are deferred) is a signed
+// zero, and adding a zero to a running sum that starts at +0 does not change it as long as the
+// sum is not -0 (x + (+-0) is x then). Under round to nearest a sum is -0 only when both addends
+// are, or when FTZ flushes a negative subnormal sum; with every product >= 2^-103 in magnitude
+// no partial sum can be subnormal (pam_mm_into's `skip`). So with zeros in A (B without zeros,
+// F0's range conditions and `skip`) each row of A is packed
+// per reduction block as the list of its normal entries (k, pattern), and the row's sums run over
+// that list in k order: F0's integer add and float add per term, with no 0/1 mask multiplied in
+// as in FA (an FMA, which shares its pipes with the integer add) and no term for a zero at all
+// (dropout's and ReLU's zeros, padded tokens of a gradient). One row at a time, against up to
+// FZ_NS strips of 16 columns of B whose reduction block stays in L1.
+constexpr int FZ = 5, FZT = 6;
+constexpr int FZ_NS = 4;
+constexpr int64_t FZ_KC = 64;              // 4 strips x 64 k x 64 B = 16 KiB of packed B
+constexpr int64_t FZ_CAP = FZ_KC + 8;      // a list's room: the last compacting store writes 8 lanes
+constexpr int64_t FZ_MC = 64;              // rows per work unit
+
+// kCompact[m]: the lanes set in the 8-bit mask m, in order, first (a left-packing permutation)
+struct CompactTable {
+  alignas(32) int32_t idx[256][8];
+  CompactTable() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int l = 0; l < 8; ++l)
+        if (m >> l & 1) idx[m][n++] = l;
+      for (; n < 8; ++n) idx[m][n] = 0;
+    }
+  }
+};
+const CompactTable kCompact;
+
+struct FzArgs {
+  int64_t M, N, K, nb;  // nb reduction blocks of FZ_KC
+  const int32_t* ko;    // [nb][M][FZ_CAP]: k * 16, the entry's row in a packed B strip
+  const int32_t* pa;    // [nb][M][FZ_CAP]: a's pattern
+  const int32_t* cnt;   // [nb][M]: list lengths
+  const int32_t* Bp;    // [ceil(N/16)][K][16], F0's packing
+  float* C;             // (M, N) contiguous
+};
+
+// row i of a contiguous copy of A's patterns (K of them) -> its lists, one per reduction block
+__attribute__((target("avx2,fma"))) void fz_pack_row(const int32_t* row, int64_t i, int64_t M, int64_t K,
+                                                     int32_t* ko, int32_t* pa, int32_t* cnt) {
+  const __m256i ABS = _mm256_set1_epi32(0x7FFFFFFF);
+  for (int64_t b = 0, pc = 0; pc < K; ++b, pc += FZ_KC) {
+    const int64_t kc = std::min(FZ_KC, K - pc);
+    int32_t* ok = ko + (b * M + i) * FZ_CAP;
+    int32_t* op = pa + (b * M + i) * FZ_CAP;
+    __m256i kv = _mm256_slli_epi32(_mm256_add_epi32(_mm256_set1_epi32((int)pc), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), 4);
+    int64_t n = 0;
+    for (int64_t k = 0; k < kc; k += 8) {
+      const __m256i u = _mm256_maskload_epi32(row + pc + k, first_lanes(kc - k));  // 0 past the block
+      const int m = _mm256_movemask_ps(_mm256_castsi256_ps(normal_lanes(_mm256_and_si256(u, ABS))));
+      const __m256i perm = _mm256_load_si256((const __m256i*)kCompact.idx[m]);
+      _mm256_storeu_si256((__m256i*)(op + n), _mm256_permutevar8x32_epi32(u, perm));
+      _mm256_storeu_si256((__m256i*)(ok + n), _mm256_permutevar8x32_epi32(kv, perm));
+      n += __builtin_popcount((unsigned)m);
+      kv = _mm256_add_epi32(kv, _mm256_set1_epi32(8 * 16));
+    }
+    cnt[b * M + i] = (int32_t)n;
+  }
+}
+
+// one row's sums over NS strips (16 NS columns at c) for the n entries of its list
+template <int NS>
+__attribute__((target("avx2,fma"))) inline void fz_row(const int32_t* __restrict ko, const int32_t* __restrict pa,
+                                                       int64_t n, const int32_t* b0, int64_t sk, float* c,
+                                                       bool load) {
+  __m256 acc[NS][2];
+  const int32_t* bs[NS];
+#pragma GCC unroll 4
+  for (int s = 0; s < NS; ++s) {
+    bs[s] = b0 + s * sk;
+    acc[s][0] = load ? _mm256_loadu_ps(c + 16 * s) : _mm256_setzero_ps();
+    acc[s][1] = load ? _mm256_loadu_ps(c + 16 * s + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256i x = bcast32(pa + t);
+    const int64_t o = ko[t];
+#pragma GCC unroll 4
+    for (int s = 0; s < NS; ++s) {
+      acc[s][0] = _mm256_add_ps(acc[s][0], _mm256_castsi256_ps(_mm256_add_epi32(x, _mm256_loadu_si256((const __m256i*)(bs[s] + o)))));
+      acc[s][1] = _mm256_add_ps(acc[s][1], _mm256_castsi256_ps(_mm256_add_epi32(x, _mm256_loadu_si256((const __m256i*)(bs[s] + o + 8)))));
+    }
+  }
+#pragma GCC unroll 4
+  for (int s = 0; s < NS; ++s) {
+    _mm256_storeu_ps(c + 16 * s, acc[s][0]);
+    _mm256_storeu_ps(c + 16 * s + 8, acc[s][1]);
+  }
+}
+
+// rows [i0, i1) against the strip group grp (FZ_NS strips from grp * FZ_NS), every block
+__attribute__((target("avx2,fma"))) void fz_unit(const FzArgs& g, int64_t i0, int64_t i1, int64_t grp) {
+  const int64_t nstrips = (g.N + FNR - 1) / FNR;
+  const int64_t st0 = grp * FZ_NS, ns = std::min<int64_t>(FZ_NS, nstrips - st0);
+  const int64_t j0 = st0 * FNR, nc = std::min<int64_t>(g.N - j0, ns * FNR);
+  const bool direct = nc == ns * FNR;  // no partial strip: the sums go straight to C
+  const int32_t* b0 = g.Bp + st0 * g.K * FNR;
+  const int64_t sk = g.K * FNR;
+  alignas(32) float tmp[FZ_NS * FNR];
+  for (int64_t b = 0; b < g.nb; ++b) {
+    const bool load = b > 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t l = b * g.M + i;
+      const int32_t* ko = g.ko + l * FZ_CAP;
+      const int32_t* pa = g.pa + l * FZ_CAP;
+      const int64_t n = g.cnt[l];
+      float* c = g.C + i * g.N + j0;
+      float* dst = direct ? c : tmp;
+      if (!direct && load) std::memcpy(tmp, c, nc * sizeof(float));
+      switch (ns) {
+        case 1: fz_row<1>(ko, pa, n, b0, sk, dst, load); break;
+        case 2: fz_row<2>(ko, pa, n, b0, sk, dst, load); break;
+        case 3: fz_row<3>(ko, pa, n, b0, sk, dst, load); break;
+        default: fz_row<4>(ko, pa, n, b0, sk, dst, load); break;
+      }
+      if (!direct) std::memcpy(c, tmp, nc * sizeof(float));
+    }
+  }
+}
+
+void fz_run(const FzArgs& g) {
+  const int64_t nI = (g.M + FZ_MC - 1) / FZ_MC;
+  const int64_t nG = ((g.N + FNR - 1) / FNR + FZ_NS - 1) / FZ_NS;
+  const int64_t units = nI * nG;
+  const int nt = (int)std::min<int64_t>(num_threads(), units);
+  auto unit = [&](int64_t u) {
+    const int64_t ic = u % nI;
+    fz_unit(g, ic * FZ_MC, std::min(g.M, ic * FZ_MC + FZ_MC), u / nI);
+  };
+  if (nt <= 1) {
+    FtzGuard guard;
+    for (int64_t u = 0; u < units; ++u) unit(u);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    FtzGuard guard;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) unit(u);
+  }
 }
 
 #ifndef PAM_MR_FB
@@ -1223,6 +1377,104 @@ void check2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
 
+#if PAM_X86
+// inf/NaN operands were packed as zeros: sum their terms per entry (exact scalar rule) and add
+// them, or recompute the entry in k order where that differs (see needs_k_order).
+void fix_deferred(const Mat& a, const Mat& b, Mat& c, const Stats& sa, const Stats& sb, int64_t D) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (sa.nspec + sb.nspec > 0) {
+    const float* A = a.data_ptr<float>();
+    const float* B = b.data_ptr<float>();
+    const int64_t as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
+    float* C = c.data_ptr<float>();
+    std::vector<int64_t> bspec;  // (k, j) of special B entries
+    if (sb.nspec > 0)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < N; ++j)
+          if ((fbits(B[k * bs0 + j * bs1]) & 0x7FFFFFFFu) >= INFP) {
+            bspec.push_back(k);
+            bspec.push_back(j);
+          }
+    const int nt = num_threads();
+#pragma omp parallel num_threads(nt)
+    {
+      FtzGuard g;
+      std::vector<float> S(N);  // row i's sums of deferred terms
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t i = 0; i < M; ++i) {
+        bool any = !bspec.empty();
+        std::fill(S.begin(), S.end(), 0.f);
+        if (sa.nspec > 0)
+          for (int64_t k = 0; k < K; ++k) {
+            const uint32_t ua = fbits(A[i * as0 + k * as1]);
+            if ((ua & 0x7FFFFFFFu) >= INFP) {
+              any = true;
+              for (int64_t j = 0; j < N; ++j) S[j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]), D);
+            }
+          }
+        for (size_t s = 0; s < bspec.size(); s += 2) {
+          const int64_t k = bspec[s], j = bspec[s + 1];
+          const uint32_t ua = fbits(A[i * as0 + k * as1]);
+          if ((ua & 0x7FFFFFFFu) < INFP) S[j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]), D);
+        }
+        if (!any) continue;
+        for (int64_t j = 0; j < N; ++j) {
+          if (S[j] == 0.f) continue;  // no deferred term: leave the entry (and its zero's sign)
+          float& cij = C[i * N + j];
+          cij = needs_k_order(cij, S[j]) ? fwd_entry(A + i * as0, as1, B + j * bs1, bs0, K, D) : cij + S[j];
+        }
+      }
+    }
+  }
+}
+
+// Whether the row lists of R rows fit a thread's reused packing buffer. Larger ones (translate's
+// vocabulary weight gradient, 8000 x 2000: 2.3 times A's 64 MB, plus a transposed copy of a
+// column-major A) cost more in memory traffic than FA's masks, which pack per tile and block.
+bool fz_fits(int64_t R, int64_t K) {
+  return (K + FZ_KC - 1) / FZ_KC * R * (2 * FZ_CAP + 1) <= (int64_t(1) << 23);
+}
+
+// FZ: C = A B with the zeros of A skipped; FZT: the zeros of B skipped, on the transposed
+// product C^T = B^T A^T (into a buffer, then transposed into C). The operand with zeros becomes
+// the row lists, the other F0's packed B.
+void fz_product(const Mat& a, const Mat& b, Mat& c, bool tr, int32_t D) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const int64_t R = tr ? N : M, Cc = tr ? M : N;  // the product run: (R, K) x (K, Cc)
+  const float* X = tr ? b.data_ptr<float>() : a.data_ptr<float>();
+  const int64_t xs0 = tr ? b.stride(1) : a.stride(0), xs1 = tr ? b.stride(0) : a.stride(1);
+  const float* Y = tr ? a.data_ptr<float>() : b.data_ptr<float>();
+  const int64_t ys0 = tr ? a.stride(1) : b.stride(0), ys1 = tr ? a.stride(0) : b.stride(1);
+  at::Tensor bhold, ahold, chold, thold;
+  int32_t* bp = pack_buffer(g_scratch_b, (Cc + FNR - 1) / FNR * K * FNR, bhold);
+  pack_b_fwd(Y, K, Cc, ys0, ys1, 1, false, D, bp);
+  // the rows as lists of their normal entries per reduction block, from a contiguous copy of
+  // their patterns where they are strided
+  const int32_t* rows = reinterpret_cast<const int32_t*>(X);
+  int64_t ld = xs0;
+  if (xs1 != 1) {
+    int32_t* cp = pack_buffer(g_scratch_c, R * K, chold);
+    copy_a(X, R, K, xs0, xs1, cp);
+    rows = cp;
+    ld = K;
+  }
+  const int64_t nb = (K + FZ_KC - 1) / FZ_KC;
+  int32_t* lists = pack_buffer(g_scratch_a, nb * R * (2 * FZ_CAP + 1), ahold);
+  int32_t* ko = lists;
+  int32_t* pa = lists + nb * R * FZ_CAP;
+  int32_t* cnt = lists + 2 * nb * R * FZ_CAP;
+  parallel_for(num_threads(), R, [&](int64_t i) { fz_pack_row(rows + i * ld, i, R, K, ko, pa, cnt); });
+  if (!tr) {
+    fz_run(FzArgs{R, Cc, K, nb, ko, pa, cnt, bp, c.data_ptr<float>()});
+    return;
+  }
+  // C^T into a buffer (the row copy's, free again), then its transpose into C
+  float* ct = reinterpret_cast<float*>(pack_buffer(g_scratch_c, R * Cc, thold));
+  fz_run(FzArgs{R, Cc, K, nb, ko, pa, cnt, bp, ct});
+  copy_a(ct, M, N, 1, M, reinterpret_cast<int32_t*>(c.data_ptr<float>()));
+}
+#endif  // PAM_X86
+
 // ---------------------------------------------------------------- forward entry
 // C = sum_k PAM(A[i,k], B[k,j]) into c, a contiguous (M, N) float32 tensor (checked by the
 // callers); every element is written.
@@ -1248,24 +1500,34 @@ void pam_mm_into(const Mat& a, const Mat& b, Mat c, int64_t path, int64_t D) {
          (int64_t)sa.maxP + (int64_t)sb.maxP - (int64_t)BIAS + D < (int64_t)INFP;
   }
   const bool za = sa.nzero + sa.nspec > 0, zb = sb.nzero + sb.nspec > 0;
+  // skipping a zero term equals adding it while the running sum is never -0: with every
+  // product >= 2^-103 in magnitude (a multiple of 2^-126) each partial sum is a multiple of
+  // 2^-126, so zero (+0 under round to nearest, from +0) or normal, never flushed to -0
+  const bool skip = sa.nnorm == 0 || sb.nnorm == 0 ||
+                    (int64_t)sa.minP + (int64_t)sb.minP - (int64_t)BIAS + D >= (int64_t(24) << 23);
   int mode;
   if (!p1 || path == 1)
     mode = FG;
   else if (za && zb)
     mode = FAB;
   else if (za)
-    mode = FA;
+    mode = path == 2 || !skip || !fz_fits(M, K) ? FA : FZ;  // path 2: the masked modes (tests)
   else if (zb)
-    mode = FB;
+    mode = path == 2 || !skip || !fz_fits(N, K) ? FB : FZT;
   else
     mode = F0;
   g_last_mode = mode;
 
+  const int32_t D32 = (int32_t)D;
+  if (mode == FZ || mode == FZT) {
+    fz_product(a, b, c, mode == FZT, D32);
+    fix_deferred(a, b, c, sa, sb, D);
+    return;
+  }
   const int BS = (mode == F0 || mode == FA) ? 1 : 2;
   const int64_t ns = (N + FNR - 1) / FNR;
   at::Tensor bhold, ahold;
   int32_t* bp = pack_buffer(g_scratch_b, ns * K * BS * FNR, bhold);
-  const int32_t D32 = (int32_t)D;
   pack_b_fwd(b.data_ptr<float>(), K, N, b.stride(0), b.stride(1), BS, mode == FG, D32, bp);
   FwdArgs g{M, N, K, nullptr, 0, nullptr, bp, c.data_ptr<float>(), -0x40000000 - D32};
   bool strips = false;   // F0/FB reading strips of A packed per macro tile
@@ -1318,52 +1580,7 @@ void pam_mm_into(const Mat& a, const Mat& b, Mat c, int64_t path, int64_t D) {
     case FAB: fwd_run<FAB, mr_of(FAB)>(g); break;
     default: fwd_run<FG, mr_of(FG)>(g); break;
   }
-  // inf/NaN operands were packed as zeros: sum their terms per entry (exact scalar rule) and
-  // add them, or recompute the entry in k order where that differs (see needs_k_order).
-  if (sa.nspec + sb.nspec > 0) {
-    const float* A = a.data_ptr<float>();
-    const float* B = b.data_ptr<float>();
-    const int64_t as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
-    float* C = c.data_ptr<float>();
-    std::vector<int64_t> bspec;  // (k, j) of special B entries
-    if (sb.nspec > 0)
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < N; ++j)
-          if ((fbits(B[k * bs0 + j * bs1]) & 0x7FFFFFFFu) >= INFP) {
-            bspec.push_back(k);
-            bspec.push_back(j);
-          }
-    const int nt = num_threads();
-#pragma omp parallel num_threads(nt)
-    {
-      FtzGuard g;
-      std::vector<float> S(N);  // row i's sums of deferred terms
-#pragma omp for schedule(dynamic, 16)
-      for (int64_t i = 0; i < M; ++i) {
-        bool any = !bspec.empty();
-        std::fill(S.begin(), S.end(), 0.f);
-        if (sa.nspec > 0)
-          for (int64_t k = 0; k < K; ++k) {
-            const uint32_t ua = fbits(A[i * as0 + k * as1]);
-            if ((ua & 0x7FFFFFFFu) >= INFP) {
-              any = true;
-              for (int64_t j = 0; j < N; ++j) S[j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]), D);
-            }
-          }
-        for (size_t s = 0; s < bspec.size(); s += 2) {
-          const int64_t k = bspec[s], j = bspec[s + 1];
-          const uint32_t ua = fbits(A[i * as0 + k * as1]);
-          if ((ua & 0x7FFFFFFFu) < INFP) S[j] += pam_scalar(ua, fbits(B[k * bs0 + j * bs1]), D);
-        }
-        if (!any) continue;
-        for (int64_t j = 0; j < N; ++j) {
-          if (S[j] == 0.f) continue;  // no deferred term: leave the entry (and its zero's sign)
-          float& cij = C[i * N + j];
-          cij = needs_k_order(cij, S[j]) ? fwd_entry(A + i * as0, as1, B + j * bs1, bs0, K, D) : cij + S[j];
-        }
-      }
-    }
-  }
+  fix_deferred(a, b, c, sa, sb, D);
 #endif
 }
 
