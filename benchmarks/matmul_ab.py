@@ -1,6 +1,6 @@
-"""Two builds of the compiled kernels side by side: the PAM products of a weight gradient
-``g^T x`` (a column-major A) timed with each build's ``pam_mm`` on the same operands, in
-one process, interleaved, against ``torch.mm``.
+"""Two builds of the compiled kernels side by side: the PAM products of the recipes' shapes
+(weight gradients ``g^T x`` with a column-major A; operands with dropout's zeros) timed with
+each build's ``pam_mm`` on the same operands, in one process, interleaved, against ``torch.mm``.
 
     python benchmarks/matmul_ab.py OLD.so NEW.so [--threads 1] [--reps 9]
 
@@ -22,6 +22,9 @@ import time
 import torch
 
 
+_MODES = "F0 FB FA FAB FG FZ FZT".split()   # the extension's last_mode() numbers
+
+
 def _load(path):
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -36,13 +39,23 @@ def _cases():
     def r(*shape):
         return torch.randn(*shape, generator=g)
 
+    def dropped(x, p=0.1):  # dropout's zeros (and the zeros they leave in gradients)
+        return x * (torch.rand(x.shape, generator=g) >= p)
+
     with_zero = r(2000, 8000)
-    with_zero[5, 7] = 0.0  # one zero in A: the FA mode
+    with_zero[5, 7] = 0.0  # one zero in A: the FA mode (FZ since 2026-12-05)
     return [
         ("translate vocabulary dW = g^T x", r(2000, 8000).t(), r(2000, 64)),
         ("the same with one zero in g", with_zero.t(), r(2000, 64)),
         ("vit dW fc1 = g^T x", r(1088, 128).t(), r(1088, 64)),
         ("encoder in-proj dW = g^T x", r(1024, 384).t(), r(1024, 128)),
+        # dropout 0.1 (vit, the stock encoder, translate): zeros in A, in B, or both
+        ("vit fc2 x W^T, zeros in x", dropped(r(1088, 128)), r(64, 128).t()),
+        ("vit fc1 dX = g W, zeros in g", dropped(r(1088, 128)), r(128, 64)),
+        ("vit dW fc1 = g^T x, zeros in g", dropped(r(1088, 128)).t(), r(1088, 64)),
+        ("vit dW out-proj = g^T x, zeros in x", r(1088, 64).t(), dropped(r(1088, 64))),
+        ("vit dW fc2 = g^T h, zeros in both", dropped(r(1088, 64)).t(), dropped(r(1088, 128))),
+        ("encoder FFN down, zeros in h", dropped(r(1024, 2048)), r(128, 2048).t()),
     ]
 
 
@@ -56,12 +69,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     old, new = _load(args.old), _load(args.new)
     print(f"threads {args.threads}, torch {torch.__version__}, CPU time per call, median of {args.reps}")
-    print("| product | shape (M x K x N) | mode | torch ms | old ms (x torch) | new ms (x torch) |")
+    print("| product | shape (M x K x N) | mode old / new | torch ms | old ms (x torch) | new ms (x torch) |")
     print("|---|---|---|---|---|---|")
     for name, a, b in _cases():
-        if not torch.equal(old.pam_mm(a, b, -1, 0).view(torch.int32), new.pam_mm(a, b, -1, 0).view(torch.int32)):
+        got_old = old.pam_mm(a, b, -1, 0)
+        mode_old = old.last_mode()
+        if not torch.equal(got_old.view(torch.int32), new.pam_mm(a, b, -1, 0).view(torch.int32)):
             raise SystemExit(f"{name}: the two builds give different bits")
-        mode = new.last_mode()
+        modes = [_MODES[m] if 0 <= m < len(_MODES) else str(m) for m in (mode_old, new.last_mode())]
         n = max(1, int(2e8 / (a.shape[0] * a.shape[1] * b.shape[1])))
         fns = {"torch": lambda: torch.mm(a, b), "old": lambda: old.pam_mm(a, b, -1, 0),
                "new": lambda: new.pam_mm(a, b, -1, 0)}
@@ -74,7 +89,7 @@ def main(argv=None):
                 times[k].append((time.process_time() - t) / n)
         ms = {k: statistics.median(v[1:]) * 1e3 for k, v in times.items()}
         shape = "%d x %d x %d" % (a.shape[0], a.shape[1], b.shape[1])
-        print(f"| {name} | {shape} | {'F0 FB FA FAB FG'.split()[mode] if 0 <= mode < 5 else mode} | "
+        print(f"| {name} | {shape} | {' / '.join(modes)} | "
               f"{ms['torch']:.2f} | {ms['old']:.2f} ({ms['old'] / ms['torch']:.2f}) | "
               f"{ms['new']:.2f} ({ms['new'] / ms['torch']:.2f}) |")
 
