@@ -1,5 +1,6 @@
 """Two builds of the compiled kernels side by side: the PAM products of the recipes' shapes
-(weight gradients ``g^T x`` with a column-major A; operands with dropout's zeros) timed with
+(weight gradients ``g^T x`` with a column-major A; operands with dropout's zeros; batched
+attention products) timed with
 each build's ``pam_mm`` on the same operands, in one process, interleaved, against ``torch.mm``.
 
     python benchmarks/matmul_ab.py OLD.so NEW.so [--threads 1] [--reps 9]
@@ -22,7 +23,7 @@ import time
 import torch
 
 
-_MODES = "F0 FB FA FAB FG FZ FZT".split()   # the extension's last_mode() numbers
+_MODES = "F0 FB FA FAB FG FZ FZT SB".split()   # the extension's last_mode() numbers
 
 
 def _load(path):
@@ -56,6 +57,14 @@ def _cases():
         ("vit dW out-proj = g^T x, zeros in x", r(1088, 64).t(), dropped(r(1088, 64))),
         ("vit dW fc2 = g^T h, zeros in both", dropped(r(1088, 64)).t(), dropped(r(1088, 128))),
         ("encoder FFN down, zeros in h", dropped(r(1024, 2048)), r(128, 2048).t()),
+        # vit's attention (batched: 64 images x 4 heads, 17 tokens, head size 16)
+        ("vit scores q k^T", r(256, 17, 16), r(256, 17, 16).transpose(1, 2)),
+        ("vit P V, dropout's zeros in P", dropped(r(256, 17, 17)), r(256, 17, 16)),
+        ("vit dV = P^T dO, zeros in P", dropped(r(256, 17, 17)).transpose(1, 2), r(256, 17, 16)),
+        # translate's (64 sentences x 4 heads, head size 16, about 30 tokens)
+        ("translate P V, zeros in P", dropped(r(256, 30, 30)), r(256, 30, 16)),
+        # the stock encoder's (16 x 4 heads, 64 tokens, head size 32): above the lanes' size
+        ("encoder P V, zeros in P", dropped(r(64, 64, 64)), r(64, 64, 32)),
     ]
 
 
@@ -72,14 +81,17 @@ def main(argv=None):
     print("| product | shape (M x K x N) | mode old / new | torch ms | old ms (x torch) | new ms (x torch) |")
     print("|---|---|---|---|---|---|")
     for name, a, b in _cases():
-        got_old = old.pam_mm(a, b, -1, 0)
+        bmm = a.dim() == 3
+        tmm = torch.bmm if bmm else torch.mm
+        omm, nmm = (old.pam_bmm, new.pam_bmm) if bmm else (old.pam_mm, new.pam_mm)
+        got_old = omm(a, b, -1, 0)
         mode_old = old.last_mode()
-        if not torch.equal(got_old.view(torch.int32), new.pam_mm(a, b, -1, 0).view(torch.int32)):
+        if not torch.equal(got_old.view(torch.int32), nmm(a, b, -1, 0).view(torch.int32)):
             raise SystemExit(f"{name}: the two builds give different bits")
         modes = [_MODES[m] if 0 <= m < len(_MODES) else str(m) for m in (mode_old, new.last_mode())]
-        n = max(1, int(2e8 / (a.shape[0] * a.shape[1] * b.shape[1])))
-        fns = {"torch": lambda: torch.mm(a, b), "old": lambda: old.pam_mm(a, b, -1, 0),
-               "new": lambda: new.pam_mm(a, b, -1, 0)}
+        n = max(1, int(2e8 / (a.numel() * b.shape[-1])))
+        fns = {"torch": lambda: tmm(a, b), "old": lambda: omm(a, b, -1, 0),
+               "new": lambda: nmm(a, b, -1, 0)}
         times = {k: [] for k in fns}
         for _ in range(args.reps + 1):
             for k, fn in fns.items():
@@ -88,7 +100,7 @@ def main(argv=None):
                     fn()
                 times[k].append((time.process_time() - t) / n)
         ms = {k: statistics.median(v[1:]) * 1e3 for k, v in times.items()}
-        shape = "%d x %d x %d" % (a.shape[0], a.shape[1], b.shape[1])
+        shape = ("%d x " % a.shape[0] if bmm else "") + "%d x %d x %d" % (a.shape[-2], a.shape[-1], b.shape[-1])
         print(f"| {name} | {shape} | {' / '.join(modes)} | "
               f"{ms['torch']:.2f} | {ms['old']:.2f} ({ms['old'] / ms['torch']:.2f}) | "
               f"{ms['new']:.2f} ({ms['new'] / ms['torch']:.2f}) |")

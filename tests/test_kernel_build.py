@@ -277,7 +277,7 @@ def test_kernel_status_lines():
 # the vector matmul kernels; these tests prove each one bit-identical to the definition:
 # C[i,j] = sequential float32 sum over k of PAM(A[i,k], B[k,j]), with the partial sums
 # flushed like the kernels' FTZ (the reference products come from tests/reference.py).
-F0, FB, FA, FAB, FG, FZ, FZT, FUSED, UNFUSED = 0, 1, 2, 3, 4, 5, 6, 10, 11
+F0, FB, FA, FAB, FG, FZ, FZT, SB, FUSED, UNFUSED = 0, 1, 2, 3, 4, 5, 6, 7, 10, 11
 TINY = 2.0 ** -126
 F32 = torch.float32
 
@@ -401,6 +401,31 @@ def test_forward_modes_bit_for_bit(ext):
     assert (ext.pam_mm(a, b, -1)[0].view(torch.int32) == 0).all()
 
 
+def test_small_batch_lanes_bit_for_bit(ext):
+    """SB: 8 small matrices of a batch in the vector lanes, each entry an accumulator over k;
+    zeros (masked in an FMA by 1.0 / 0.0) in A, in B and in both; products near 2^-126 without
+    zeros (flushed partial sums); transposed operands; a partial group of 8. Each matrix
+    against the definition; groups with inf/NaN or possible underflow with zeros go through
+    the 2-D modes, also against the definition."""
+    g = torch.Generator().manual_seed(8)
+    nb, M, K, N = 11, 9, 17, 10
+    cases = [
+        (SB, rand_vals((nb, M, K), g), rand_vals((nb, K, N), g)),
+        (SB, rand_vals((nb, M, K), g, zeros=0.3), rand_vals((nb, K, N), g)),
+        (SB, rand_vals((nb, M, K), g), rand_vals((nb, K, N), g, zeros=0.3)),
+        (SB, rand_vals((nb, M, K), g, zeros=0.3), rand_vals((nb, K, N), g, zeros=0.3)),
+        (SB, rand_vals((nb, M, K), g, -63, -61), rand_vals((nb, K, N), g, -63, -61)),
+        (None, rand_vals((nb, M, K), g, -63, -61, zeros=0.3), rand_vals((nb, K, N), g, -63, -61)),
+        (None, rand_vals((nb, M, K), g, zeros=0.2, specials=0.01), rand_vals((nb, K, N), g, zeros=0.2)),
+    ]
+    for mode, a, b in cases:
+        for x, y in ((a, b), (a.transpose(1, 2).contiguous().transpose(1, 2), b.transpose(1, 2).contiguous().transpose(1, 2))):
+            out = ext.pam_bmm(x, y, -1)
+            assert (ext.last_mode() == SB) == (mode == SB)
+            for i in range(nb):
+                assert_bits(out[i], definition_mm(x[i], y[i]))
+
+
 BIG = 1.5 * 2.0 ** 127  # two of them overflow float32
 INF, NAN = float("inf"), float("nan")
 
@@ -501,7 +526,7 @@ def test_exact_grads_bit_for_bit(ext):
 
 def test_float_multiplies_are_only_the_documented_ones(built):
     """Disassemble the built library: in the pamtorch kernels, float multiplies and FMAs
-    occur only in the forward modes FB/FA/FAB/FG (FMA by 0, ±1) and the exact-gradient
+    occur only in the forward modes FB/FA/FAB/FG and SB with zeros (FMA by 0, ±1) and the exact-gradient
     kernels (FMA when fused, vmulps otherwise, by ±2^k); F0 and the elementwise kernels
     have none; nothing divides or takes a square root (docs/numerics.md)."""
     import re
@@ -532,6 +557,8 @@ def test_float_multiplies_are_only_the_documented_ones(built):
         assert not any(re.match(r"v?(div|sqrt|rcp|rsqrt)", i) for i in ins), (fn, ins)
         assert "pa_ew::" not in fn, (fn, ins)
         if re.search(r"\bfwd_\w+<[1-4],", fn):
+            assert all(i.startswith("vfmadd") for i in ins), (fn, ins)
+        elif re.search(r"\bsb_(compute|block)<", fn) and "true" in fn:  # SB with zeros: FMA by 1.0 / 0.0
             assert all(i.startswith("vfmadd") for i in ins), (fn, ins)
         elif re.search(r"\beg_\w+<true,", fn):
             assert all(i.startswith("vfmadd") for i in ins), (fn, ins)

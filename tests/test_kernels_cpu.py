@@ -28,7 +28,7 @@ EXT = cpu.load_extension()
 needs_ext = pytest.mark.skipif(EXT is None, reason="compiled CPU kernels unavailable")
 
 # forward modes reported by the extension's last_mode()
-F0, FB, FA, FAB, FG, FZ, FZT, SCALAR = 0, 1, 2, 3, 4, 5, 6, 100
+F0, FB, FA, FAB, FG, FZ, FZT, SB, SCALAR = 0, 1, 2, 3, 4, 5, 6, 7, 100
 # the path argument that takes FA/FB (zeros of one operand masked) instead of FZ/FZT (skipped)
 MASKED = 2
 
@@ -480,6 +480,85 @@ def test_batched_small_matrices(threads):
         assert z.shape == (3, 2, 4) and torch.all(z == 0)
         z = cpu.pam_bmm_exact_grad_b(torch.ones(3, 0, 2), torch.ones(3, 2, 4), torch.ones(3, 0, 4))
         assert z.shape == (3, 2, 4) and torch.all(z == 0)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _scalar_bmm(x, y, D=0):
+    return torch.stack([EXT.pam_mm(x[i], y[i], 0, D) for i in range(x.shape[0])])
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+def test_small_batches_in_lanes(threads):
+    """SB: a batch of at least 8 small matrices (M N K <= 2^15) runs with 8 matrices in the
+    vector lanes, every entry one accumulator in k order. Shapes with partial 8-column blocks
+    and 8-value runs, batches with a partial group of 8, zeros in A, in B, in both, rows of
+    zeros, subnormals, transposed and strided views (batch, rows and columns), offsets, the
+    size limit, and two threads: bit for bit against the scalar k-order path, matrix by matrix,
+    and close to the reference. A group whose statistics rule the lanes out (an inf, products
+    that can underflow or overflow, zeros with products below 2^-103, an operand of only zeros)
+    goes through the 2-D kernels; the other groups of the same batch still run in lanes."""
+    g = torch.Generator().manual_seed(31)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for nb, M, K, N in ((8, 1, 1, 1), (13, 3, 5, 9), (256, 17, 16, 17), (256, 17, 17, 16),
+                            (20, 9, 31, 10), (16, 64, 8, 64), (9, 2, 100, 3), (512, 17, 16, 17)):
+            for za, zb in ((0.0, 0.0), (0.1, 0.0), (0.0, 0.1), (0.2, 0.2)):
+                a = rand_vals((nb, M, K), g, zeros=za)
+                b = rand_vals((nb, K, N), g, zeros=zb)
+                if za:
+                    a[0, 0] = -0.0                          # a row of zeros
+                    a.view(torch.int32)[nb - 1, M - 1, 0] = 3  # a subnormal
+                want = _scalar_bmm(a, b)
+                for x, y in ((a, b), (a.transpose(1, 2).contiguous().transpose(1, 2), b),
+                             (a, b.transpose(1, 2).contiguous().transpose(1, 2))):
+                    out = EXT.pam_bmm(x, y, -1)
+                    assert EXT.last_mode() == SB, (nb, M, K, N, za, zb)
+                    assert same_bits(out, want), (nb, M, K, N, za, zb)
+                if za:
+                    assert (want[0, 0].view(torch.int32) == 0).all()  # +0, never -0
+                for i in (0, nb - 1):
+                    assert_close(want[i], *ref_mm(a[i], b[i]))
+            # strided views: every other matrix and column of A; every other row of B
+            xx = torch.stack([a, a], 1).flatten(0, 1)[::2]
+            xx = torch.cat([xx, xx], 2)[:, :, ::2]
+            y = torch.cat([b, b], 1)[:, ::2]
+            out = EXT.pam_bmm(xx, y, -1)
+            assert EXT.last_mode() == SB
+            assert same_bits(out, _scalar_bmm(xx, y))
+            for D in (0x200000, -0x400000):  # offsets alpha = 1.25, 0.75
+                out = EXT.pam_bmm(a, b, -1, D)
+                assert EXT.last_mode() == SB
+                assert same_bits(out, _scalar_bmm(a, b, D))
+        # groups the lanes rule out, beside groups they take
+        nb, M, K, N = 40, 17, 16, 17
+        a = rand_vals((nb, M, K), g, zeros=0.1)
+        b = rand_vals((nb, K, N), g)
+        a[3, 2, 5] = float("inf")                      # group 0
+        b[9, 0, 0] = float("nan")                      # group 1
+        a[17] = rand_vals((M, K), g, -63, -62, 0.3)    # group 2: zeros, products near 2^-126
+        b[17] = rand_vals((K, N), g, -63, -62)
+        a[27] *= 2.0 ** 100                            # group 3: products can overflow
+        a[32:40] = 0.0                                 # group 4: an operand of only zeros
+        out = EXT.pam_bmm(a, b, -1)
+        assert EXT.last_mode() != SB
+        assert same_bits(out, _scalar_bmm(a, b))
+        assert (out[32:].view(torch.int32) == 0).all()
+        a[3, 2, 5] = 1.0
+        b[9, 0, 0] = 1.0
+        a[17], b[17], a[27], a[32:] = 1.0, 1.0, 1.0, 1.0
+        out = EXT.pam_bmm(a, b, -1)
+        assert EXT.last_mode() == SB
+        assert same_bits(out, _scalar_bmm(a, b))
+        # no zeros, products near 2^-126: F0's arithmetic, partial sums flushed (FTZ) in lanes
+        a = rand_vals((16, 17, 16), g, -63, -62)
+        b = rand_vals((16, 16, 17), g, -63, -62)
+        out = EXT.pam_bmm(a, b, -1)
+        assert EXT.last_mode() == SB
+        assert same_bits(out, _scalar_bmm(a, b))
+        assert (out.view(torch.int32) == -(2 ** 31)).any()  # a sum flushed to -0
     finally:
         torch.set_num_threads(old)
 
