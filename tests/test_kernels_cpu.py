@@ -385,7 +385,7 @@ def test_zeros_of_a_skipped(threads):
             assert same_bits(out, EXT.pam_mm(x, bt, 0, 0x200000))
             assert (out[:, 0].view(torch.int32) == 0).all()  # B's column of zeros: +0
             assert_close(EXT.pam_mm(x, bt, -1), *ref_mm(x, bt))
-        a = rand_vals((2100, 2000), g, zeros=0.001)  # lists past a thread's reused buffer: FA
+        a = rand_vals((2100, 2000), g, zeros=0.001)  # lists past 4 MiB: FA
         b = rand_vals((2000, 3), g)
         out = EXT.pam_mm(a, b, -1)
         assert EXT.last_mode() == FA
