@@ -261,7 +261,8 @@ passes_through("""
     _foreach_maximum _foreach_maximum_ _foreach_abs
     detach_ split_copy unsafe_split _has_compatible_shallow_copy_type new_empty
     scalar_tensor is_nonzero equal count_nonzero
-    _unsafe_index _unsafe_index_put index_copy index_copy_ masked_scatter expand_as
+    _unsafe_index _unsafe_index_put _unsafe_masked_index _unsafe_masked_index_put_accumulate
+    index_copy index_copy_ masked_scatter expand_as
     diagonal diag_embed movedim _pin_memory pin_memory
     upsample_nearest2d to result_type lift_fresh_copy view_as type_as item select_backward
     slice_backward diagonal_backward as_strided_scatter _unsafe_view_copy repeat_interleave
