@@ -114,6 +114,34 @@ def test_transformer_block_one_graph_equals_eager_mode_bitwise():
             "pamtorch_pa.native_layer_norm_backward.default"} <= _targets(compiled)
 
 
+class _Translate(nn.Module):
+    """The translate recipe's stock nn.Transformer (post-norm, padding masks, causal target
+    mask) and a cross-entropy over the non-padded target tokens."""
+
+    def __init__(self):
+        super().__init__()
+        from pamtorch.recipes.translate import Transformer, TranslateConfig
+        cfg = TranslateConfig(vocab_size=13, d_model=16, enc_layers=1, dec_layers=1, heads=2, ffn=32,
+                              dropout=0.0, max_len=8)
+        self.model = Transformer(cfg)
+
+    def forward(self, src, tgt_in, tgt_out):
+        logits = self.model(src, tgt_in)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=0)
+
+
+def test_translate_transformer_one_graph_equals_eager_mode_bitwise():
+    # the decoder's causal mask is passed with tgt_is_causal=True: torch's own check of it
+    # (a data-dependent branch) was a graph break, which left the code after it to Python dispatch
+    torch.manual_seed(3)
+    model = _Translate()
+    src = torch.tensor([[5, 6, 7, 2, 0], [8, 9, 2, 0, 0]])
+    tgt_in = torch.tensor([[1, 10, 11, 12], [1, 4, 0, 0]])
+    tgt_out = torch.tensor([[10, 11, 12, 2], [4, 2, 0, 0]])
+    compiled = _compiled_like_eager(model, Config.full(), src, tgt_in, tgt_out)
+    assert "pamtorch.pam_bmm.default" in _targets(compiled)
+
+
 def test_exact_derivative_kinds_equal_eager_mode():
     # function-level routes (exact matmul and loss derivatives) apply while aot_autograd traces
     torch.manual_seed(2)

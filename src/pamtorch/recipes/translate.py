@@ -132,8 +132,12 @@ class Transformer(nn.Module):
     def decode(self, tgt_in, memory, src_pad, last_only=False):  # (B, T) -> logits (B, T, V)
         T = tgt_in.size(1)
         causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=tgt_in.device), diagonal=1)
+        # tgt_is_causal: the mask is causal by construction; left to torch, the decoder checks it
+        # against a generated mask (a data-dependent branch: a graph break under torch.compile).
+        # With the padding mask given, attention still applies the merged mask (same numerics).
         h = self.decoder(self.embed(self.tgt_embed, tgt_in), memory, tgt_mask=causal,
-                         tgt_key_padding_mask=tgt_in == PAD, memory_key_padding_mask=src_pad)
+                         tgt_key_padding_mask=tgt_in == PAD, memory_key_padding_mask=src_pad,
+                         tgt_is_causal=True)
         if last_only:                                        # search: only the next token's scores
             h = h[:, -1:]
         return F.linear(h, self.tgt_embed.weight)            # tied output projection
