@@ -730,11 +730,9 @@ void fwd_run(const FwdArgs& g) {
   }
 }
 
-// out (8 rows of ldo) = the transpose of the 8x8 block at in (8 rows of ldi): bit patterns
-__attribute__((target("avx2,fma"))) inline void transpose8x8(const float* in, int64_t ldi, int32_t* out,
-                                                             int64_t ldo) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ldi);
+// in registers: r[t] lane l <- r[l] lane t
+__attribute__((target("avx2,fma"), always_inline)) inline void transpose8(__m256 r[8]) {
+  __m256 t[8];
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -746,9 +744,19 @@ __attribute__((target("avx2,fma"))) inline void transpose8x8(const float* in, in
     r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
   }
   for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(reinterpret_cast<float*>(out + i * ldo), _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(reinterpret_cast<float*>(out + (i + 4) * ldo), _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
   }
+  for (int i = 0; i < 8; ++i) r[i] = t[i];
+}
+
+// out (8 rows of ldo) = the transpose of the 8x8 block at in (8 rows of ldi): bit patterns
+__attribute__((target("avx2,fma"))) inline void transpose8x8(const float* in, int64_t ldi, int32_t* out,
+                                                             int64_t ldo) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ldi);
+  transpose8(r);
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(reinterpret_cast<float*>(out + i * ldo), r[i]);
 }
 
 // pack B (K, N) any strides -> [ceil(N/16)][K][BS][16], in AVX2-targeted functions.
@@ -1786,26 +1794,6 @@ __attribute__((target("avx2,fma"))) inline SbSummary sb_stats_done(const SbStats
   return r;
 }
 
-// r[t] lane l <- r[l] lane t
-__attribute__((target("avx2,fma"), always_inline)) inline void sb_transpose(__m256 r[8]) {
-  __m256 t[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
-    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
-  }
-  for (int i = 0; i < 8; ++i) r[i] = t[i];
-}
-
 // dst[(o * dso + i * dsi) * 8 + l] = bits(p[l][o * so + i * si]), o < O, i < I; unit si
 // (contiguous runs of 8 transposed in registers) or any (one value at a time)
 __attribute__((target("avx2,fma"))) void sb_pack(const float* const p[8], int64_t O, int64_t I, int64_t so,
@@ -1827,7 +1815,7 @@ __attribute__((target("avx2,fma"))) void sb_pack(const float* const p[8], int64_
         const __m256i m = first_lanes(n);
         __m256 r[8];
         for (int l = 0; l < 8; ++l) r[l] = _mm256_maskload_ps(p[l] + o * so + i0, m);
-        sb_transpose(r);
+        transpose8(r);
         for (int64_t t = 0; t < n; ++t) {
           const __m256i v = _mm256_castps_si256(r[t]);
           sb_stats_add(st, v);
@@ -1914,7 +1902,7 @@ __attribute__((target("avx2,fma"))) inline void sb_block(const int32_t* __restri
         acc[j] = _mm256_add_ps(acc[j], x);
     }
   }
-  sb_transpose(acc);
+  transpose8(acc);
   for (int l = 0; l < nl; ++l) sb_store<JB>(c[l] + i * N + j0, acc[l]);
 }
 
