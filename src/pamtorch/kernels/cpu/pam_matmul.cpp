@@ -229,6 +229,21 @@ struct Stats {
   int emax() const { return (int)(maxP >> 23) - 127; }
 };
 
+// From the operands' normal pattern ranges (each operand with a normal value):
+// fast: every nonzero product pattern lies in [0, 0x7F800000), so the fast modes' integer add
+//   gives it without clamps (F0's condition);
+// skip: every product is at least 2^-103 in magnitude. Then every partial sum is a multiple of
+//   2^-126, so zero (+0 under round to nearest, from +0) or normal, never flushed to -0, and
+//   adding a zero term leaves it unchanged: the term may be skipped (FZ) or added as +-0 (SB).
+struct ProductRange {
+  bool fast, skip;
+};
+inline ProductRange product_range(uint32_t minPa, uint32_t maxPa, uint32_t minPb, uint32_t maxPb, int64_t D) {
+  const int64_t lo = (int64_t)minPa + (int64_t)minPb - (int64_t)BIAS + D;
+  const int64_t hi = (int64_t)maxPa + (int64_t)maxPb - (int64_t)BIAS + D;
+  return {lo >= 0 && hi < (int64_t)INFP, lo >= (int64_t(24) << 23)};
+}
+
 template <bool dummy>
 inline __attribute__((always_inline)) void stats_rows_body(const float* p, int64_t r0, int64_t r1,
                                                            int64_t cols, int64_t s0, int64_t s1,
@@ -1505,17 +1520,11 @@ void pam_mm_into(const Mat& a, const Mat& b, Mat c, int64_t path, int64_t D) {
   }
 #if PAM_X86
   const Stats sa = stats2d(a), sb = stats2d(b);
-  bool p1 = true;  // every nonzero product pattern in [0, 0x7F800000)
-  if (sa.nnorm > 0 && sb.nnorm > 0) {
-    p1 = (int64_t)sa.minP + (int64_t)sb.minP - (int64_t)BIAS + D >= 0 &&
-         (int64_t)sa.maxP + (int64_t)sb.maxP - (int64_t)BIAS + D < (int64_t)INFP;
-  }
+  // no normal value in an operand: every product is a zero, so both conditions hold
+  const ProductRange pr = sa.nnorm > 0 && sb.nnorm > 0 ? product_range(sa.minP, sa.maxP, sb.minP, sb.maxP, D)
+                                                       : ProductRange{true, true};
+  const bool p1 = pr.fast, skip = pr.skip;
   const bool za = sa.nzero + sa.nspec > 0, zb = sb.nzero + sb.nspec > 0;
-  // skipping a zero term equals adding it while the running sum is never -0: with every
-  // product >= 2^-103 in magnitude (a multiple of 2^-126) each partial sum is a multiple of
-  // 2^-126, so zero (+0 under round to nearest, from +0) or normal, never flushed to -0
-  const bool skip = sa.nnorm == 0 || sb.nnorm == 0 ||
-                    (int64_t)sa.minP + (int64_t)sb.minP - (int64_t)BIAS + D >= (int64_t(24) << 23);
   int mode;
   if (!p1 || path == 1)
     mode = FG;
@@ -1974,10 +1983,11 @@ int64_t sb_run(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, int32_
     sb_pack_mat(pa, M, K, a.stride(1), a.stride(2), ap, sta);
     sb_pack_mat(pb, K, N, b.stride(1), b.stride(2), bp, stb);
     const SbSummary sa = sb_stats_done(sta), sb = sb_stats_done(stb);
-    const int64_t lo = (int64_t)sa.minP + (int64_t)sb.minP - (int64_t)BIAS + D;
-    const int64_t hi = (int64_t)sa.maxP + (int64_t)sb.maxP - (int64_t)BIAS + D;
-    const bool ok = !sa.spec && !sb.spec && sa.maxP > 0 && sb.maxP > 0 && lo >= 0 && hi < (int64_t)INFP &&
-                    (!(sa.non || sb.non) || lo >= (int64_t(24) << 23));
+    bool ok = !sa.spec && !sb.spec && sa.maxP > 0 && sb.maxP > 0;
+    if (ok) {
+      const ProductRange pr = product_range(sa.minP, sa.maxP, sb.minP, sb.maxP, D);
+      ok = pr.fast && (pr.skip || !(sa.non || sb.non));
+    }
     if (!ok) {
       fallback += 1;
       ThreadCap inner(0);
