@@ -41,6 +41,53 @@ def test_audit_records_the_by_frequency_embedding_backward():
     assert audit(lambda: plain(torch.tensor([1, 1, 2])).sum().backward()).multiplication_free()
 
 
+def test_masked_index_ops_pass_through_for_every_dtype():
+    """_unsafe_masked_index (a gather with a fill value) and _unsafe_masked_index_put_accumulate
+    (a masked scatter-add: what aot_autograd writes for an embedding's backward with a padding
+    index; in eager it runs _index_put_impl_) select and add: free whatever their arguments
+    (float or integer values, a float fill), run as they are under the mode (the same bits,
+    the operands unchanged: both are functional, with no out= or in-place overload), and the
+    audit records nothing. _index_put_impl (copy, or add with accumulate) likewise, in its
+    functional, out= and in-place forms: out= and in place write and return the given tensor."""
+    from pamtorch.mode import classify
+    idx = [torch.tensor([0, 2, 2, 1])]
+    mask = torch.tensor([True, False, True, True])
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        base = torch.arange(4).to(dtype)
+        vals = (torch.arange(4) + 3).to(dtype)
+        calls = [(aten._unsafe_masked_index.default, (base, mask, idx, 0.5 if dtype.is_floating_point else 7)),
+                 (aten._unsafe_masked_index_put_accumulate.default, (base, mask, idx, vals))]
+        for op, args in calls:
+            assert op._schema.returns[0].alias_info is None  # a new tensor, no view of self
+            assert classify(op, args, {}) == "free", (op, dtype)
+            want = op(*args)
+            before = base.clone()
+            with mode(Config.full()):
+                got = op(*args)
+            assert torch.equal(got, want) and got.data_ptr() != base.data_ptr()
+            assert torch.equal(base, before)
+            report = audit(lambda: op(*args))
+            assert report.multiplication_free(), (op, dtype)
+        for accumulate in (False, True):
+            args = (base, idx, vals, accumulate)
+            want = aten._index_put_impl.default(*args)
+            for form in ("functional", "out", "inplace"):
+                target = base.clone()
+                with mode(Config.full()):
+                    if form == "functional":
+                        got = aten._index_put_impl.default(*args)
+                    elif form == "out":
+                        got = aten._index_put_impl.out(*args, out=target)
+                        assert got is target
+                    else:
+                        got = aten._index_put_impl_.default(target, idx, vals, accumulate)
+                        assert got is target
+                assert torch.equal(got, want), (dtype, accumulate, form)
+                op = aten._index_put_impl_.default if form == "inplace" else aten._index_put_impl.default
+                assert classify(op, (base.clone(), idx, vals, accumulate), {}) == "free"
+            assert audit(lambda: aten._index_put_impl_.default(base.clone(), idx, vals, accumulate)).multiplication_free()
+
+
 # -- every PA product is counted ---------------------------------------------------------
 
 M, K, N = 16, 8, 4

@@ -262,6 +262,7 @@ passes_through("""
     detach_ split_copy unsafe_split _has_compatible_shallow_copy_type new_empty
     scalar_tensor is_nonzero equal count_nonzero
     _unsafe_index _unsafe_index_put _unsafe_masked_index _unsafe_masked_index_put_accumulate
+    _index_put_impl _index_put_impl_
     index_copy index_copy_ masked_scatter expand_as
     diagonal diag_embed movedim _pin_memory pin_memory
     upsample_nearest2d to result_type lift_fresh_copy view_as type_as item select_backward
